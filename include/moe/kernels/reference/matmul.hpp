@@ -1,0 +1,28 @@
+#pragma once
+/// @file kernels/reference/matmul.hpp
+/// @brief Triple-loop y = x w^T: the test oracle for kernels/simd/matmul.hpp (instantiate with double).
+
+#include <cassert>
+
+#include "../../config.hpp"
+
+namespace moe::kernels::reference {
+
+/// y = x * w^T, overwriting y: nn.Linear with its weight stored (out_features, in_features) row-major.
+/// Accumulates in T, in increasing p.
+/// @param x (m, k)
+/// @param w (n, k)
+/// @param y (m, n)
+template <class T>
+void matmul_nt(ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> y) {
+  assert(x.cols() == w.cols() && y.rows() == x.rows() && y.cols() == w.rows());
+  for (Index i = 0; i < x.rows(); ++i) {
+    for (Index j = 0; j < w.rows(); ++j) {
+      T sum = 0;
+      for (Index p = 0; p < x.cols(); ++p) sum += x(i, p) * w(j, p);
+      y(i, j) = sum;
+    }
+  }
+}
+
+}  // namespace moe::kernels::reference

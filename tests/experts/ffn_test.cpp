@@ -1,0 +1,96 @@
+// experts::FFN: the bank on grouped rows against a naive double per-expert loop, for gated and plain
+// variants, and the weight layout.
+
+#include <vector>
+
+#include <catch2/catch.hpp>
+#include <moe/experts/ffn.hpp>
+
+#include <moe/reference/naive_moe.hpp>
+#include "support/nmse.hpp"
+#include "support/random.hpp"
+
+using moe::Index;
+using moe::RowMatrix;
+
+namespace {
+
+template <class Bank>
+RowMatrix<double> naive_bank(const Bank& bank, const RowMatrix<typename Bank::Scalar>& xs,
+                             const std::vector<Index>& offsets) {
+  const auto act = moe::reference::naive_activation(Bank::Activation::name());
+  RowMatrix<double> ys(xs.rows(), bank.d_model());
+  for (Index e = 0; e < bank.n_experts(); ++e) {
+    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
+      std::vector<double> h(static_cast<std::size_t>(bank.d_ff()));
+      for (Index i = 0; i < bank.d_ff(); ++i) {
+        double a = 0, b = 0;
+        for (Index j = 0; j < bank.d_model(); ++j) {
+          a += double(bank.w1(e)(i, j)) * double(xs(r, j));
+          if constexpr (Bank::gated) b += double(bank.w3(e)(i, j)) * double(xs(r, j));
+        }
+        h[static_cast<std::size_t>(i)] = Bank::gated ? act(a) * b : act(a);
+      }
+      for (Index o = 0; o < bank.d_model(); ++o) {
+        double a = 0;
+        for (Index i = 0; i < bank.d_ff(); ++i) a += double(bank.w2(e)(o, i)) * h[static_cast<std::size_t>(i)];
+        ys(r, o) = a;
+      }
+    }
+  }
+  return ys;
+}
+
+template <class Bank>
+void check_bank(const moe::MoEConfig& cfg, const std::vector<Index>& counts, double bound) {
+  Bank bank(cfg);
+  moe::test::Rng rng(31);
+  bank.init(rng);
+  std::vector<Index> offsets{0};
+  for (Index c : counts) offsets.push_back(offsets.back() + c);
+  using T = typename Bank::Scalar;
+  const RowMatrix<T> xs = moe::test::normal_matrix<T>(rng, offsets.back(), cfg.d_model);
+  RowMatrix<T> ys = RowMatrix<T>::Constant(xs.rows(), cfg.d_model, T(-99));
+  moe::Arena measure;
+  bank.forward(moe::ConstMatrixView<T>::shape_only(xs.rows(), cfg.d_model), nullptr,
+               moe::MatrixView<T>::shape_only(xs.rows(), cfg.d_model), measure);
+  moe::Workspace ws(measure.peak());
+  moe::Arena arena(ws);
+  bank.forward(xs, offsets.data(), ys, arena);
+  const RowMatrix<double> ref = naive_bank(bank, xs, offsets);
+  INFO(Bank::Activation::name() << " gated=" << Bank::gated << " d=" << cfg.d_model << " ff=" << cfg.d_ff);
+  REQUIRE(ref.norm() > 0);
+  CHECK(moe::test::nmse(ref.data(), ys.data(), static_cast<std::size_t>(ref.size())) <= bound);
+}
+
+}  // namespace
+
+TEST_CASE("FFN bank matches a naive per-expert loop", "[expert]") {
+  const moe::MoEConfig cfg{.d_model = 33, .d_ff = 300, .n_experts = 4, .top_k = 1};
+  const std::vector<Index> counts = {3, 0, 17, 1};  // expert 1 receives no row
+  check_bank<moe::experts::SwiGLU<float>>(cfg, counts, 1e-7);
+  check_bank<moe::experts::SwiGLU<double>>(cfg, counts, 1e-24);
+  check_bank<moe::experts::FFN<float, moe::kernels::GELU, true>>(cfg, counts, 1e-7);
+  check_bank<moe::experts::FFN<float, moe::kernels::ReLU, false>>(cfg, counts, 1e-7);
+  check_bank<moe::experts::FFN<double, moe::kernels::GELUTanh, false>>(cfg, counts, 1e-24);
+  // Tile edges of the bank's column split (256) and of the kernels.
+  check_bank<moe::experts::SwiGLU<float>>({.d_model = 257, .d_ff = 255, .n_experts = 2, .top_k = 1}, {5, 2}, 1e-7);
+  check_bank<moe::experts::SwiGLU<float>>({.d_model = 1, .d_ff = 1, .n_experts = 1, .top_k = 1}, {4}, 1e-7);
+}
+
+TEST_CASE("FFN weights use the Hugging Face (out_features, in_features) layout", "[expert]") {
+  moe::experts::SwiGLU<float> bank({.d_model = 6, .d_ff = 10, .n_experts = 3, .top_k = 1});
+  REQUIRE(bank.w1(2).rows() == 10);
+  REQUIRE(bank.w1(2).cols() == 6);
+  REQUIRE(bank.w3(0).rows() == 10);
+  REQUIRE(bank.w2(1).rows() == 6);
+  REQUIRE(bank.w2(1).cols() == 10);
+  // Experts are stored one after another: expert e's matrix starts where e-1's ends.
+  REQUIRE(bank.w1(1).data() == bank.w1(0).data() + 60);
+  REQUIRE(bank.w2(2).data() == bank.w2(1).data() + 60);
+  moe::Rng rng(1);
+  bank.init(rng);
+  const float bound = 1.0f / std::sqrt(6.0f);
+  for (Index i = 0; i < 10; ++i)
+    for (Index j = 0; j < 6; ++j) REQUIRE(std::abs(bank.w1(2)(i, j)) <= bound);
+}

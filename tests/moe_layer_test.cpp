@@ -1,0 +1,221 @@
+// MoELayer against the independent naive double implementation (moe/reference/naive_moe.hpp) on awkward shapes,
+// forced routings, bad input, aliasing, workspace reuse and thread-count determinism.
+
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+#include <moe/moe.hpp>
+
+#include <moe/reference/naive_moe.hpp>
+#include "support/nmse.hpp"
+#include "support/random.hpp"
+
+using moe::Index;
+using moe::MoEConfig;
+using moe::RowMatrix;
+
+namespace {
+
+template <class T>
+using Layer = moe::MixtralMoEType<T>;
+
+// Float output vs the double reference: NMSE bound of RELIABILITY.md N1 for f32, near-exact for f64.
+template <class T>
+double nmse_bound() {
+  return std::is_same_v<T, float> ? 1e-7 : 1e-24;
+}
+
+// Every token's chosen experts must equal the reference's, slot by slot, and the result must not be vacuous.
+template <class T>
+void check_against_naive(const Layer<T>& layer, const RowMatrix<T>& x) {
+  RowMatrix<T> y(x.rows(), layer.d_model());
+  moe::Workspace ws;
+  const auto res = layer.forward(x, y, ws);
+  std::vector<std::vector<Index>> chosen;
+  const RowMatrix<double> ref = moe::reference::naive_moe_forward(layer, moe::ConstMatrixView<T>(x), &chosen);
+  INFO("T=" << x.rows() << " E=" << layer.n_experts() << " k=" << layer.top_k());
+  REQUIRE(res.n_tokens == x.rows());
+  for (Index t = 0; t < x.rows(); ++t)
+    for (Index s = 0; s < layer.top_k(); ++s)
+      REQUIRE(res.expert_ids[static_cast<std::size_t>(t * layer.top_k() + s)] ==
+              chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(s)]);
+  REQUIRE(ref.norm() > 0.0);
+  CHECK(moe::test::nmse(ref.data(), y.data(), static_cast<std::size_t>(ref.size())) <= nmse_bound<T>());
+}
+
+template <class T>
+RowMatrix<T> random_tokens(Index n_tokens, Index d, std::uint64_t seed) {
+  moe::test::Rng rng(seed);
+  return moe::test::normal_matrix<T>(rng, n_tokens, d);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("MoELayer matches the naive reference on awkward shapes", "[layer]", float, double) {
+  struct Shape {
+    Index n_tokens, d_model, d_ff, n_experts, top_k;
+  };
+  // 1 token; 1 expert; k = E; SIMD-width edges in d_model and d_ff; more tokens than a thread chunk.
+  const std::vector<Shape> shapes = {{1, 16, 32, 8, 2}, {5, 17, 33, 1, 1},  {9, 15, 7, 4, 4},
+                                     {33, 31, 65, 8, 2}, {130, 64, 96, 16, 3}, {3, 1, 1, 3, 2}};
+  for (const auto& s : shapes) {
+    Layer<TestType> layer(MoEConfig{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k});
+    layer.init(42);
+    check_against_naive(layer, random_tokens<TestType>(s.n_tokens, s.d_model, 7));
+  }
+}
+
+TEMPLATE_TEST_CASE("MoELayer with an expert that receives no token and with all tokens on one expert", "[layer]",
+                   float, double) {
+  const Index d = 12, E = 6;
+  Layer<TestType> layer(MoEConfig{.d_model = d, .d_ff = 20, .n_experts = E, .top_k = 2});
+  layer.init(3);
+  // Feature 0 of every token is 1; gate column 0 then pins the routing: expert 4 always first (+8),
+  // expert 1 never chosen (-8).
+  RowMatrix<TestType> x = random_tokens<TestType>(40, d, 11);
+  x.col(0).setOnes();
+  auto gate = layer.router().gate();
+  gate(4, 0) = 8;
+  gate(1, 0) = -8;
+  check_against_naive(layer, x);
+
+  RowMatrix<TestType> y(x.rows(), d);
+  const auto res = layer.forward(x, y);
+  REQUIRE(res.tokens_per_expert[4] == x.rows());  // all tokens on expert 4
+  REQUIRE(res.tokens_per_expert[1] == 0);         // expert 1 receives nothing
+  Index total = 0;
+  for (Index c : res.tokens_per_expert) total += c;
+  REQUIRE(total == x.rows() * 2);
+}
+
+TEST_CASE("MoELayer routing weights are renormalised and ordered", "[layer]") {
+  Layer<float> layer(MoEConfig{.d_model = 32, .d_ff = 16, .n_experts = 8, .top_k = 3});
+  layer.init(5);
+  const RowMatrix<float> x = random_tokens<float>(50, 32, 9);
+  RowMatrix<float> y(50, 32);
+  const auto res = layer.forward(x, y);
+  for (Index t = 0; t < 50; ++t) {
+    float sum = 0;
+    for (Index s = 0; s < 3; ++s) {
+      const float w = res.expert_weights[static_cast<std::size_t>(t * 3 + s)];
+      REQUIRE(w >= 0.0f);
+      REQUIRE(w <= 1.0f);
+      if (s > 0) REQUIRE(w <= res.expert_weights[static_cast<std::size_t>(t * 3 + s - 1)]);
+      sum += w;
+    }
+    REQUIRE(std::abs(sum - 1.0f) <= 4 * 3 * std::numeric_limits<float>::epsilon() / 2);
+  }
+}
+
+TEST_CASE("MoELayer rejects bad configurations with the field's name", "[layer][error]") {
+  using Catch::Matchers::Contains;
+  const auto make = [](MoEConfig c) { Layer<float> layer(c); };
+  REQUIRE_THROWS_WITH(make({.d_model = 8, .d_ff = 8, .n_experts = 4, .top_k = 0}), Contains("top_k = 0"));
+  REQUIRE_THROWS_WITH(make({.d_model = 8, .d_ff = 8, .n_experts = 4, .top_k = 5}),
+                      Contains("top_k = 5 exceeds n_experts = 4"));
+  REQUIRE_THROWS_WITH(make({.d_model = 8, .d_ff = 8, .n_experts = 0, .top_k = 1}), Contains("n_experts = 0"));
+  REQUIRE_THROWS_WITH(make({.d_model = 0, .d_ff = 8, .n_experts = 4, .top_k = 1}), Contains("d_model = 0"));
+  REQUIRE_THROWS_WITH(make({.d_model = 8, .d_ff = -1, .n_experts = 4, .top_k = 1}), Contains("d_ff = -1"));
+  REQUIRE_THROWS_AS(make({.d_model = 8, .d_ff = 8, .n_experts = 4, .top_k = 9}), moe::Error);
+  REQUIRE_THROWS_AS(make({.d_model = 8, .d_ff = 8, .n_experts = 4, .top_k = 9}), std::invalid_argument);
+}
+
+TEST_CASE("MoELayer rejects banks that disagree with the router", "[layer][error]") {
+  using Catch::Matchers::Contains;
+  const MoEConfig cfg{.d_model = 8, .d_ff = 8, .n_experts = 4, .top_k = 2};
+  MoEConfig other = cfg;
+  other.n_experts = 3;
+  REQUIRE_THROWS_WITH(Layer<float>(moe::routers::TopKSoftmax<float>(cfg), moe::experts::SwiGLU<float>(other)),
+                      Contains("banks hold 3 experts"));
+  other = cfg;
+  other.d_model = 9;
+  REQUIRE_THROWS_WITH(Layer<float>(moe::routers::TopKSoftmax<float>(cfg), moe::experts::SwiGLU<float>(other)),
+                      Contains("d_model = 9"));
+}
+
+TEST_CASE("MoELayer::forward rejects bad input before writing anything", "[layer][error]") {
+  using Catch::Matchers::Contains;
+  Layer<float> layer(MoEConfig{.d_model = 8, .d_ff = 16, .n_experts = 4, .top_k = 2});
+  layer.init(1);
+  const float canary = -12345.0f;
+
+  SECTION("wrong input width") {
+    RowMatrix<float> x = random_tokens<float>(5, 7, 1), y = RowMatrix<float>::Constant(5, 8, canary);
+    REQUIRE_THROWS_WITH(layer.forward(x, y), Contains("x is (5, 7) but d_model = 8"));
+    REQUIRE((y.array() == canary).all());
+  }
+  SECTION("wrong output shape") {
+    RowMatrix<float> x = random_tokens<float>(5, 8, 1), y = RowMatrix<float>::Constant(4, 8, canary);
+    REQUIRE_THROWS_WITH(layer.forward(x, y), Contains("y is (4, 8), expected (5, 8)"));
+    REQUIRE((y.array() == canary).all());
+  }
+  SECTION("NaN and infinity in the input") {
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                      -std::numeric_limits<float>::infinity()}) {
+      RowMatrix<float> x = random_tokens<float>(5, 8, 1), y = RowMatrix<float>::Constant(5, 8, canary);
+      x(3, 6) = bad;
+      REQUIRE_THROWS_WITH(layer.forward(x, y), Contains("x(3, 6)"));
+      REQUIRE((y.array() == canary).all());
+    }
+  }
+}
+
+TEST_CASE("MoELayer on an empty batch returns at once", "[layer]") {
+  Layer<float> layer(MoEConfig{.d_model = 8, .d_ff = 16, .n_experts = 4, .top_k = 2});
+  RowMatrix<float> x(0, 8), y(0, 8);
+  moe::Workspace ws;
+  const auto res = layer.forward(x, y, ws);
+  REQUIRE(res.n_tokens == 0);
+  REQUIRE(res.expert_ids.empty());
+  REQUIRE(ws.allocations() == 0);
+}
+
+TEST_CASE("MoELayer output may alias its input", "[layer]") {
+  Layer<float> layer(MoEConfig{.d_model = 24, .d_ff = 40, .n_experts = 5, .top_k = 2});
+  layer.init(8);
+  RowMatrix<float> x = random_tokens<float>(20, 24, 4), y(20, 24);
+  layer.forward(x, y);
+  layer.forward(x, x);
+  REQUIRE(std::memcmp(x.data(), y.data(), sizeof(float) * static_cast<std::size_t>(y.size())) == 0);
+}
+
+TEST_CASE("MoELayer workspace grows once and is reused at the same or smaller sizes", "[layer][workspace]") {
+  Layer<float> layer(MoEConfig{.d_model = 16, .d_ff = 32, .n_experts = 4, .top_k = 2});
+  layer.init(2);
+  moe::Workspace ws;
+  RowMatrix<float> x = random_tokens<float>(64, 16, 3), y(64, 16);
+  layer.forward(x, y, ws);
+  REQUIRE(ws.allocations() == 1);
+  REQUIRE(ws.capacity() == layer.workspace_bytes(64));
+  for (Index t : {64, 1, 17, 63}) layer.forward(x.topRows(t), y.topRows(t), ws);
+  REQUIRE(ws.allocations() == 1);
+  layer.forward(RowMatrix<float>(random_tokens<float>(65, 16, 3)), RowMatrix<float>(65, 16), ws);
+  REQUIRE(ws.allocations() == 2);
+  REQUIRE(layer.workspace_bytes(1) < layer.workspace_bytes(64));
+}
+
+TEST_CASE("MoELayer results are bitwise identical for any thread count and on repeat", "[layer][determinism]") {
+  Layer<float> layer(MoEConfig{.d_model = 64, .d_ff = 600, .n_experts = 8, .top_k = 2});
+  layer.init(17);
+  const RowMatrix<float> x = random_tokens<float>(77, 64, 5);
+  RowMatrix<float> first(77, 64);
+  layer.forward(x, first);
+#if defined(_OPENMP)
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3, 4}) {
+    omp_set_num_threads(threads);
+#else
+  for (int repeat = 0; repeat < 3; ++repeat) {
+#endif
+    RowMatrix<float> again(77, 64);
+    moe::Workspace ws;
+    layer.forward(x, again, ws);
+    REQUIRE(std::memcmp(first.data(), again.data(), sizeof(float) * static_cast<std::size_t>(first.size())) == 0);
+  }
+#if defined(_OPENMP)
+  omp_set_num_threads(saved);
+#endif
+}
