@@ -132,8 +132,9 @@ TEMPLATE_TEST_CASE("softmax_row f32 matches the f64 reference within N3 bounds",
       CHECK((n == 0 || std::memcmp(inplace.data(), out.data(), sizeof(float) * static_cast<std::size_t>(n)) == 0));
     }
   }
-  // The measured worst (about 3e-7 on avx512bw) is well inside the 10 eps32 bound; checked above per
-  // entry, restated here so a regression towards the bound is visible in the log.
+  // Measured worst over these rows and more seeds: 5.7e-7 (4.8 eps32) avx512bw, 7.0e-7 (5.9 eps32)
+  // fma3+avx2, 5.4e-7 scalar; mostly the rounding of x - max, amplified by |x - max| <= 11.5 for
+  // p > 1e-5. Checked per entry above; this single check names the worst value if it ever fails.
   INFO("worst relative error for p > 1e-5: " << worst_rel);
   CHECK(worst_rel <= 10.0 * eps32);
 }

@@ -70,15 +70,9 @@ void matmul_nt_tile(ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> y,
           for (int r = 0; r < MR; ++r) acc[r * NR + c] = matmul_fma(xv[r], wv, acc[r * NR + c]);
         }
       }
-      if constexpr ((MR * NR) % B::size == 0) {
-        // haddp reduces `lanes` accumulators at once (a transpose-and-add): for short k, 16 separate
-        // hadd calls would cost as much as the k loop.
-        alignas(Arch::alignment()) T reduced[MR * NR];  // (MR, NR)
-        for (int e = 0; e < MR * NR; e += static_cast<int>(B::size)) xsimd::haddp(acc + e).store_aligned(reduced + e);
-        for (int e = 0; e < MR * NR; ++e) sum[e / NR][e % NR] = reduced[e];
-      } else {
-        for (int e = 0; e < MR * NR; ++e) sum[e / NR][e % NR] = xsimd::hadd(acc[e]);
-      }
+      // One hadd per accumulator. Not xsimd::haddp: in xsimd 8.1 its avx512 f32 version returns the
+      // sums in the wrong lane order (lanes 2-5 and 10-13 swapped in pairs).
+      for (int e = 0; e < MR * NR; ++e) sum[e / NR][e % NR] = xsimd::hadd(acc[e]);
     }
   }
   for (; p < k; ++p) {

@@ -49,9 +49,14 @@ xsimd::batch<T, A> scatter_add_fma(const xsimd::batch<T, A>& a, const xsimd::bat
 
 }  // namespace detail
 
-/// y[i] += a * x[i], fused where the hardware has FMA. Each element gets the same bits for every Arch.
+/// y[i] += a * x[i], fused where the hardware has FMA, so that the vector body and the scalar tail
+/// round alike.
 /// @tparam Arch an xsimd architecture (vector loop + scalar tail) or moe::kernels::scalar
 /// @tparam T float or double
+/// @param a scale
+/// @param x n inputs
+/// @param y n accumulators
+/// @param n length
 template <class Arch, class T>
 void axpy(Arch, T a, const T* x, T* y, Index n) {
   static_assert(std::is_floating_point_v<T>, "moe::kernels::axpy: T must be float or double");
@@ -75,12 +80,11 @@ void axpy(Arch, T a, const T* x, T* y, Index n) {
 /// Each element of `out` receives exactly the operations of k sequential axpy calls in slot order, so
 /// the result is bitwise deterministic: independent of threads and of how the rows are split, and, for
 /// xsimd::default_arch, the same bits as moe::kernels::scalar (both fuse exactly when the compiler has
-/// FMA). The loop
-/// runs over column blocks outside and slots inside, so each block of `out` is loaded and stored once.
-/// No heap.
+/// FMA). The loop runs over column blocks outside and slots inside, so each block of `out` is loaded
+/// and stored once. No heap.
 /// @tparam Arch an xsimd architecture (vector loop + scalar tail) or moe::kernels::scalar
 /// @tparam T float or double
-/// @param out (n_tokens, d_model)
+/// @param out (n_tokens, d_model); must not overlap src
 /// @param src (n_rows, d_model): expert outputs
 /// @param src_row (n_tokens, k) row of src for each (token, slot), or negative for a dropped slot
 /// @param weight (n_tokens, k) combine weight for each (token, slot)
