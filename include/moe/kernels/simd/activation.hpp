@@ -17,12 +17,7 @@
 #include "../../config.hpp"
 #include "../arch.hpp"
 
-// GCC 12 reports -Wmaybe-uninitialized inside avx512fintrin.h (the _mm512_undefined_* idiom, GCC bug
-// 105593, fixed in GCC 13) wherever xsimd's AVX-512 exp/erfc/hadd get inlined into our code.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+MOE_KERNEL_DIAGNOSTICS_PUSH
 
 namespace moe::kernels {
 
@@ -117,14 +112,7 @@ template <class Act, class Arch, class T>
 void activate(Arch, const T* in, T* out, Index n) {
   static_assert(std::is_floating_point_v<T>, "moe::kernels::activate: T must be float or double");
   assert(n >= 0);
-  Index i = 0;
-  if constexpr (has_simd<T, Arch>) {
-    using B = xsimd::batch<T, Arch>;
-    constexpr Index lanes = static_cast<Index>(B::size);
-    const Index n_vec = n - n % lanes;
-    for (; i < n_vec; i += lanes) Act::apply(B::load_unaligned(in + i)).store_unaligned(out + i);
-  }
-  for (; i < n; ++i) out[i] = Act::apply(in[i]);
+  detail::elementwise<T, Arch>(n, [&]<class V>(V, Index i) { detail::store(Act::apply(detail::load<V>(in + i)), out + i); });
 }
 
 /// out[i] = Act::apply(gate[i]) * up[i]: SwiGLU with SiLU, GeGLU with GELU.
@@ -139,20 +127,11 @@ template <class Act, class Arch, class T>
 void gated_activate(Arch, const T* gate, const T* up, T* out, Index n) {
   static_assert(std::is_floating_point_v<T>, "moe::kernels::gated_activate: T must be float or double");
   assert(n >= 0);
-  Index i = 0;
-  if constexpr (has_simd<T, Arch>) {
-    using B = xsimd::batch<T, Arch>;
-    constexpr Index lanes = static_cast<Index>(B::size);
-    const Index n_vec = n - n % lanes;
-    for (; i < n_vec; i += lanes) {
-      (Act::apply(B::load_unaligned(gate + i)) * B::load_unaligned(up + i)).store_unaligned(out + i);
-    }
-  }
-  for (; i < n; ++i) out[i] = Act::apply(gate[i]) * up[i];
+  detail::elementwise<T, Arch>(n, [&]<class V>(V, Index i) {
+    detail::store(Act::apply(detail::load<V>(gate + i)) * detail::load<V>(up + i), out + i);
+  });
 }
 
 }  // namespace moe::kernels
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+MOE_KERNEL_DIAGNOSTICS_POP

@@ -11,34 +11,11 @@
 #include "../../config.hpp"
 #include "../arch.hpp"
 
-// GCC 12 reports -Wmaybe-uninitialized inside avx512fintrin.h (the _mm512_undefined_* idiom, GCC bug
-// 105593, fixed in GCC 13) wherever xsimd's AVX-512 exp/erfc/hadd get inlined into our code.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+MOE_KERNEL_DIAGNOSTICS_PUSH
 
 namespace moe::kernels {
 
 namespace detail {
-
-/// a * b + c on batches, fused where the ISA has FMA. xsimd 8.1's fma() is fused for fma3<...> but a
-/// separate multiply and add for the AVX-512 archs, fused only if the optimiser contracts it (not with
-/// -ffp-contract=off, the default of -std=c++20 without GNU extensions, nor at -O0).
-template <class T, class A>
-xsimd::batch<T, A> matmul_fma(const xsimd::batch<T, A>& a, const xsimd::batch<T, A>& b,
-                              const xsimd::batch<T, A>& c) {
-#if XSIMD_WITH_AVX512F
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    if constexpr (std::is_same_v<T, float>) {
-      return _mm512_fmadd_ps(a, b, c);
-    } else {
-      return _mm512_fmadd_pd(a, b, c);
-    }
-  }
-#endif
-  return xsimd::fma(a, b, c);
-}
 
 /// One (MR, NR) tile of y = x w^T: rows [i0, i0 + MR) of x against rows [j0, j0 + NR) of w.
 /// MR * NR vector accumulators, reduced once at the end, then the k tail in scalars.
@@ -67,7 +44,7 @@ void matmul_nt_tile(ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> y,
         for (int r = 0; r < MR; ++r) xv[r] = B::load_unaligned(xr[r] + p);
         for (int c = 0; c < NR; ++c) {
           const B wv = B::load_unaligned(wr[c] + p);
-          for (int r = 0; r < MR; ++r) acc[r * NR + c] = matmul_fma(xv[r], wv, acc[r * NR + c]);
+          for (int r = 0; r < MR; ++r) acc[r * NR + c] = fmadd(xv[r], wv, acc[r * NR + c]);
         }
       }
       // One hadd per accumulator. Not xsimd::haddp: in xsimd 8.1 its avx512 f32 version returns the
@@ -121,6 +98,4 @@ void matmul_nt(Arch, ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> y
 
 }  // namespace moe::kernels
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+MOE_KERNEL_DIAGNOSTICS_POP

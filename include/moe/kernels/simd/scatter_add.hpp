@@ -13,42 +13,6 @@
 
 namespace moe::kernels {
 
-namespace detail {
-
-/// a * b + c rounded once where the hardware has FMA (std::fma then compiles to one instruction), and
-/// with two roundings where it has not (then the compiler cannot contract it either). This matches the
-/// batch overload below, so every element gets the same bits from the vector body, the scalar tail or
-/// the scalar Arch; a plain `y += a * x` would leave contraction to the optimiser, which does not
-/// always contract.
-template <class T>
-  requires std::is_floating_point_v<T>
-T scatter_add_fma(T a, T b, T c) {
-#if defined(FP_FAST_FMA) && defined(FP_FAST_FMAF)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-/// a * b + c on batches, fused where the ISA has FMA. xsimd 8.1's fma() is fused for fma3<...> but a
-/// separate multiply and add for the AVX-512 archs, fused only if the optimiser contracts it.
-template <class T, class A>
-xsimd::batch<T, A> scatter_add_fma(const xsimd::batch<T, A>& a, const xsimd::batch<T, A>& b,
-                                   const xsimd::batch<T, A>& c) {
-#if XSIMD_WITH_AVX512F
-  if constexpr (std::is_base_of_v<xsimd::avx512f, A>) {
-    if constexpr (std::is_same_v<T, float>) {
-      return _mm512_fmadd_ps(a, b, c);
-    } else {
-      return _mm512_fmadd_pd(a, b, c);
-    }
-  }
-#endif
-  return xsimd::fma(a, b, c);
-}
-
-}  // namespace detail
-
 /// y[i] += a * x[i], fused where the hardware has FMA, so that the vector body and the scalar tail
 /// round alike.
 /// @tparam Arch an xsimd architecture (vector loop + scalar tail) or moe::kernels::scalar
@@ -61,17 +25,9 @@ template <class Arch, class T>
 void axpy(Arch, T a, const T* x, T* y, Index n) {
   static_assert(std::is_floating_point_v<T>, "moe::kernels::axpy: T must be float or double");
   assert(n >= 0);
-  Index i = 0;
-  if constexpr (has_simd<T, Arch>) {
-    using B = xsimd::batch<T, Arch>;
-    constexpr Index lanes = static_cast<Index>(B::size);
-    const Index n_vec = n - n % lanes;
-    const B va(a);
-    for (; i < n_vec; i += lanes) {
-      detail::scatter_add_fma(va, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
-    }
-  }
-  for (; i < n; ++i) y[i] = detail::scatter_add_fma(a, x[i], y[i]);
+  detail::elementwise<T, Arch>(n, [&]<class V>(V, Index i) {
+    detail::store(detail::fmadd(V(a), detail::load<V>(x + i), detail::load<V>(y + i)), y + i);
+  });
 }
 
 /// The MoE combine: out.row(t) += sum_s weight[t*k + s] * src.row(src_row[t*k + s]) for every row t of
@@ -110,7 +66,7 @@ void scatter_add(Arch, MatrixView<T> out, ConstMatrixView<T> src, const Index* s
         for (Index s = 0; s < k; ++s) {
           if (rows[s] < 0) continue;
           assert(rows[s] < src.rows());
-          acc = detail::scatter_add_fma(B(w[s]), B::load_unaligned(src.row(rows[s]) + j), acc);
+          acc = detail::fmadd(B(w[s]), B::load_unaligned(src.row(rows[s]) + j), acc);
         }
         acc.store_unaligned(y + j);
       }
@@ -120,7 +76,7 @@ void scatter_add(Arch, MatrixView<T> out, ConstMatrixView<T> src, const Index* s
       for (Index s = 0; s < k; ++s) {
         if (rows[s] < 0) continue;
         assert(rows[s] < src.rows());
-        acc = detail::scatter_add_fma(w[s], src.row(rows[s])[j], acc);
+        acc = detail::fmadd(w[s], src.row(rows[s])[j], acc);
       }
       y[j] = acc;
     }

@@ -14,12 +14,7 @@
 #include "../../config.hpp"
 #include "../arch.hpp"
 
-// GCC 12 reports -Wmaybe-uninitialized inside avx512fintrin.h (the _mm512_undefined_* idiom, GCC bug
-// 105593, fixed in GCC 13) wherever xsimd's AVX-512 exp/erfc/hadd get inlined into our code.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+MOE_KERNEL_DIAGNOSTICS_PUSH
 
 namespace moe::kernels {
 
@@ -127,6 +122,4 @@ void softmax_row(Arch, const T* in, T* out, Index n) {
 
 }  // namespace moe::kernels
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+MOE_KERNEL_DIAGNOSTICS_POP
