@@ -1,15 +1,20 @@
 // MoELayer against the independent naive double implementation (moe/reference/naive_moe.hpp) on awkward shapes,
 // forced routings, bad input, aliasing, workspace reuse and thread-count determinism.
 
+#include <algorithm>
+#include <bit>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include <catch2/catch.hpp>
+#include <moe/detail/linalg.hpp>
 #include <moe/moe.hpp>
 
 #include <moe/reference/naive_moe.hpp>
+#include "support/gradcheck.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
 
@@ -218,4 +223,211 @@ TEST_CASE("MoELayer results are bitwise identical for any thread count and on re
 #if defined(_OPENMP)
   omp_set_num_threads(saved);
 #endif
+}
+
+// ---- training: backward ----------------------------------------------------------------------------
+
+namespace {
+
+// L = sum(y .* R) for a fixed random R, so dL/dy = R.
+double projected_loss(const RowMatrix<double>& y, const RowMatrix<double>& r) { return (y.array() * r.array()).sum(); }
+
+}  // namespace
+
+TEST_CASE("MoELayer::backward matches central finite differences in double", "[layer][grad]") {
+  struct Shape {
+    Index n_tokens, d_model, d_ff, n_experts, top_k;
+  };
+  // RELIABILITY.md G1 shape (T=3, d=5, h=7, E=4, k=2), one d=17 case, k = 1, and k = E.
+  for (const Shape s : {Shape{3, 5, 7, 4, 2}, Shape{6, 17, 9, 5, 3}, Shape{4, 6, 5, 3, 1}, Shape{3, 4, 6, 3, 3}}) {
+    Layer<double> layer(MoEConfig{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k});
+    layer.init(100 + static_cast<std::uint64_t>(s.d_model));
+    RowMatrix<double> x = random_tokens<double>(s.n_tokens, s.d_model, 5);
+    moe::test::Rng rng(12);
+    const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, s.n_tokens, s.d_model);
+    RowMatrix<double> y(s.n_tokens, s.d_model), dx(s.n_tokens, s.d_model);
+    moe::TrainingContext<double> ctx;
+    const auto res = layer.forward(x, y, ctx);
+
+    // Away from top-k boundaries: the k-th and (k+1)-th logits of every token differ by >= 1e-3 (>> h).
+    if (s.top_k < s.n_experts) {
+      for (Index t = 0; t < s.n_tokens; ++t) {
+        RowMatrix<double> logits = x.row(t) * moe::detail::eigen(layer.router().gate()).transpose();
+        std::vector<double> z(logits.data(), logits.data() + s.n_experts);
+        std::sort(z.begin(), z.end(), std::greater<>());
+        REQUIRE(z[static_cast<std::size_t>(s.top_k - 1)] - z[static_cast<std::size_t>(s.top_k)] >= 1e-3);
+      }
+    }
+    layer.zero_grad();
+    layer.backward(r, dx, ctx);
+    REQUIRE(res.n_tokens == s.n_tokens);
+
+    const auto loss = [&] {
+      RowMatrix<double> out(s.n_tokens, s.d_model);
+      layer.forward(x, out);
+      return projected_loss(out, r);
+    };
+    INFO("T=" << s.n_tokens << " d=" << s.d_model << " ff=" << s.d_ff << " E=" << s.n_experts << " k=" << s.top_k);
+    double biggest = moe::test::check_gradient("dx", x.data(), dx.data(), x.size(), loss).max_abs_numeric;
+    layer.visit_parameters([&](const std::string& name, moe::Parameter<double>& p) {
+      const auto g = p.grad();
+      const auto st = moe::test::check_gradient(name, p.data(), g.data(), g.rows() * g.cols(), loss, 48);
+      if (name != "router.gate" || s.top_k > 1) biggest = std::max(biggest, st.max_abs_numeric);
+    });
+    REQUIRE(biggest > 1e-3);  // not vacuous
+  }
+}
+
+TEST_CASE("MoELayer top-1 with renormalisation gives the router no gradient (documented)", "[layer][grad]") {
+  Layer<double> layer(MoEConfig{.d_model = 6, .d_ff = 8, .n_experts = 4, .top_k = 1});
+  layer.init(9);
+  const RowMatrix<double> x = random_tokens<double>(10, 6, 2);
+  RowMatrix<double> y(10, 6), dx(10, 6);
+  moe::TrainingContext<double> ctx;
+  layer.forward(x, y, ctx);
+  layer.backward(RowMatrix<double>(RowMatrix<double>::Ones(10, 6)), dx, ctx);
+  const auto g = moe::detail::eigen(moe::ConstMatrixView<double>(layer.router().gate()));
+  bool router_zero = true;
+  layer.visit_parameters([&](const std::string& name, moe::Parameter<double>& p) {
+    if (name == "router.gate") router_zero = (moe::detail::eigen(p.grad()).array() == 0.0).all();
+  });
+  REQUIRE(g.size() == 24);
+  REQUIRE(router_zero);
+}
+
+TEST_CASE("MoELayer: an expert that receives no token gets exactly zero gradient, even after stale work",
+          "[layer][grad]") {
+  const Index d = 8, ff = 12, E = 4;
+  Layer<float> layer(MoEConfig{.d_model = d, .d_ff = ff, .n_experts = E, .top_k = 2});
+  layer.init(21);
+  moe::TrainingContext<float> ctx;
+  RowMatrix<float> x = random_tokens<float>(30, d, 8), y(30, d), dx(30, d);
+  // First a step where expert 2 is used, so the context's workspaces hold its stale intermediates.
+  layer.router().gate()(2, 0) = 50;
+  x.col(0).setOnes();
+  layer.forward(x, y, ctx);
+  layer.backward(RowMatrix<float>(RowMatrix<float>::Ones(30, d)), dx, ctx);
+  // Then expert 2 is never chosen.
+  layer.router().gate()(2, 0) = -50;
+  layer.zero_grad();
+  const auto res = layer.forward(x, y, ctx);
+  REQUIRE(res.tokens_per_expert[2] == 0);
+  layer.backward(RowMatrix<float>(RowMatrix<float>::Ones(30, d)), dx, ctx);
+  auto& bank = layer.bank<0>();
+  Index zero_rows_checked = 0;
+  bank.visit_parameters([&](std::string_view name, moe::Parameter<float>& p) {
+    const auto g = p.grad();
+    const Index rows_per_expert = g.rows() / E;
+    bool others_nonzero = false;
+    for (Index e = 0; e < E; ++e) {
+      for (Index i = e * rows_per_expert; i < (e + 1) * rows_per_expert; ++i) {
+        for (Index j = 0; j < g.cols(); ++j) {
+          if (e == 2) {
+            INFO(name << " row " << i);
+            REQUIRE(std::bit_cast<std::uint32_t>(g(i, j)) == 0u);  // +0.0 exactly, not NaN, not -0
+            ++zero_rows_checked;
+          } else {
+            others_nonzero |= g(i, j) != 0.0f;
+          }
+        }
+      }
+    }
+    REQUIRE(others_nonzero);
+  });
+  REQUIRE(zero_rows_checked == 3 * ff * d);
+}
+
+TEST_CASE("MoELayer gradients are bitwise identical for any thread count", "[layer][grad][determinism]") {
+  Layer<float> layer(MoEConfig{.d_model = 48, .d_ff = 300, .n_experts = 6, .top_k = 2});
+  layer.init(33);
+  const RowMatrix<float> x = random_tokens<float>(150, 48, 6);
+  moe::test::Rng rng(2);
+  const RowMatrix<float> dy = moe::test::normal_matrix<float>(rng, 150, 48);
+  std::vector<std::vector<float>> reference;
+  RowMatrix<float> dx_ref;
+#if defined(_OPENMP)
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3, 4}) {
+    omp_set_num_threads(threads);
+#else
+  for (int repeat = 0; repeat < 2; ++repeat) {
+#endif
+    moe::TrainingContext<float> ctx;
+    RowMatrix<float> y(150, 48), dx(150, 48);
+    layer.zero_grad();
+    layer.forward(x, y, ctx);
+    layer.backward(dy, dx, ctx);
+    std::vector<std::vector<float>> grads;
+    layer.visit_parameters([&](const std::string&, moe::Parameter<float>& p) {
+      const auto g = p.grad();
+      grads.emplace_back(g.data(), g.data() + g.rows() * g.cols());
+    });
+    if (reference.empty()) {
+      reference = grads;
+      dx_ref = dx;
+    } else {
+      REQUIRE(grads == reference);
+      REQUIRE(std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * static_cast<std::size_t>(dx.size())) == 0);
+    }
+  }
+#if defined(_OPENMP)
+  omp_set_num_threads(saved);
+#endif
+}
+
+TEST_CASE("MoELayer f32 backward agrees with the double backward", "[layer][grad]") {
+  const MoEConfig cfg{.d_model = 40, .d_ff = 72, .n_experts = 5, .top_k = 2};
+  Layer<float> lf(cfg);
+  Layer<double> ld(cfg);
+  lf.init(3);
+  // Same weights in both: copy through the parameter visitors.
+  std::vector<const moe::Parameter<float>*> from;
+  lf.visit_parameters([&](const std::string&, moe::Parameter<float>& p) { from.push_back(&p); });
+  std::size_t i = 0;
+  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
+    const auto* src = from[i++];
+    for (Index j = 0; j < p.rows() * p.cols(); ++j) p.data()[j] = src->data()[j];
+  });
+  const RowMatrix<float> xf = random_tokens<float>(64, 40, 4);
+  const RowMatrix<double> xd = xf.cast<double>();
+  moe::test::Rng rng(5);
+  const RowMatrix<float> dyf = moe::test::normal_matrix<float>(rng, 64, 40);
+  RowMatrix<float> yf(64, 40), dxf(64, 40);
+  RowMatrix<double> yd(64, 40), dxd(64, 40);
+  moe::TrainingContext<float> cf;
+  moe::TrainingContext<double> cd;
+  lf.forward(xf, yf, cf);
+  ld.forward(xd, yd, cd);
+  lf.backward(dyf, dxf, cf);
+  ld.backward(RowMatrix<double>(dyf.cast<double>()), dxd, cd);
+  REQUIRE(moe::test::nmse(dxd.data(), dxf.data(), static_cast<std::size_t>(dxd.size())) <= 1e-7);
+  std::vector<std::vector<double>> gd;
+  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
+    gd.emplace_back(p.grad().data(), p.grad().data() + p.rows() * p.cols());
+  });
+  i = 0;
+  lf.visit_parameters([&](const std::string& name, moe::Parameter<float>& p) {
+    INFO(name);
+    CHECK(moe::test::nmse(gd[i].data(), p.grad().data(), gd[i].size()) <= 1e-7);
+    ++i;
+  });
+}
+
+TEST_CASE("MoELayer::backward rejects a foreign context, bad shapes and NaN before writing", "[layer][error]") {
+  using Catch::Matchers::Contains;
+  Layer<float> layer(MoEConfig{.d_model = 8, .d_ff = 16, .n_experts = 4, .top_k = 2});
+  Layer<float> other(MoEConfig{.d_model = 8, .d_ff = 16, .n_experts = 4, .top_k = 2});
+  layer.init(1);
+  const RowMatrix<float> x = random_tokens<float>(5, 8, 1);
+  RowMatrix<float> y(5, 8);
+  moe::TrainingContext<float> ctx;
+  layer.forward(x, y, ctx);
+  const float canary = -777.0f;
+  RowMatrix<float> dx = RowMatrix<float>::Constant(5, 8, canary);
+  RowMatrix<float> dy = RowMatrix<float>::Ones(5, 8);
+  REQUIRE_THROWS_WITH(other.backward(dy, dx, ctx), Contains("not recorded by a training forward of this layer"));
+  REQUIRE_THROWS_WITH(layer.backward(RowMatrix<float>(RowMatrix<float>::Ones(4, 8)), dx, ctx), Contains("dy is (4, 8), expected (5, 8)"));
+  dy(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_WITH(layer.backward(dy, dx, ctx), Contains("dy(2, 3)"));
+  REQUIRE((dx.array() == canary).all());
 }

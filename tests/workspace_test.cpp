@@ -53,3 +53,11 @@ TEST_CASE("Arena rewind shares scratch between stages and peak remembers the lar
   arena.rewind(1u << 30);  // rewinding never moves forward
   REQUIRE(arena.used() == 128 + 10);
 }
+
+TEST_CASE("An Arena over an empty Workspace is a real arena, not a measuring one", "[workspace]") {
+  moe::Workspace empty;
+  moe::Arena arena(empty);
+  REQUIRE_FALSE(arena.measuring());
+  REQUIRE(arena.take<float>(0) == nullptr);  // nothing asked, nothing needed
+  REQUIRE_THROWS_WITH(arena.take<float>(1), Contains("too small"));
+}

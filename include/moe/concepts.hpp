@@ -4,8 +4,10 @@
 /// MoELayer turns a failed concept into one static_assert sentence naming what is missing.
 
 #include <concepts>
+#include <string_view>
 
 #include "config.hpp"
+#include "parameter.hpp"
 #include "workspace.hpp"
 
 namespace moe {
@@ -14,20 +16,40 @@ namespace moe {
 template <class T>
 concept Scalar = std::same_as<T, float> || std::same_as<T, double>;
 
-/// A router scores tokens and chooses, per token, `top_k()` slots of (expert id, weight).
+/// A router scores tokens and chooses, per token, up to `top_k()` slots of (expert id, weight).
 ///
-/// Requires: `R::Scalar`; `d_model()`, `n_experts()`, `top_k()`; and
-/// `route(x, ids, weights, arena)` const, which reads x (n_tokens, d_model) and writes
-/// ids (n_tokens, top_k) with distinct experts in [0, n_experts) and weights (n_tokens, top_k).
-/// Scratch comes from `arena` only (it may be a measuring arena that returns nullptr: then the router
-/// must only take() what it needs and return), so routing never allocates.
+/// Requires: `R::Scalar`; `d_model()`, `n_experts()`, `top_k()`, `saved_width()`; and
+/// `route(x, ids, weights, saved, arena)` const, which reads x (n_tokens, d_model) and writes
+/// ids (n_tokens, top_k) with distinct experts in [0, n_experts) (or -1 for an unused slot),
+/// weights (n_tokens, top_k), and saved (n_tokens, saved_width): whatever its backward needs (e.g. the
+/// probabilities). Scratch comes from `arena` only (it may be a measuring arena that returns nullptr:
+/// then the router must only take() what it needs and return), so routing never allocates.
 template <class R>
 concept Router = Scalar<typename R::Scalar> &&
-    requires(const R& r, ConstMatrixView<typename R::Scalar> x, Index* ids, typename R::Scalar* w, Arena& arena) {
+    requires(const R& r, ConstMatrixView<typename R::Scalar> x, Index* ids, typename R::Scalar* w,
+             typename R::Scalar* saved, Arena& arena) {
       { r.d_model() } -> std::convertible_to<Index>;
       { r.n_experts() } -> std::convertible_to<Index>;
       { r.top_k() } -> std::convertible_to<Index>;
-      { r.route(x, ids, w, arena) } -> std::same_as<void>;
+      { r.saved_width() } -> std::convertible_to<Index>;
+      { r.route(x, ids, w, saved, arena) } -> std::same_as<void>;
+    };
+
+/// What visit_parameters hands each parameter to: f(name, parameter).
+template <class T>
+struct ParameterVisitorArchetype {
+  void operator()(std::string_view, Parameter<T>&) const {}
+};
+
+/// A router that trains: `route_backward(x, ids, weights, saved, dweights, dx, arena)` takes the gradient
+/// of the loss w.r.t. the weights (n_tokens, top_k), ADDS the input gradient to dx (n_tokens, d_model) and
+/// accumulates its parameters' gradients; `visit_parameters(f)` calls f(name, Parameter&) for each.
+template <class R>
+concept TrainableRouter = Router<R> &&
+    requires(R& r, ConstMatrixView<typename R::Scalar> x, const Index* ids, const typename R::Scalar* w,
+             const typename R::Scalar* saved, MatrixView<typename R::Scalar> dx, Arena& arena) {
+      { r.route_backward(x, ids, w, saved, w, dx, arena) } -> std::same_as<void>;
+      r.visit_parameters(ParameterVisitorArchetype<typename R::Scalar>{});
     };
 
 /// An expert bank holds `n_experts()` experts of one kind and runs them on rows grouped by expert.
@@ -44,6 +66,17 @@ concept ExpertBank = Scalar<typename B::Scalar> &&
       { b.d_model() } -> std::convertible_to<Index>;
       { b.n_experts() } -> std::convertible_to<Index>;
       { b.forward(xs, offsets, ys, arena) } -> std::same_as<void>;
+    };
+
+/// A bank that trains: `backward(xs, offsets, dys, dxs, arena)` takes the gradient w.r.t. its outputs on
+/// the grouped rows, WRITES the input gradient of every row in its range to dxs and accumulates its
+/// parameters' gradients (same determinism rule as forward); `visit_parameters(f)` as for routers.
+template <class B>
+concept TrainableBank = ExpertBank<B> &&
+    requires(B& b, ConstMatrixView<typename B::Scalar> xs, const Index* offsets,
+             ConstMatrixView<typename B::Scalar> dys, MatrixView<typename B::Scalar> dxs, Arena& arena) {
+      { b.backward(xs, offsets, dys, dxs, arena) } -> std::same_as<void>;
+      b.visit_parameters(ParameterVisitorArchetype<typename B::Scalar>{});
     };
 
 }  // namespace moe

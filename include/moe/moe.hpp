@@ -14,6 +14,7 @@
 #include "kernels/simd/top_k.hpp"
 #include "moe_config.hpp"
 #include "moe_layer.hpp"
+#include "parameter.hpp"
 #include "presets.hpp"
 #include "random.hpp"
 #include "routers/top_k_softmax.hpp"

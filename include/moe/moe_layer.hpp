@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -27,9 +29,36 @@ template <class T>
 struct ForwardResult {
   Index n_tokens = 0;
   Index top_k = 0;
-  std::span<const Index> expert_ids;         ///< (n_tokens, top_k) expert of each slot
+  std::span<const Index> expert_ids;         ///< (n_tokens, top_k) expert of each slot, -1 if unused
   std::span<const T> expert_weights;         ///< (n_tokens, top_k) combine weight of each slot
   std::span<const Index> tokens_per_expert;  ///< (n_experts,) slots routed to each expert
+};
+
+/// What a training forward records for backward: the routing, the grouped rows, the expert outputs and a
+/// copy of x. Caller-owned, reusable (its memory grows like a Workspace); one per forward in flight.
+template <class T>
+class TrainingContext {
+ public:
+  /// Tokens of the recorded forward (-1 before any).
+  Index n_tokens() const { return n_tokens_; }
+
+ private:
+  template <class R, class... Banks>
+  friend class MoELayer;
+  struct Record {
+    Index* ids = nullptr;  // (n_tokens, top_k)
+    T* weights = nullptr;  // (n_tokens, top_k)
+    T* saved = nullptr;    // (n_tokens, router saved_width)
+    RoutingPlan plan;
+    T* xs = nullptr;  // (n_slots, d_model) grouped rows
+    T* ys = nullptr;  // (n_slots, d_model) expert outputs
+    T* x = nullptr;   // (n_tokens, d_model) copy of the input
+  };
+  Workspace forward_ws_;
+  Workspace backward_ws_;
+  Record record_;
+  Index n_tokens_ = -1;
+  const void* layer_ = nullptr;  // the layer that recorded it
 };
 
 /// A sparse Mixture-of-Experts layer.
@@ -102,11 +131,7 @@ class MoELayer {
   }
 
   /// Bytes of scratch a forward over n_tokens needs: what forward reserves in its Workspace.
-  std::size_t workspace_bytes(Index n_tokens) const {
-    Arena measure;
-    run(ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure);
-    return measure.peak();
-  }
+  std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false); }
 
   /// y = MoE(x), x and y (n_tokens, d_model). y may be x itself: every read of x happens before y is written.
   /// Grows `ws` on the first call at a size; later calls at the same or a smaller n_tokens do not allocate.
@@ -117,74 +142,221 @@ class MoELayer {
     if (x.rows() == 0) return {};
     ws.reserve(workspace_bytes(x.rows()));
     Arena arena(ws);
-    return run(x, y, arena);
+    return result(run(x, y, arena, false), x.rows());
   }
 
   /// As above with a Workspace owned by the layer (so this overload is not const).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) { return forward(x, y, ws_); }
 
+  /// Training forward: as forward(), and records in `ctx` what backward() needs (x is copied).
+  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, TrainingContext<Scalar>& ctx) const {
+    check_input(x, y);
+    ctx.layer_ = this;
+    ctx.n_tokens_ = x.rows();
+    if (x.rows() == 0) return {};
+    ctx.forward_ws_.reserve(forward_bytes(x.rows(), true));
+    Arena arena(ctx.forward_ws_);
+    ctx.record_ = run(x, y, arena, true);
+    return result(ctx.record_, x.rows());
+  }
+
+  /// Backward of the training forward recorded in `ctx`: from dy = dL/dy (n_tokens, d_model) writes
+  /// dx = dL/dx and ADDS the parameters' gradients to their grad() buffers (zero_grad() resets them).
+  /// Results are bitwise identical for any thread count. Throws moe::Error, before writing anything, when
+  /// ctx was not recorded by this layer, a shape is wrong or dy holds NaN or ±inf. dx may be dy itself.
+  void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx)
+    requires(TrainableRouter<R> && (TrainableBank<Banks> && ...))
+  {
+    detail::require(ctx.layer_ == this, "moe::MoELayer::backward: the TrainingContext was not recorded by a "
+                                        "training forward of this layer");
+    detail::require(dy.rows() == ctx.n_tokens_ && dy.cols() == d_model(), "moe::MoELayer::backward: dy is (",
+                    dy.rows(), ", ", dy.cols(), "), expected (", ctx.n_tokens_, ", ", d_model(), ")");
+    detail::require(dx.rows() == dy.rows() && dx.cols() == d_model(), "moe::MoELayer::backward: dx is (",
+                    dx.rows(), ", ", dx.cols(), "), expected (", dy.rows(), ", ", d_model(), ")");
+    check_finite(dy, "moe::MoELayer::backward: dy");
+    if (dy.rows() == 0) return;
+    Arena measure;
+    run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(dy.rows(), d_model()),
+                 MatrixView<Scalar>::shape_only(dy.rows(), d_model()), measure);
+    ctx.backward_ws_.reserve(measure.peak());
+    Arena arena(ctx.backward_ws_);
+    run_backward(ctx.record_, dy, dx, arena);
+  }
+
+  /// Calls f(name, Parameter&) for every parameter: "router.<name>", then "bank<i>.<name>".
+  template <class F>
+  void visit_parameters(F&& f) {
+    router_.visit_parameters([&](std::string_view name, auto& p) { f("router." + std::string(name), p); });
+    std::size_t i = 0;
+    std::apply(
+        [&](auto&... bank) {
+          ((bank.visit_parameters(
+                [&](std::string_view name, auto& p) { f("bank" + std::to_string(i) + "." + std::string(name), p); }),
+            ++i),
+           ...);
+        },
+        banks_);
+  }
+
+  /// Sets every parameter gradient to zero.
+  void zero_grad() {
+    visit_parameters([](const std::string&, auto& p) { p.zero_grad(); });
+  }
+
  private:
+  using Record = typename TrainingContext<Scalar>::Record;
+
   void check_input(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) const {
     detail::require(x.cols() == d_model(), "moe::MoELayer::forward: x is (", x.rows(), ", ", x.cols(),
                     ") but d_model = ", d_model());
     detail::require(y.rows() == x.rows() && y.cols() == d_model(), "moe::MoELayer::forward: y is (", y.rows(),
                     ", ", y.cols(), "), expected (", x.rows(), ", ", d_model(), ")");
-    for (Index t = 0; t < x.rows(); ++t) {
-      const Scalar* row = x.row(t);
-      // x * 0 is 0 for finite x and NaN for NaN or ±inf: one vectorisable sum per row finds a bad row,
+    check_finite(x, "moe::MoELayer::forward: x");
+  }
+
+  static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
+    for (Index t = 0; t < m.rows(); ++t) {
+      const Scalar* row = m.row(t);
+      // v * 0 is 0 for finite v and NaN for NaN or ±inf: one vectorisable sum per row finds a bad row,
       // and only then is the row searched for the element to name.
       Scalar acc = 0;
-      for (Index j = 0; j < x.cols(); ++j) acc += row[j] * Scalar(0);
+      for (Index j = 0; j < m.cols(); ++j) acc += row[j] * Scalar(0);
       if (acc == Scalar(0)) continue;
-      for (Index j = 0; j < x.cols(); ++j)
-        detail::require(std::isfinite(row[j]), "moe::MoELayer::forward: x(", t, ", ", j, ") = ", row[j],
-                        "; the layer rejects NaN and ±inf input");
+      for (Index j = 0; j < m.cols(); ++j)
+        detail::require(std::isfinite(row[j]), what, "(", t, ", ", j, ") = ", row[j], "; the layer rejects NaN and ±inf");
     }
   }
 
+  std::size_t forward_bytes(Index n_tokens, bool training) const {
+    Arena measure;
+    run(ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure, training);
+    return measure.peak();
+  }
+
+  ForwardResult<Scalar> result(const Record& rec, Index n_tokens) const {
+    const auto n_slots = static_cast<std::size_t>(n_tokens * top_k());
+    return {n_tokens, top_k(), {rec.ids, n_slots}, {rec.weights, n_slots},
+            {rec.plan.counts, static_cast<std::size_t>(n_experts())}};
+  }
+
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
-  // running, so workspace_bytes() and forward() cannot disagree.
-  ForwardResult<Scalar> run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena) const {
+  // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x (training).
+  Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x) const {
     const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
-    Index* ids = arena.take<Index>(n_slots);        // (n_tokens, top_k)
-    Scalar* weights = arena.take<Scalar>(n_slots);  // (n_tokens, top_k)
-    RoutingPlan plan = RoutingPlan::carve(arena, n_tokens, k, n_experts());
-    Scalar* xs = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) token rows grouped by expert
-    Scalar* ys = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) expert outputs, same order
-    const std::size_t mark = arena.used();          // router and banks run in turn: they share the rest
-
-    router_.route(x, ids, weights, arena);
-    arena.rewind(mark);
+    Record rec;
+    rec.ids = arena.take<Index>(n_slots);
+    rec.weights = arena.take<Scalar>(n_slots);
+    rec.saved = arena.take<Scalar>(n_tokens * router_.saved_width());
+    rec.plan = RoutingPlan::carve(arena, n_tokens, k, n_experts());
+    rec.xs = arena.take<Scalar>(n_slots * d);
+    rec.ys = arena.take<Scalar>(n_slots * d);
+    if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
+    const std::size_t mark = arena.used();  // router and banks run in turn: they share the rest
     const bool measuring = arena.measuring();
-    if (!measuring) plan.build(ids);
 
-    const Index n_rows = measuring ? n_slots : plan.n_rows();
-    const auto xs_view = measuring ? MatrixView<Scalar>::shape_only(n_rows, d) : MatrixView<Scalar>(xs, n_rows, d);
-    const auto ys_view = measuring ? MatrixView<Scalar>::shape_only(n_rows, d) : MatrixView<Scalar>(ys, n_rows, d);
+    router_.route(x, rec.ids, rec.weights, rec.saved, arena);
+    arena.rewind(mark);
+    if (!measuring) {
+      rec.plan.build(rec.ids);
+      if (keep_x)
+        for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
+    }
+    const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
+    const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
     if (!measuring) {
       // Gather: activations are small next to the weights, and contiguous rows feed the kernels directly.
       MOE_OMP(omp parallel for schedule(static))
-      for (Index r = 0; r < n_rows; ++r) std::copy_n(x.row(plan.row_token[r]), d, xs_view.row(r));
+      for (Index r = 0; r < n_rows; ++r) std::copy_n(x.row(rec.plan.row_token[r]), d, xs.row(r));
     }
-    Index first = 0;  // first expert id of the current bank
-    std::apply(
-        [&](const auto&... bank) {
-          ((bank.forward(xs_view, measuring ? nullptr : plan.offsets + first, ys_view, arena),
-            arena.rewind(mark), first += bank.n_experts()),
-           ...);
-        },
-        banks_);
-    if (measuring) return {};
+    for_each_bank(rec.plan, measuring, [&](const auto& bank, const Index* offsets) {
+      bank.forward(xs, offsets, ys, arena);
+      arena.rewind(mark);
+    });
+    if (measuring) return rec;
 
     // Combine: y[t] = sum over slots s, in slot order, of w[t, s] * ys[slot_row[t, s]].
     MOE_OMP(omp parallel for schedule(static))
     for (Index t = 0; t < n_tokens; ++t) {
       std::fill_n(y.row(t), d, Scalar(0));
-      kernels::scatter_add(kernels::default_arch{}, y.middle_rows(t, 1), ConstMatrixView<Scalar>(ys_view),
-                           plan.slot_row + t * k, weights + t * k, k);
+      kernels::scatter_add(kernels::default_arch{}, y.middle_rows(t, 1), ConstMatrixView<Scalar>(ys),
+                           rec.plan.slot_row + t * k, rec.weights + t * k, k);
     }
-    return {n_tokens, k, {ids, static_cast<std::size_t>(n_slots)}, {weights, static_cast<std::size_t>(n_slots)},
-            {plan.counts, static_cast<std::size_t>(n_experts())}};
+    return rec;
+  }
+
+  // Backward through combine, banks and router; sized like run() with a measuring arena.
+  void run_backward(const Record& rec, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, Arena& arena) {
+    const Index n_tokens = dy.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
+    Scalar* dweights = arena.take<Scalar>(n_slots);  // (n_tokens, top_k) dL/dw
+    Scalar* dys = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(expert output)
+    Scalar* dxs = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(grouped input)
+    const std::size_t mark = arena.used();
+    const bool measuring = arena.measuring();
+    const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
+    const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
+    const auto dys_view = grouped(dys, n_rows), dxs_view = grouped(dxs, n_rows);
+
+    if (!measuring) {
+      // y[t] = sum_s w[t,s] ys[r]: dL/dw[t,s] = <dy[t], ys[r]> and dL/dys[r] = w[t,s] dy[t].
+      MOE_OMP(omp parallel for schedule(static))
+      for (Index t = 0; t < n_tokens; ++t) {
+        for (Index s = 0; s < k; ++s) {
+          const Index r = rec.plan.slot_row[t * k + s];
+          Scalar dot = 0;
+          if (r >= 0) {
+            const Scalar w = rec.weights[t * k + s];
+            for (Index j = 0; j < d; ++j) {
+              dot += dy(t, j) * ys(r, j);
+              dys_view(r, j) = w * dy(t, j);
+            }
+          }
+          dweights[t * k + s] = dot;
+        }
+      }
+    }
+    for_each_bank(rec.plan, measuring, [&](auto& bank, const Index* offsets) {
+      bank.backward(xs, offsets, dys_view, dxs_view, arena);
+      arena.rewind(mark);
+    });
+    if (!measuring) {
+      // dx[t] = sum over slots, in slot order, of dxs[slot_row[t, s]] (fixed order: deterministic).
+      MOE_OMP(omp parallel for schedule(static))
+      for (Index t = 0; t < n_tokens; ++t) {
+        std::fill_n(dx.row(t), d, Scalar(0));
+        for (Index s = 0; s < k; ++s) {
+          const Index r = rec.plan.slot_row[t * k + s];
+          if (r >= 0)
+            for (Index j = 0; j < d; ++j) dx(t, j) += dxs_view(r, j);
+        }
+      }
+    }
+    const auto x = measuring ? ConstMatrixView<Scalar>::shape_only(n_tokens, d)
+                             : ConstMatrixView<Scalar>(rec.x, n_tokens, d);
+    router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena);
+  }
+
+  // A (rows, d_model) view of a grouped buffer, or only its shape while measuring (p == nullptr).
+  MatrixView<Scalar> grouped(Scalar* p, Index rows) const {
+    return p == nullptr ? MatrixView<Scalar>::shape_only(rows, d_model()) : MatrixView<Scalar>(p, rows, d_model());
+  }
+
+  // Calls f(bank, offsets of its first expert) for each bank in pack order (offsets nullptr while measuring).
+  template <class Self, class F>
+  static void for_each_bank(Self& self, const RoutingPlan& plan, bool measuring, F&& f) {
+    Index first = 0;
+    std::apply(
+        [&](auto&... bank) {
+          ((f(bank, measuring ? nullptr : plan.offsets + first), first += bank.n_experts()), ...);
+        },
+        self.banks_);
+  }
+  template <class F>
+  void for_each_bank(const RoutingPlan& plan, bool measuring, F&& f) const {
+    for_each_bank(*this, plan, measuring, f);
+  }
+  template <class F>
+  void for_each_bank(const RoutingPlan& plan, bool measuring, F&& f) {
+    for_each_bank(*this, plan, measuring, f);
   }
 
   R router_;

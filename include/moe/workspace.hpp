@@ -52,7 +52,7 @@ class Arena {
   /// A measuring arena: take() returns nullptr and used() tells the bytes a real run would need.
   Arena() = default;
   /// Carves from `ws`, which must already hold enough bytes (checked on every take()).
-  explicit Arena(Workspace& ws) : base_(ws.data()), capacity_(ws.capacity()) {}
+  explicit Arena(Workspace& ws) : base_(ws.data()), capacity_(ws.capacity()), measuring_(false) {}
 
   /// `n` elements of T, 64-byte aligned; nullptr when measuring.
   template <class T>
@@ -60,7 +60,7 @@ class Arena {
     const std::size_t offset = (used_ + k_workspace_alignment - 1) / k_workspace_alignment * k_workspace_alignment;
     used_ = offset + static_cast<std::size_t>(n) * sizeof(T);
     peak_ = std::max(peak_, used_);
-    if (base_ == nullptr) return nullptr;
+    if (measuring_) return nullptr;
     detail::require(used_ <= capacity_, "moe::Arena: workspace of ", capacity_, " bytes is too small (needs ",
                     used_, "); size it with workspace_bytes()");
     return reinterpret_cast<T*>(base_ + offset);
@@ -69,13 +69,14 @@ class Arena {
   void rewind(std::size_t mark) { used_ = std::min(used_, mark); }
   std::size_t used() const { return used_; }  ///< bytes in use now, with alignment padding
   std::size_t peak() const { return peak_; }  ///< most bytes ever in use: what the Workspace must hold
-  bool measuring() const { return base_ == nullptr; }
+  bool measuring() const { return measuring_; }
 
  private:
   std::byte* base_ = nullptr;
   std::size_t capacity_ = 0;
   std::size_t used_ = 0;
   std::size_t peak_ = 0;
+  bool measuring_ = true;
 };
 
 }  // namespace moe

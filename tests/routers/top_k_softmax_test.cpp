@@ -1,7 +1,9 @@
 // routers::TopKSoftmax: hand-computed Mixtral numerics, ties, renormalisation, non-finite logits and
 // routing invariants.
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <set>
 #include <vector>
@@ -9,6 +11,7 @@
 #include <catch2/catch.hpp>
 #include <moe/routers/top_k_softmax.hpp>
 
+#include "support/gradcheck.hpp"
 #include "support/random.hpp"
 
 using moe::Index;
@@ -26,15 +29,14 @@ struct IdentityRouter {
     auto g = router.gate();
     for (Index e = 0; e < E; ++e) g(e, e) = T(1);
   }
+  std::vector<T> saved;
   void route(const RowMatrix<T>& logits, std::vector<Index>& ids, std::vector<T>& w) {
     const Index n = logits.rows() * router.top_k();
     ids.assign(static_cast<std::size_t>(n), -7);
     w.assign(static_cast<std::size_t>(n), T(-7));
-    moe::Arena measure;
-    router.route(moe::ConstMatrixView<T>::shape_only(logits.rows(), router.d_model()), nullptr, nullptr, measure);
-    ws.reserve(measure.peak());
+    saved.assign(static_cast<std::size_t>(logits.rows() * router.saved_width()), T(-7));
     moe::Arena arena(ws);
-    router.route(logits, ids.data(), w.data(), arena);
+    router.route(logits, ids.data(), w.data(), saved.data(), arena);
   }
 };
 
@@ -111,11 +113,10 @@ TEST_CASE("TopKSoftmax routing invariants over many shapes", "[router]") {
         const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, T, d);
         std::vector<Index> ids(static_cast<std::size_t>(T * k), -1);
         std::vector<float> w(static_cast<std::size_t>(T * k), -1.f);
-        moe::Arena measure;
-        router.route(moe::ConstMatrixView<float>::shape_only(T, d), nullptr, nullptr, measure);
-        moe::Workspace ws(measure.peak());
+        std::vector<float> saved(static_cast<std::size_t>(T * router.saved_width()));
+        moe::Workspace ws;
         moe::Arena arena(ws);
-        router.route(x, ids.data(), w.data(), arena);
+        router.route(x, ids.data(), w.data(), saved.data(), arena);
         for (Index t = 0; t < T; ++t) {
           std::set<Index> distinct;
           double sum = 0;
@@ -132,6 +133,56 @@ TEST_CASE("TopKSoftmax routing invariants over many shapes", "[router]") {
           REQUIRE(static_cast<Index>(distinct.size()) == k);
           REQUIRE(std::abs(sum - 1.0) <= 4.0 * static_cast<double>(k) * 0x1.0p-24);
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("TopKSoftmax::route_backward matches central finite differences in double", "[router][grad]") {
+  for (const bool renormalize : {true, false}) {
+    for (const Index k : {1, 2, 4}) {
+      const Index T = 5, d = 7, E = 6;
+      moe::routers::TopKSoftmax<double> router(moe::MoEConfig{.d_model = d, .d_ff = 1, .n_experts = E, .top_k = k},
+                                               renormalize);
+      moe::test::Rng rng(40 + static_cast<std::uint64_t>(k));
+      router.init(rng);
+      RowMatrix<double> x = moe::test::normal_matrix<double>(rng, T, d, 2.0);
+      const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, T, k);  // L = sum(weights .* r)
+      moe::Workspace ws(1 << 16);
+      std::vector<Index> ids(static_cast<std::size_t>(T * k));
+      std::vector<double> w(static_cast<std::size_t>(T * k)), saved(static_cast<std::size_t>(T * E));
+      const auto route = [&] {
+        moe::Arena arena(ws);
+        router.route(x, ids.data(), w.data(), saved.data(), arena);
+      };
+      route();
+      // Away from top-k boundaries: the k-th and (k+1)-th probabilities differ by >= 1e-3.
+      for (Index t = 0; t < T && k < E; ++t) {
+        std::vector<double> p(saved.begin() + t * E, saved.begin() + (t + 1) * E);
+        std::sort(p.begin(), p.end(), std::greater<>());
+        REQUIRE(p[static_cast<std::size_t>(k - 1)] - p[static_cast<std::size_t>(k)] >= 1e-3);
+      }
+      RowMatrix<double> dx = RowMatrix<double>::Zero(T, d);
+      router.visit_parameters([](std::string_view, moe::Parameter<double>& p) { p.zero_grad(); });
+      {
+        moe::Arena arena(ws);
+        router.route_backward(x, ids.data(), w.data(), saved.data(), r.data(), dx, arena);
+      }
+      const auto loss = [&] {
+        route();
+        double l = 0;
+        for (Index i = 0; i < T * k; ++i) l += w[static_cast<std::size_t>(i)] * r.data()[i];
+        return l;
+      };
+      INFO("renormalize=" << renormalize << " k=" << k);
+      const auto sx = moe::test::check_gradient("dx", x.data(), dx.data(), x.size(), loss);
+      moe::Parameter<double>* gate = nullptr;
+      router.visit_parameters([&](std::string_view, moe::Parameter<double>& p) { gate = &p; });
+      const auto sg = moe::test::check_gradient("dgate", gate->data(), gate->grad().data(), E * d, loss);
+      if (renormalize && k == 1) {
+        REQUIRE(sg.max_abs_numeric == 0.0);  // the weight is constantly 1 (documented)
+      } else {
+        REQUIRE(std::max(sx.max_abs_numeric, sg.max_abs_numeric) > 1e-3);
       }
     }
   }

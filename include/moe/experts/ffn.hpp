@@ -8,17 +8,16 @@
 /// (d_ff, d_model), w2 = down_proj (d_model, d_ff). Plain (non-gated) banks have no w3.
 
 #include <algorithm>
-#include <cmath>
-#include <vector>
-
-#include <xsimd/memory/xsimd_aligned_allocator.hpp>
+#include <string_view>
 
 #include "../config.hpp"
+#include "../detail/linalg.hpp"
 #include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"
 #include "../kernels/simd/matmul.hpp"
 #include "../moe_config.hpp"
+#include "../parameter.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
 
@@ -41,9 +40,9 @@ class FFN {
       : d_model_(cfg.validated().d_model),
         d_ff_(cfg.d_ff),
         n_experts_(cfg.n_experts),
-        w1_(size(d_ff_, d_model_)),
-        w3_(Gated ? size(d_ff_, d_model_) : 0),
-        w2_(size(d_model_, d_ff_)) {}
+        w1_(n_experts_ * d_ff_, d_model_),
+        w3_(Gated ? n_experts_ * d_ff_ : 0, d_model_),
+        w2_(n_experts_ * d_model_, d_ff_) {}
 
   Index d_model() const { return d_model_; }      ///< token width
   Index d_ff() const { return d_ff_; }            ///< hidden width
@@ -63,9 +62,18 @@ class FFN {
 
   /// nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for each projection.
   void init(Rng& rng) {
-    fill_uniform(rng, w1_, d_model_);
-    fill_uniform(rng, w3_, d_model_);
-    fill_uniform(rng, w2_, d_ff_);
+    w1_.init_uniform(rng, d_model_);
+    w3_.init_uniform(rng, d_model_);
+    w2_.init_uniform(rng, d_ff_);
+  }
+
+  /// Calls f(name, Parameter&) for "w1" (n_experts * d_ff, d_model), "w3" (gated only) and
+  /// "w2" (n_experts * d_model, d_ff): every expert's matrix stacked, expert 0 first.
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(std::string_view("w1"), w1_);
+    if constexpr (Gated) f(std::string_view("w3"), w3_);
+    f(std::string_view("w2"), w2_);
   }
 
   /// Runs expert e on grouped rows [offsets[e], offsets[e+1]) of xs (rows, d_model) into ys.
@@ -110,24 +118,78 @@ class FFN {
     }
   }
 
+  /// Backward on grouped rows: from dys (rows, d_model) writes dxs (rows, d_model) and accumulates the
+  /// weight gradients. The hidden activations are recomputed from xs instead of stored by forward: one
+  /// more pass over W1 (and W3), no training memory per token. Work items are experts; an expert without
+  /// rows adds nothing, so its gradient stays exactly as it was (0 after zero_grad).
+  void backward(ConstMatrixView<T> xs, const Index* offsets, ConstMatrixView<T> dys, MatrixView<T> dxs,
+                Arena& arena) {
+    const Index n_rows = xs.rows();
+    T* gate = arena.take<T>(n_rows * d_ff_);              // (rows, d_ff) W1 x, then dL/d(W1 x)
+    T* up = arena.take<T>(Gated ? n_rows * d_ff_ : 0);   // (rows, d_ff) W3 x, then dL/d(W3 x)
+    T* hidden = arena.take<T>(n_rows * d_ff_);            // (rows, d_ff) act(W1 x) [* W3 x], then dL/dh
+    if (arena.measuring() || n_rows == 0) return;
+    // Gradients are allocated here, outside the parallel region.
+    const MatrixView<T> dw1 = w1_.grad(), dw2 = w2_.grad();
+    const MatrixView<T> dw3 = Gated ? w3_.grad() : MatrixView<T>();
+    const FFN& self = *this;  // const accessors give ConstMatrixView weights
+
+    MOE_OMP(omp parallel for schedule(dynamic))
+    for (Index e = 0; e < n_experts_; ++e) {
+      const Index r0 = offsets[e], n = offsets[e + 1] - r0;
+      if (n == 0) continue;
+      const auto x = xs.middle_rows(r0, n);    // (n, d_model)
+      const auto dy = dys.middle_rows(r0, n);  // (n, d_model)
+      const MatrixView<T> g(gate + r0 * d_ff_, n, d_ff_), h(hidden + r0 * d_ff_, n, d_ff_);
+      const MatrixView<T> u = Gated ? MatrixView<T>(up + r0 * d_ff_, n, d_ff_) : MatrixView<T>();
+      kernels::matmul_nt(Arch{}, x, self.w1(e), g);
+      if constexpr (Gated) kernels::matmul_nt(Arch{}, x, self.w3(e), u);
+      for (Index i = 0; i < n; ++i) {
+        for (Index j = 0; j < d_ff_; ++j) {
+          if constexpr (Gated) {
+            h(i, j) = Act::apply(g(i, j)) * u(i, j);
+          } else {
+            h(i, j) = Act::apply(g(i, j));
+          }
+        }
+      }
+      detail::add_matmul_tn(dy, h, dw2.middle_rows(e * d_model_, d_model_));  // dW2 += dy^T h
+      for (Index i = 0; i < n; ++i) std::fill_n(h.row(i), d_ff_, T(0));
+      detail::add_matmul_nn(dy, self.w2(e), h);  // dh = dy W2   (n, d_ff)
+      for (Index i = 0; i < n; ++i) {
+        for (Index j = 0; j < d_ff_; ++j) {
+          const T a = g(i, j);
+          if constexpr (Gated) {
+            const T du = h(i, j) * Act::apply(a);
+            g(i, j) = h(i, j) * u(i, j) * Act::derivative(a);
+            u(i, j) = du;
+          } else {
+            g(i, j) = h(i, j) * Act::derivative(a);
+          }
+        }
+      }
+      detail::add_matmul_tn<T>(g, x, dw1.middle_rows(e * d_ff_, d_ff_));  // dW1 += dg^T x
+      const auto dx = dxs.middle_rows(r0, n);                              // (n, d_model)
+      for (Index i = 0; i < n; ++i) std::fill_n(dx.row(i), d_model_, T(0));
+      detail::add_matmul_nn<T>(g, self.w1(e), dx);  // dx = dg W1 [+ du W3]
+      if constexpr (Gated) {
+        detail::add_matmul_tn<T>(u, x, dw3.middle_rows(e * d_ff_, d_ff_));
+        detail::add_matmul_nn<T>(u, self.w3(e), dx);
+      }
+    }
+  }
+
  private:
-  using Buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
   // Output columns per work item: enough items to balance two or more threads on one expert (decode),
   // few enough that each streams a long run of weight rows.
   static constexpr Index k_tile = 256;
 
-  std::size_t size(Index rows, Index cols) const { return static_cast<std::size_t>(n_experts_ * rows * cols); }
-  static void fill_uniform(Rng& rng, Buffer& w, Index fan_in) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-    for (auto& v : w) v = static_cast<T>(rng.uniform(-bound, bound));
-  }
-
   Index d_model_;
   Index d_ff_;
   Index n_experts_;
-  Buffer w1_;  // (n_experts, d_ff, d_model)
-  Buffer w3_;  // (n_experts, d_ff, d_model), empty unless Gated
-  Buffer w2_;  // (n_experts, d_model, d_ff)
+  Parameter<T> w1_;  // (n_experts * d_ff, d_model)
+  Parameter<T> w3_;  // (n_experts * d_ff, d_model), empty unless Gated
+  Parameter<T> w2_;  // (n_experts * d_model, d_ff)
 };
 
 /// SwiGLU experts (Mixtral, Qwen, DeepSeek).

@@ -9,6 +9,7 @@
 /// activations (-inf * 0). Large finite |x| never gives NaN.
 
 #include <cassert>
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 
@@ -52,6 +53,11 @@ xsimd::batch<T, A> activation_select(const xsimd::batch_bool<T, A>& cond, const 
 /// max(x, 0), with NaN passed through (x < 0 is false for NaN) and -0 kept.
 struct ReLU {
   static constexpr const char* name() { return "relu"; }
+  /// d/dx, scalar (the backward pass): 1 for x > 0, else 0 (the kink takes the left derivative).
+  template <class T>
+  static T derivative(T x) {
+    return x > T(0) ? T(1) : T(0);
+  }
   /// @tparam V float, double or xsimd::batch of them
   template <class V>
   static V apply(const V& x) {
@@ -64,6 +70,12 @@ struct ReLU {
 /// result is -0 (not -inf * 0 = NaN); for x >> 0 exp(-x) underflows to 0 and the result is x.
 struct SiLU {
   static constexpr const char* name() { return "silu"; }
+  /// d/dx = s (1 + x (1 - s)) with s = sigmoid(x), scalar (the backward pass).
+  template <class T>
+  static T derivative(T x) {
+    const T s = T(1) / (T(1) + std::exp(-x));
+    return s * (T(1) + x * (T(1) - s));
+  }
   /// @tparam V float, double or xsimd::batch of them
   template <class V>
   static V apply(const V& x) {
@@ -76,6 +88,12 @@ struct SiLU {
 /// 1 + erf(z) cancels catastrophically for z << 0 (all digits lost below x ~ -4 in f32), erfc does not.
 struct GELU {
   static constexpr const char* name() { return "gelu"; }
+  /// d/dx = Phi(x) + x phi(x), scalar (the backward pass).
+  template <class T>
+  static T derivative(T x) {
+    constexpr T inv_sqrt_2pi = T(0.39894228040143267794);
+    return T(0.5) * std::erfc(-x * T(0.70710678118654752440)) + x * inv_sqrt_2pi * std::exp(T(-0.5) * x * x);
+  }
   /// @tparam V float, double or xsimd::batch of them
   template <class V>
   static V apply(const V& x) {
@@ -91,6 +109,13 @@ struct GELU {
 /// exp gives x or -0, never NaN, for finite x.
 struct GELUTanh {
   static constexpr const char* name() { return "gelu_tanh"; }
+  /// d/dx of x s(2u), s = sigmoid, u = sqrt(2/pi) (x + 0.044715 x^3): s + x s (1 - s) 2u', scalar.
+  template <class T>
+  static T derivative(T x) {
+    const T du2 = T(1.5957691216057308) * (T(1) + T(3 * 0.044715) * x * x);  // d(2u)/dx
+    const T s = T(1) / (T(1) + std::exp(-T(1.5957691216057308) * x * (T(1) + T(0.044715) * x * x)));
+    return s + x * s * (T(1) - s) * du2;
+  }
   /// @tparam V float, double or xsimd::batch of them
   template <class V>
   static V apply(const V& x) {

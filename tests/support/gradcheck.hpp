@@ -1,0 +1,45 @@
+#pragma once
+// Central finite differences in double (RELIABILITY.md G1): h = 1e-6, and every checked element must
+// satisfy |analytic - numeric| <= 1e-5 + 1e-3 |numeric|.
+
+#include <cmath>
+#include <string>
+
+#include <catch2/catch.hpp>
+#include <moe/config.hpp>
+#include <moe/random.hpp>
+
+namespace moe::test {
+
+struct GradCheckStats {
+  Index checked = 0;
+  double max_abs_numeric = 0;  // guards against a vacuous check where every gradient is 0
+};
+
+/// Compares `analytic[i]` with the central difference of `loss()` w.r.t. `values[i]` for `max_checks`
+/// indices drawn from [0, n) (all of them when n <= max_checks). `values` is restored after each probe.
+template <class Loss>
+GradCheckStats check_gradient(const std::string& name, double* values, const double* analytic, Index n, Loss&& loss,
+                              Index max_checks = 64, std::uint64_t seed = 1) {
+  constexpr double h = 1e-6;
+  Rng rng(seed);
+  GradCheckStats stats;
+  const bool all = n <= max_checks;
+  for (Index c = 0; c < (all ? n : max_checks); ++c) {
+    const Index i = all ? c : rng.below(n);
+    const double saved = values[i];
+    values[i] = saved + h;
+    const double up = loss();
+    values[i] = saved - h;
+    const double down = loss();
+    values[i] = saved;
+    const double numeric = (up - down) / (2 * h);
+    INFO(name << "[" << i << "]: analytic " << analytic[i] << ", numeric " << numeric);
+    REQUIRE(std::abs(analytic[i] - numeric) <= 1e-5 + 1e-3 * std::abs(numeric));
+    ++stats.checked;
+    stats.max_abs_numeric = std::max(stats.max_abs_numeric, std::abs(numeric));
+  }
+  return stats;
+}
+
+}  // namespace moe::test
