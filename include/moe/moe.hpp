@@ -6,6 +6,7 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "experts/ffn.hpp"
+#include "experts/zero_computation.hpp"
 #include "kernels/arch.hpp"
 #include "kernels/simd/activation.hpp"
 #include "kernels/simd/matmul.hpp"
