@@ -1,0 +1,35 @@
+#pragma once
+/// @file optim/state.hpp
+/// @brief Per-parameter optimizer state, keyed by the parameter's visitor name, so one optimizer serves a
+/// layer, a stack of layers or any model with visit_parameters(f(name, Parameter&)).
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "../config.hpp"
+#include "../parameter.hpp"
+
+namespace moe::optim {
+
+/// `n_buffers` zero-initialised buffers per parameter, created at the parameter's first step.
+template <class T>
+class ParameterState {
+ public:
+  explicit ParameterState(int n_buffers) : n_buffers_(n_buffers) {}
+
+  /// The buffers of parameter `name` (sized like `p`); throws moe::Error if its size changed.
+  std::vector<std::vector<T>>& of(const std::string& name, const Parameter<T>& p) {
+    const auto size = static_cast<std::size_t>(p.rows() * p.cols());
+    auto [it, inserted] = state_.try_emplace(name, static_cast<std::size_t>(n_buffers_), std::vector<T>(size, T(0)));
+    detail::require(it->second.empty() || it->second[0].size() == size, "moe::optim: parameter ", name,
+                    " changed size since the optimizer last saw it");
+    return it->second;
+  }
+
+ private:
+  int n_buffers_;
+  std::map<std::string, std::vector<std::vector<T>>> state_;
+};
+
+}  // namespace moe::optim
