@@ -34,15 +34,19 @@ TEST_CASE("SGDConfig is validated", "[optim][error]") {
   REQUIRE_THROWS_WITH(moe::optim::SGD<float>({.lr = 0.1, .nesterov = true}), Contains("nesterov needs momentum"));
 }
 
+namespace {
+struct Wider {  // a parameter named like OneParameter's, with another size
+  moe::Parameter<double> p{1, 3};
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(std::string("p"), p);
+  }
+};
+}  // namespace
+
 TEST_CASE("An optimizer refuses a parameter whose size changed under the same name", "[optim][error]") {
   moe::test::OneParameter small(1.0, 0.5);
-  struct Wider {
-    moe::Parameter<double> p{1, 3};
-    template <class F>
-    void visit_parameters(F&& f) {
-      f(std::string("p"), p);
-    }
-  } wide;
+  Wider wide;
   moe::optim::SGD<double> sgd({.lr = 0.1, .momentum = 0.5});
   sgd.step(small);
   REQUIRE_THROWS_WITH(sgd.step(wide), Contains("parameter p changed size"));
