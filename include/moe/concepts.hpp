@@ -68,6 +68,10 @@ concept ExpertBank = Scalar<typename B::Scalar> &&
       { b.forward(xs, offsets, ys, arena) } -> std::same_as<void>;
     };
 
+/// True for banks that declare `static constexpr bool zero_computation = true` (no matrix product per row).
+template <class B>
+inline constexpr bool is_zero_computation = requires { requires B::zero_computation; };
+
 /// A bank that trains: `backward(xs, offsets, dys, dxs, arena)` takes the gradient w.r.t. its outputs on
 /// the grouped rows, WRITES the input gradient of every row in its range to dxs and accumulates its
 /// parameters' gradients (same determinism rule as forward); `visit_parameters(f)` as for routers.

@@ -23,5 +23,6 @@
 #include "random.hpp"
 #include "routers/top_k_softmax.hpp"
 #include "routing_plan.hpp"
+#include "routing_stats.hpp"
 #include "version.hpp"
 #include "workspace.hpp"

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "concepts.hpp"
 #include "config.hpp"
@@ -121,6 +122,16 @@ class MoELayer {
   template <std::size_t I>
   auto& bank() {
     return std::get<I>(banks_);
+  }
+
+  /// Per expert id: true for zero-computation experts (banks with `zero_computation = true`, e.g. MoE++'s
+  /// zero, copy and constant experts).
+  std::vector<bool> zero_computation_mask() const {
+    std::vector<bool> mask;
+    std::apply([&](const auto&... b) { (mask.insert(mask.end(), static_cast<std::size_t>(b.n_experts()),
+                                                    is_zero_computation<std::remove_cvref_t<decltype(b)>>), ...); },
+               banks_);
+    return mask;
   }
 
   /// Initialises the router and every bank from one seed (reproducible).
