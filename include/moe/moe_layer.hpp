@@ -276,7 +276,7 @@ class MoELayer {
     const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
     if (!measuring) {
       // Gather: activations are small next to the weights, and contiguous rows feed the kernels directly.
-      MOE_OMP(omp parallel for schedule(static))
+      MOE_OMP(omp parallel for schedule(static) if(double(n_rows) * double(d) >= detail::k_parallel_min_work))
       for (Index r = 0; r < n_rows; ++r) std::copy_n(x.row(rec.plan.row_token[r]), d, xs.row(r));
     }
     for_each_bank(rec.plan, measuring, [&](const auto& bank, const Index* offsets) {
@@ -286,7 +286,7 @@ class MoELayer {
     if (measuring) return rec;
 
     // Combine: y[t] = sum over slots s, in slot order, of w[t, s] * ys[slot_row[t, s]].
-    MOE_OMP(omp parallel for schedule(static))
+    MOE_OMP(omp parallel for schedule(static) if(double(n_slots) * double(d) >= detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
       std::fill_n(y.row(t), d, Scalar(0));
       kernels::scatter_add(kernels::default_arch{}, y.middle_rows(t, 1), ConstMatrixView<Scalar>(ys),
@@ -309,7 +309,7 @@ class MoELayer {
 
     if (!measuring) {
       // y[t] = sum_s w[t,s] ys[r]: dL/dw[t,s] = <dy[t], ys[r]> and dL/dys[r] = w[t,s] dy[t].
-      MOE_OMP(omp parallel for schedule(static))
+      MOE_OMP(omp parallel for schedule(static) if(double(n_slots) * double(d) >= detail::k_parallel_min_work))
       for (Index t = 0; t < n_tokens; ++t) {
         for (Index s = 0; s < k; ++s) {
           const Index r = rec.plan.slot_row[t * k + s];
@@ -331,7 +331,7 @@ class MoELayer {
     });
     if (!measuring) {
       // dx[t] = sum over slots, in slot order, of dxs[slot_row[t, s]] (fixed order: deterministic).
-      MOE_OMP(omp parallel for schedule(static))
+      MOE_OMP(omp parallel for schedule(static) if(double(n_slots) * double(d) >= detail::k_parallel_min_work))
       for (Index t = 0; t < n_tokens; ++t) {
         std::fill_n(dx.row(t), d, Scalar(0));
         for (Index s = 0; s < k; ++s) {

@@ -37,7 +37,8 @@ template <class T>
 void add_matmul_nn(ConstMatrixView<T> a, std::type_identity_t<ConstMatrixView<T>> b,
                    std::type_identity_t<MatrixView<T>> c) {
   const Index chunks = (c.rows() + k_rows - 1) / k_rows;
-  MOE_OMP(omp parallel for schedule(static))
+  const double work = double(c.rows()) * double(c.cols()) * double(a.cols());
+  MOE_OMP(omp parallel for schedule(static) if(work >= k_parallel_min_work))
   for (Index i = 0; i < chunks; ++i) {
     const Index r0 = i * k_rows, n = std::min(k_rows, c.rows() - r0);
     eigen(c.middle_rows(r0, n)).noalias() += eigen(a.middle_rows(r0, n)) * eigen(b);
@@ -49,7 +50,8 @@ template <class T>
 void add_matmul_tn(ConstMatrixView<T> a, std::type_identity_t<ConstMatrixView<T>> b,
                    std::type_identity_t<MatrixView<T>> c) {
   const Index chunks = (c.rows() + k_rows - 1) / k_rows;
-  MOE_OMP(omp parallel for schedule(static))
+  const double work = double(c.rows()) * double(c.cols()) * double(a.rows());
+  MOE_OMP(omp parallel for schedule(static) if(work >= k_parallel_min_work))
   for (Index i = 0; i < chunks; ++i) {
     const Index r0 = i * k_rows, n = std::min(k_rows, c.rows() - r0);
     eigen(c.middle_rows(r0, n)).noalias() += eigen(a).middleCols(r0, n).transpose() * eigen(b);

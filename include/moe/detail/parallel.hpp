@@ -11,6 +11,11 @@
 
 namespace moe::detail {
 
+/// Multiply-adds (or element copies) below which a loop runs on the calling thread: a parallel region
+/// costs microseconds, and far more when another process holds a core and the team waits for a
+/// descheduled thread. Results do not depend on it (each element is computed the same way either way).
+inline constexpr double k_parallel_min_work = 1 << 16;
+
 /// Threads an OpenMP parallel region would use here (1 without OpenMP).
 inline int max_threads() {
 #if defined(_OPENMP)

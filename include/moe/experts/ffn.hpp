@@ -134,7 +134,8 @@ class FFN {
     const MatrixView<T> dw3 = Gated ? w3_.grad() : MatrixView<T>();
     const FFN& self = *this;  // const accessors give ConstMatrixView weights
 
-    MOE_OMP(omp parallel for schedule(dynamic))
+    const double work = double(n_rows) * double(d_ff_) * double(d_model_);
+    MOE_OMP(omp parallel for schedule(dynamic) if(work >= detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       const Index r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;

@@ -135,7 +135,7 @@ class ConstantExperts : public detail::ZeroComputationShape {
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     if (arena.measuring()) return;
     for_each_expert(offsets, [&](Index e, Index first, Index last) {
-      MOE_OMP(omp parallel for schedule(static))
+      MOE_OMP(omp parallel for schedule(static) if(double(last - first) * double(d_model()) >= moe::detail::k_parallel_min_work))
       for (Index r = first; r < last; ++r) {
         const Mix m = mix(e, xs.row(r));
         const T* v = this->v(e).data();
@@ -150,7 +150,8 @@ class ConstantExperts : public detail::ZeroComputationShape {
     if (arena.measuring()) return;
     const MatrixView<T> dwc = wc_.grad(), dv = v_.grad();
     const ConstantExperts& self = *this;
-    MOE_OMP(omp parallel for schedule(static))
+    MOE_OMP(omp parallel for schedule(static) if(double(offsets[n_experts()] - offsets[0]) * double(d_model()) >=
+                                                   moe::detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts(); ++e) {
       const T* wc = self.wc(e).data();  // (2, d_model)
       const T* v = self.v(e).data();    // (d_model)

@@ -68,7 +68,8 @@ class TopKSoftmax {
 
     // Token chunks of fixed size: the split does not depend on the thread count, so neither do results.
     const Index n_chunks = (n_tokens + k_chunk - 1) / k_chunk;
-    MOE_OMP(omp parallel for schedule(static))
+    const double work = double(n_tokens) * double(n_experts_) * double(d_model_);
+    MOE_OMP(omp parallel for schedule(static) if(work >= detail::k_parallel_min_work))
     for (Index c = 0; c < n_chunks; ++c) {
       const Index t0 = c * k_chunk, t1 = std::min(n_tokens, t0 + k_chunk);
       kernels::matmul_nt(Arch{}, x.middle_rows(t0, t1 - t0), gate(),
@@ -99,7 +100,7 @@ class TopKSoftmax {
     T* dlogits = arena.take<T>(n_tokens * n_experts_);  // (n_tokens, n_experts)
     if (arena.measuring() || n_tokens == 0) return;
 
-    MOE_OMP(omp parallel for schedule(static))
+    MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(n_experts_) >= detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
       const T* p = saved + t * n_experts_;
       const Index* id = ids + t * top_k_;
