@@ -85,8 +85,9 @@ class FFN {
     T* up = arena.take<T>(Gated ? n_rows * d_ff_ : 0);     // (rows, d_ff): W3 x
     if (arena.measuring() || n_rows == 0) return;
 
+    const double work = double(n_rows) * double(d_ff_) * double(d_model_);
     const Index ff_tiles = (d_ff_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2))
+    MOE_OMP(omp parallel for schedule(dynamic) collapse(2) if(work >= detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       for (Index tile = 0; tile < ff_tiles; ++tile) {
         const Index r0 = offsets[e], n = offsets[e + 1] - r0;
@@ -106,7 +107,7 @@ class FFN {
     }
 
     const Index d_tiles = (d_model_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2))
+    MOE_OMP(omp parallel for schedule(dynamic) collapse(2) if(work >= detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       for (Index tile = 0; tile < d_tiles; ++tile) {
         const Index r0 = offsets[e], n = offsets[e + 1] - r0;

@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""Turns the CSV files the examples write into PNG plots next to them.
+
+Usage: scripts/plot.py DIR     (run with Debian's /usr/bin/python3, which has python3-matplotlib)
+
+Known files:
+  *_loss.csv         columns model,step,loss          -> *_loss.png (loss curves, log scale)
+  *_expert_load.csv  RoutingStats::write_csv output   -> *_expert_load.png (share of each group's tokens
+                                                         per expert, as a heatmap)
+"""
+import csv
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(path: pathlib.Path) -> pathlib.Path:
+    series = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["model"], ([], []))
+            series[row["model"]][0].append(int(row["step"]))
+            series[row["model"]][1].append(float(row["loss"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (steps, loss) in series.items():
+        ax.plot(steps, loss, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(path.stem.replace("_", " "))
+    out = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
+    groups = [c for c in rows[0].keys() if c.startswith("group_")]
+    experts = [int(r["expert"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(experts), 1.2 + 0.5 * max(1, len(groups))))
+    if groups:
+        share = []
+        for g in groups:
+            counts = [float(r[g]) for r in rows]
+            total = sum(counts) or 1.0
+            share.append([c / total for c in counts])
+        im = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(groups)), [g.removeprefix("group_") for g in groups])
+        ax.set_ylabel("group")
+        for i, line in enumerate(share):
+            for j, v in enumerate(line):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        fig.colorbar(im, ax=ax, label="share of the group's tokens")
+    else:
+        ax.bar(experts, [float(r["tokens"]) for r in rows])
+        ax.set_ylabel("tokens")
+    ax.set_xticks(range(len(experts)), experts)
+    ax.set_xlabel("expert")
+    ax.set_title(path.stem.replace("_", " "))
+    out = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    folder = pathlib.Path(sys.argv[1])
+    made = []
+    for path in sorted(folder.glob("*_loss.csv")):
+        made.append(plot_loss(path))
+    for path in sorted(folder.glob("*_expert_load.csv")):
+        made.append(plot_expert_load(path))
+    if not made:
+        print(f"no known CSV files in {folder}", file=sys.stderr)
+        return 1
+    for out in made:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
