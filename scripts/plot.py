@@ -18,6 +18,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig, ax, path: pathlib.Path) -> pathlib.Path:
+    """Titles the plot after its CSV and writes it beside it as PNG."""
+    ax.set_title(path.stem.replace("_", " "))
+    out = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_loss(path: pathlib.Path) -> pathlib.Path:
     series = {}
     with path.open() as f:
@@ -32,12 +42,7 @@ def plot_loss(path: pathlib.Path) -> pathlib.Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    ax.set_title(path.stem.replace("_", " "))
-    out = path.with_suffix(".png")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, ax, path)
 
 
 def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
@@ -64,12 +69,7 @@ def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
         ax.set_ylabel("tokens")
     ax.set_xticks(range(len(experts)), experts)
     ax.set_xlabel("expert")
-    ax.set_title(path.stem.replace("_", " "))
-    out = path.with_suffix(".png")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, ax, path)
 
 
 def main() -> int:

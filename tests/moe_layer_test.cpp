@@ -17,6 +17,7 @@
 #include "support/gradcheck.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
+#include "support/threads.hpp"
 
 using moe::Index;
 using moe::MoEConfig;
@@ -208,21 +209,13 @@ TEST_CASE("MoELayer results are bitwise identical for any thread count and on re
   const RowMatrix<float> x = random_tokens<float>(77, 64, 5);
   RowMatrix<float> first(77, 64);
   layer.forward(x, first);
-#if defined(_OPENMP)
-  const int saved = omp_get_max_threads();
-  for (int threads : {1, 2, 3, 4}) {
-    omp_set_num_threads(threads);
-#else
-  for (int repeat = 0; repeat < 3; ++repeat) {
-#endif
+  moe::test::for_each_thread_count([&](int threads) {
     RowMatrix<float> again(77, 64);
     moe::Workspace ws;
     layer.forward(x, again, ws);
+    INFO(threads << " threads");
     REQUIRE(std::memcmp(first.data(), again.data(), sizeof(float) * static_cast<std::size_t>(first.size())) == 0);
-  }
-#if defined(_OPENMP)
-  omp_set_num_threads(saved);
-#endif
+  });
 }
 
 // ---- training: backward ----------------------------------------------------------------------------
@@ -345,13 +338,7 @@ TEST_CASE("MoELayer gradients are bitwise identical for any thread count", "[lay
   const RowMatrix<float> dy = moe::test::normal_matrix<float>(rng, 150, 48);
   std::vector<std::vector<float>> reference;
   RowMatrix<float> dx_ref;
-#if defined(_OPENMP)
-  const int saved = omp_get_max_threads();
-  for (int threads : {1, 2, 3, 4}) {
-    omp_set_num_threads(threads);
-#else
-  for (int repeat = 0; repeat < 2; ++repeat) {
-#endif
+  moe::test::for_each_thread_count([&](int threads) {
     moe::TrainingContext<float> ctx;
     RowMatrix<float> y(150, 48), dx(150, 48);
     layer.zero_grad();
@@ -366,13 +353,11 @@ TEST_CASE("MoELayer gradients are bitwise identical for any thread count", "[lay
       reference = grads;
       dx_ref = dx;
     } else {
+      INFO(threads << " threads");
       REQUIRE(grads == reference);
       REQUIRE(std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * static_cast<std::size_t>(dx.size())) == 0);
     }
-  }
-#if defined(_OPENMP)
-  omp_set_num_threads(saved);
-#endif
+  });
 }
 
 TEST_CASE("MoELayer f32 backward agrees with the double backward", "[layer][grad]") {

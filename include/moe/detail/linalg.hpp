@@ -32,30 +32,30 @@ EigenMap<T> eigen(MatrixView<T> v) {
 
 inline constexpr Index k_rows = 64;  // rows of C per work item
 
+/// Runs f(first_row, n_rows) over C's rows in chunks of k_rows, in parallel when `work` is worth it.
+template <class F>
+void for_row_chunks(Index rows, double work, F&& f) {
+  const Index chunks = (rows + k_rows - 1) / k_rows;
+  MOE_OMP(omp parallel for schedule(static) if(work >= k_parallel_min_work))
+  for (Index i = 0; i < chunks; ++i) f(i * k_rows, std::min(k_rows, rows - i * k_rows));
+}
+
 /// C += A B with A (m, k), B (k, n), C (m, n).
 template <class T>
 void add_matmul_nn(ConstMatrixView<T> a, std::type_identity_t<ConstMatrixView<T>> b,
                    std::type_identity_t<MatrixView<T>> c) {
-  const Index chunks = (c.rows() + k_rows - 1) / k_rows;
-  const double work = double(c.rows()) * double(c.cols()) * double(a.cols());
-  MOE_OMP(omp parallel for schedule(static) if(work >= k_parallel_min_work))
-  for (Index i = 0; i < chunks; ++i) {
-    const Index r0 = i * k_rows, n = std::min(k_rows, c.rows() - r0);
+  for_row_chunks(c.rows(), double(c.rows()) * double(c.cols()) * double(a.cols()), [&](Index r0, Index n) {
     eigen(c.middle_rows(r0, n)).noalias() += eigen(a.middle_rows(r0, n)) * eigen(b);
-  }
+  });
 }
 
 /// C += A^T B with A (k, m), B (k, n), C (m, n): the weight gradient, summed over the k token rows.
 template <class T>
 void add_matmul_tn(ConstMatrixView<T> a, std::type_identity_t<ConstMatrixView<T>> b,
                    std::type_identity_t<MatrixView<T>> c) {
-  const Index chunks = (c.rows() + k_rows - 1) / k_rows;
-  const double work = double(c.rows()) * double(c.cols()) * double(a.rows());
-  MOE_OMP(omp parallel for schedule(static) if(work >= k_parallel_min_work))
-  for (Index i = 0; i < chunks; ++i) {
-    const Index r0 = i * k_rows, n = std::min(k_rows, c.rows() - r0);
+  for_row_chunks(c.rows(), double(c.rows()) * double(c.cols()) * double(a.rows()), [&](Index r0, Index n) {
     eigen(c.middle_rows(r0, n)).noalias() += eigen(a).middleCols(r0, n).transpose() * eigen(b);
-  }
+  });
 }
 
 }  // namespace moe::detail
