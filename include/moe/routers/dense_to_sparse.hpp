@@ -167,9 +167,7 @@ class DenseToSparseGate {
     MOE_OMP(omp parallel for schedule(static))
     for (Index t = 0; t < n_tokens; ++t) {
       T* dz = dlogits + t * n_experts_;
-      std::fill_n(dz, n_experts_, T(0));
-      for (Index s = 0; s < top_k_; ++s)
-        if (ids[t * top_k_ + s] >= 0) dz[ids[t * top_k_ + s]] = dweights[t * top_k_ + s];
+      detail::scatter_slots(ids + t * top_k_, dweights + t * top_k_, top_k_, dz, n_experts_);
       detail::score_backward(ScoreFunction::softmax, saved + t * n_experts_, dz, n_experts_);
       if (through_g)
         for (Index e = 0; e < n_experts_; ++e) dz[e] *= inv_tau;

@@ -111,7 +111,7 @@ class ExpertChoiceRouter {
     MOE_OMP(omp parallel for schedule(static))
     for (Index t = 0; t < n_tokens; ++t) {
       T* dz = dlogits + t * E;
-      for (Index e = 0; e < E; ++e) dz[e] = ids[t * E + e] >= 0 ? dweights[t * E + e] : T(0);
+      detail::scatter_slots(ids + t * E, dweights + t * E, E, dz, E);
       detail::score_backward(ScoreFunction::softmax, saved + t * E, dz, E);
     }
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, E), dx);

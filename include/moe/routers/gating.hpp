@@ -188,6 +188,24 @@ void normalize_backward(const T* s, T* d, Index n) {
   for (Index i = 0; i < n; ++i) d[i] = (d[i] - dot) / sum;
 }
 
+/// Backward's first step for one token: u_s = s[id_s], the chosen scores, and g_s = scale · dL/dw_s; both 0
+/// on a slot with id < 0 (it runs nothing, its weight is constantly 0).
+template <class T>
+void gather_slots(const T* s, const Index* id, const T* dweights, Index k, T scale, T* u, T* g) {
+  for (Index i = 0; i < k; ++i) {
+    u[i] = id[i] >= 0 ? s[id[i]] : T(0);
+    g[i] = id[i] >= 0 ? dweights[i] * scale : T(0);
+  }
+}
+
+/// ds (n) = the slots' gradients g scattered to their ids (ids are distinct), 0 elsewhere.
+template <class T>
+void scatter_slots(const Index* id, const T* g, Index k, T* ds, Index n) {
+  std::fill_n(ds, n, T(0));
+  for (Index i = 0; i < k; ++i)
+    if (id[i] >= 0) ds[id[i]] = g[i];
+}
+
 /// splitmix64's finaliser: a bijection of 64-bit words with full avalanche.
 inline std::uint64_t mix64(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

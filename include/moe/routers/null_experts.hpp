@@ -117,14 +117,9 @@ class NullExpertRouter {
       T* u = chosen + t * top_k_;
       T* g = dchosen + t * top_k_;
       T* dz = dlogits + t * width;
-      for (Index s = 0; s < top_k_; ++s) {
-        u[s] = id[s] >= 0 ? p[id[s]] : T(0);
-        g[s] = id[s] >= 0 ? dweights[t * top_k_ + s] : T(0);
-      }
+      detail::gather_slots(p, id, dweights + t * top_k_, top_k_, T(1), u, g);
       detail::normalize_backward(u, g, top_k_);
-      std::fill_n(dz, width, T(0));
-      for (Index s = 0; s < top_k_; ++s)
-        if (id[s] >= 0) dz[id[s]] = g[s];
+      detail::scatter_slots(id, g, top_k_, dz, width);
       detail::score_backward(ScoreFunction::softmax, p, dz, width);
     }
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, width), dx);

@@ -200,20 +200,14 @@ class TopKRouter {
       T* u = chosen + t * top_k_;
       T* g = dchosen + t * top_k_;
       T* dz = dlogits.row(t);
-      for (Index k = 0; k < top_k_; ++k) {
-        u[k] = id[k] >= 0 ? s[id[k]] : T(0);
-        g[k] = id[k] >= 0 ? dweights[t * top_k_ + k] * scale : T(0);
-      }
-      std::fill_n(dz, n_experts_, T(0));
+      detail::gather_slots(s, id, dweights + t * top_k_, top_k_, scale, u, g);
       if (options_.softmax_after_top_k) {
         kernels::softmax_row(Arch{}, u, u, top_k_);  // the chosen logits -> the weights
         detail::score_backward(ScoreFunction::softmax, u, g, top_k_);
-        for (Index k = 0; k < top_k_; ++k)
-          if (id[k] >= 0) dz[id[k]] = g[k];
+        detail::scatter_slots(id, g, top_k_, dz, n_experts_);
       } else {
         if (options_.renormalize) detail::normalize_backward(u, g, top_k_);
-        for (Index k = 0; k < top_k_; ++k)
-          if (id[k] >= 0) dz[id[k]] = g[k];
+        detail::scatter_slots(id, g, top_k_, dz, n_experts_);
         detail::score_backward(options_.score, s, dz, n_experts_);
       }
       if (options_.temperature != 1.0)
