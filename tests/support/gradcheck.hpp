@@ -14,6 +14,7 @@ namespace moe::test {
 struct GradCheckStats {
   Index checked = 0;
   double max_abs_numeric = 0;  // guards against a vacuous check where every gradient is 0
+  double max_abs_error = 0;    // largest |analytic - numeric| seen
 };
 
 /// Compares `analytic[i]` with the central difference of `loss()` w.r.t. `values[i]` for `max_checks`
@@ -38,6 +39,7 @@ GradCheckStats check_gradient(const std::string& name, double* values, const dou
     REQUIRE(std::abs(analytic[i] - numeric) <= 1e-5 + 1e-3 * std::abs(numeric));
     ++stats.checked;
     stats.max_abs_numeric = std::max(stats.max_abs_numeric, std::abs(numeric));
+    stats.max_abs_error = std::max(stats.max_abs_error, std::abs(analytic[i] - numeric));
   }
   return stats;
 }

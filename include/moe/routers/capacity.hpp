@@ -1,0 +1,152 @@
+#pragma once
+/// @file routers/capacity.hpp
+/// @brief CapacityLimited<R>: expert capacity and token dropping on top of any token-choice router
+/// (PAPERS.md A.5, Megatron `apply_router_token_dropping`).
+///
+/// Each expert takes at most C = ceil(T·k / E · capacity_factor) slots of a batch of T tokens (the product
+/// evaluated in that order, in double, as Megatron does). Over capacity, the policy keeps the slots with
+/// the largest weights (`probability`; ties: lower token) or the first in token order (`position`). A
+/// dropped slot gets id -1 and weight 0: the layer skips it, so it contributes nothing (the token keeps its
+/// other experts and, through the residual around the layer, its input). The kept weights are not
+/// renormalised (Megatron). Dropping couples the tokens of a batch: it is not causal.
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "../config.hpp"
+#include "../detail/parallel.hpp"
+#include "../random.hpp"
+#include "../routing_plan.hpp"
+#include "../workspace.hpp"
+
+namespace moe::routers {
+
+/// Which slots an expert over capacity keeps.
+enum class DropPolicy {
+  probability,  ///< the largest weights (Megatron "probs"); ties: the lower token
+  position      ///< the first tokens of the batch (Megatron "position")
+};
+
+/// Capacity knobs (designated initialisers: `CapacityOptions{.capacity_factor = 1.25}`).
+struct CapacityOptions {
+  double capacity_factor = 1.0;                     ///< C = ceil(T·k / E · capacity_factor), > 0
+  DropPolicy drop_policy = DropPolicy::probability;  ///< which slots stay
+};
+
+/// What a route() reports beyond ids and weights.
+struct RouteStats {
+  Index dropped_slots = 0;  ///< slots dropped for capacity in this batch
+};
+
+/// A token-choice router whose experts have a capacity.
+/// @tparam R the router (moe::Router; TrainableRouter for route_backward). Its backward must accept the
+///           ids it chose, with zero gradient on slots that were dropped.
+template <class R>
+class CapacityLimited {
+ public:
+  using Scalar = typename R::Scalar;
+  using T = Scalar;
+
+  /// @param router the inner router; @param options capacity knobs (throws moe::Error naming a bad field)
+  CapacityLimited(R router, const CapacityOptions& options) : router_(std::move(router)), options_(options) {
+    moe::detail::require(std::isfinite(options.capacity_factor) && options.capacity_factor > 0.0,
+                         "moe::routers::CapacityLimited: options.capacity_factor = ", options.capacity_factor,
+                         " must be finite and > 0");
+  }
+
+  Index d_model() const { return router_.d_model(); }      ///< token width
+  Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
+  Index top_k() const { return router_.top_k(); }          ///< slots per token
+  /// The inner router's saved block, then the ids it chose (as Scalar; exact below 2^24) for backward.
+  Index saved_width() const { return router_.saved_width() + router_.top_k(); }
+  const CapacityOptions& options() const { return options_; }  ///< the knobs
+  const R& router() const { return router_; }                 ///< the inner router
+  R& router() { return router_; }                             ///< the inner router
+
+  /// Slots each expert may take in a batch of n_tokens.
+  Index capacity(Index n_tokens) const {
+    return static_cast<Index>(std::ceil(static_cast<double>(n_tokens * top_k()) / static_cast<double>(n_experts()) *
+                                        options_.capacity_factor));
+  }
+
+  /// Initialises the inner router.
+  void init(Rng& rng) { router_.init(rng); }
+  /// The inner router's parameters.
+  template <class F>
+  void visit_parameters(F&& f) {
+    router_.visit_parameters(std::forward<F>(f));
+  }
+
+  /// Routes with the inner router, then drops what exceeds the capacity (see the file comment).
+  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+    RouteStats stats;
+    route(x, ids, weights, saved, arena, stats);
+  }
+
+  /// As above, and reports the number of dropped slots in `stats`.
+  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
+    const Index n_tokens = x.rows(), k = top_k(), E = n_experts();
+    stats.dropped_slots = 0;
+    const std::size_t mark = arena.used();
+    router_.route(x, ids, weights, saved, arena);
+    arena.rewind(mark);
+    RoutingPlan plan = RoutingPlan::carve(arena, n_tokens, k, E);
+    Index* order = arena.take<Index>(n_tokens * k);  // (n_tokens * top_k) grouped rows, reordered per expert
+    if (arena.measuring() || n_tokens == 0) return;
+
+    T* chosen = saved + n_tokens * router_.saved_width();  // (n_tokens, top_k) ids before dropping
+    for (Index i = 0; i < n_tokens * k; ++i) chosen[i] = static_cast<T>(ids[i]);
+    plan.build(ids);
+    const Index cap = capacity(n_tokens);
+    Index dropped = 0;
+    MOE_OMP(omp parallel for schedule(static) reduction(+ : dropped) if(double(n_tokens) * double(k) >= moe::detail::k_parallel_min_work))
+    for (Index e = 0; e < E; ++e) {
+      const Index first = plan.offsets[e], n = plan.offsets[e + 1] - first;
+      if (n <= cap) continue;
+      // Slot of each of the expert's rows: its token's slot holding e (a token picks an expert once).
+      const auto slot_of = [&](Index row) {
+        const Index t = plan.row_token[row];
+        return t * k + (std::find(ids + t * k, ids + (t + 1) * k, e) - (ids + t * k));
+      };
+      Index* rows = order + first;  // (n,) this expert's rows, in token order
+      for (Index r = 0; r < n; ++r) rows[r] = first + r;
+      if (options_.drop_policy == DropPolicy::probability) {
+        std::sort(rows, rows + n, [&](Index a, Index b) {
+          const T wa = weights[slot_of(a)], wb = weights[slot_of(b)];
+          return wa != wb ? wa > wb : a < b;
+        });
+      }
+      for (Index r = cap; r < n; ++r) {
+        const Index slot = slot_of(rows[r]);
+        ids[slot] = -1;
+        weights[slot] = T(0);
+      }
+      dropped += n - cap;
+    }
+    stats.dropped_slots = dropped;
+  }
+
+  /// Backward through the inner router with the ids it chose; dropped slots (weight constantly 0) pass no
+  /// gradient of their own, but a renormalising router still sees them in its sum.
+  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* weights, const T* saved, const T* dweights,
+                      MatrixView<T> dx, Arena& arena) {
+    const Index n_tokens = x.rows(), k = top_k();
+    Index* chosen = arena.take<Index>(n_tokens * k);  // (n_tokens, top_k) ids before dropping
+    T* dkept = arena.take<T>(n_tokens * k);           // (n_tokens, top_k) dweights, 0 where dropped
+    if (!arena.measuring() && n_tokens > 0) {
+      const T* saved_ids = saved + n_tokens * router_.saved_width();
+      for (Index i = 0; i < n_tokens * k; ++i) {
+        chosen[i] = static_cast<Index>(saved_ids[i]);
+        dkept[i] = ids[i] >= 0 ? dweights[i] : T(0);
+      }
+    }
+    router_.route_backward(x, chosen, weights, saved, dkept, dx, arena);
+  }
+
+ private:
+  R router_;
+  CapacityOptions options_;
+};
+
+}  // namespace moe::routers

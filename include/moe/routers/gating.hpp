@@ -1,0 +1,239 @@
+#pragma once
+/// @file routers/gating.hpp
+/// @brief What every router shares: the linear gate (logits = x W_gᵀ, in named row blocks), the fixed
+/// token chunks that keep results independent of the thread count, the score functions with their
+/// derivatives, the weight normalisation with its derivative, counter-based noise, and a count of the
+/// slots in use.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "../config.hpp"
+#include "../detail/linalg.hpp"
+#include "../detail/parallel.hpp"
+#include "../kernels/arch.hpp"
+#include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/softmax.hpp"
+#include "../parameter.hpp"
+#include "../random.hpp"
+
+namespace moe::routers {
+
+/// How a router turns logits z into scores s (PAPERS.md A.1).
+enum class ScoreFunction {
+  softmax,       ///< s = softmax(z) over all experts (Switch, Mixtral, Qwen, DeepSeek-V2)
+  sigmoid,       ///< s_i = σ(z_i) (DeepSeek-V3)
+  sqrt_softplus  ///< s_i = sqrt(softplus(z_i)) (Megatron "sqrtsoftplus")
+};
+
+/// Counts, per token, the slots in use (id >= 0): the true experts a token runs (null experts, dense-to-sparse
+/// and expert-choice routing, dropped slots all leave ids of -1).
+/// @param ids (n_tokens, slots) expert ids; @param counts (n_tokens,) output
+inline void count_active_slots(const Index* ids, Index n_tokens, Index slots, Index* counts) {
+  for (Index t = 0; t < n_tokens; ++t)
+    counts[t] = static_cast<Index>(std::count_if(ids + t * slots, ids + (t + 1) * slots, [](Index e) { return e >= 0; }));
+}
+
+namespace detail {
+
+/// Tokens per work item of a router's forward: a split that does not depend on the thread count.
+inline constexpr Index k_token_chunk = 16;
+
+/// Calls f(chunk, t0, t1) for fixed chunks [t0, t1) of k_token_chunk tokens, in parallel when the work
+/// (`work_per_token` multiply-adds per token) is worth a parallel region.
+template <class F>
+void for_each_token_chunk(Index n_tokens, double work_per_token, F&& f) {
+  const Index n_chunks = (n_tokens + k_token_chunk - 1) / k_token_chunk;
+  MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * work_per_token >= moe::detail::k_parallel_min_work))
+  for (Index c = 0; c < n_chunks; ++c) f(c, c * k_token_chunk, std::min(n_tokens, (c + 1) * k_token_chunk));
+}
+
+/// A linear gate without bias: logits = x Wᵀ, W made of named row blocks stacked in order (e.g. AdaMoE's
+/// "gate" (n, d) and "null_gate" (m, d), which together give the n + m logits).
+/// @tparam T scalar; @tparam Arch kernel instruction set
+template <class T, class Arch>
+class LinearGate {
+ public:
+  /// @param d_model input width; @param blocks (name, rows) of each block, in output order
+  LinearGate(Index d_model, std::initializer_list<std::pair<const char*, Index>> blocks) : d_model_(d_model) {
+    for (const auto& [name, rows] : blocks) {
+      if (rows == 0) continue;
+      names_.emplace_back(name);
+      weights_.emplace_back(rows, d_model);
+      n_outputs_ += rows;
+    }
+  }
+
+  Index d_model() const { return d_model_; }      ///< input width
+  Index n_outputs() const { return n_outputs_; }  ///< logits per token
+  /// Block i's weight (rows_i, d_model).
+  Parameter<T>& block(std::size_t i) { return weights_[i]; }
+  const Parameter<T>& block(std::size_t i) const { return weights_[i]; }
+
+  /// Every block from U(-1/sqrt(d_model), 1/sqrt(d_model)), in block order.
+  void init(Rng& rng) {
+    for (auto& w : weights_) w.init_uniform(rng, d_model_);
+  }
+  /// f(name, Parameter&) for each block.
+  template <class F>
+  void visit(F&& f) {
+    for (std::size_t i = 0; i < weights_.size(); ++i) f(std::string_view(names_[i]), weights_[i]);
+  }
+
+  /// logits (rows, n_outputs) = x (rows, d_model) Wᵀ.
+  void logits(ConstMatrixView<T> x, MatrixView<T> out) const {
+    Index col = 0;
+    for (const auto& w : weights_) {
+      kernels::matmul_nt(Arch{}, x, w.value(), MatrixView<T>(out.data() + col, out.rows(), w.rows(), out.stride()));
+      col += w.rows();
+    }
+  }
+
+  /// From dlogits (n_tokens, n_outputs): dW += dlogitsᵀ x and dx += dlogits W.
+  void backward(ConstMatrixView<T> x, ConstMatrixView<T> dlogits, MatrixView<T> dx) {
+    Index col = 0;
+    for (auto& w : weights_) {
+      const ConstMatrixView<T> dz(dlogits.data() + col, dlogits.rows(), w.rows(), dlogits.stride());
+      moe::detail::add_matmul_tn(dz, x, w.grad());                    // (rows, d_model)
+      moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(w.value()), dx);  // (n_tokens, d_model)
+      col += w.rows();
+    }
+  }
+
+ private:
+  Index d_model_;
+  Index n_outputs_ = 0;
+  std::vector<std::string> names_;
+  std::vector<Parameter<T>> weights_;  // block i: (rows_i, d_model)
+};
+
+/// s = score(z) for a row of n logits. NaN logits count as -inf (score 0), for every function.
+template <class Arch, class T>
+void score_row(Arch, ScoreFunction f, const T* z, T* s, Index n) {
+  switch (f) {
+    case ScoreFunction::softmax:
+      kernels::softmax_row(Arch{}, z, s, n);
+      return;
+    case ScoreFunction::sigmoid:
+      for (Index i = 0; i < n; ++i) s[i] = std::isnan(z[i]) ? T(0) : T(1) / (T(1) + std::exp(-z[i]));
+      return;
+    case ScoreFunction::sqrt_softplus:
+      for (Index i = 0; i < n; ++i) {
+        // softplus(z) = max(z, 0) + log1p(exp(-|z|)): no overflow for large |z|.
+        const T sp = std::max(z[i], T(0)) + std::log1p(std::exp(-std::abs(z[i])));
+        s[i] = std::isnan(z[i]) ? T(0) : std::sqrt(sp);
+      }
+      return;
+  }
+}
+
+/// In place: d holds dL/ds on entry and dL/dz on return, given the scores s of the row (n entries).
+/// softmax: dz = s (ds - <ds, s>); sigmoid: dz = ds s (1 - s); sqrt-softplus: ds/dz = σ(z) / (2 s) with
+/// σ(z) = 1 - exp(-softplus(z)) = -expm1(-s²), so the logits need not be kept.
+template <class T>
+void score_backward(ScoreFunction f, const T* s, T* d, Index n) {
+  switch (f) {
+    case ScoreFunction::softmax: {
+      T dot = 0;
+      for (Index i = 0; i < n; ++i) dot += d[i] * s[i];
+      for (Index i = 0; i < n; ++i) d[i] = s[i] * (d[i] - dot);
+      return;
+    }
+    case ScoreFunction::sigmoid:
+      for (Index i = 0; i < n; ++i) d[i] *= s[i] * (T(1) - s[i]);
+      return;
+    case ScoreFunction::sqrt_softplus:
+      for (Index i = 0; i < n; ++i)
+        d[i] = s[i] > T(0) && std::isfinite(s[i]) ? d[i] * -std::expm1(-s[i] * s[i]) / (T(2) * s[i]) : T(0);
+      return;
+  }
+}
+
+/// Divides the n weights by their sum. A zero sum (no finite logit among them) leaves them at 0 rather than
+/// 0/0; an infinite sum (a +inf score) gives the infinite entries equal shares and the others 0.
+template <class T>
+void normalize(T* w, Index n) {
+  T sum = 0;
+  for (Index i = 0; i < n; ++i) sum += w[i];
+  if (!(sum > T(0))) return;
+  if (std::isinf(sum)) {
+    Index count = 0;
+    for (Index i = 0; i < n; ++i) count += std::isinf(w[i]) ? 1 : 0;
+    for (Index i = 0; i < n; ++i) w[i] = std::isinf(w[i]) ? T(1) / static_cast<T>(count) : T(0);
+    return;
+  }
+  for (Index i = 0; i < n; ++i) w[i] /= sum;
+}
+
+/// Backward of normalize(): u = s / Σs, so dL/ds_i = (g_i - <g, u>) / Σs. `s` are the raw (unnormalised)
+/// scores, `d` holds dL/du on entry and dL/ds on return. No gradient where the forward set rather than
+/// computed the weights (zero or infinite sum).
+template <class T>
+void normalize_backward(const T* s, T* d, Index n) {
+  T sum = 0;
+  for (Index i = 0; i < n; ++i) sum += s[i];
+  if (!(sum > T(0)) || std::isinf(sum)) {
+    std::fill_n(d, n, T(0));
+    return;
+  }
+  // <g, u> from the forward's weights u = s / Σs: with one weight u is exactly 1, so the gradient is
+  // exactly 0 (RELIABILITY G5), not a rounding residue.
+  T dot = 0;
+  for (Index i = 0; i < n; ++i) dot += d[i] * (s[i] / sum);
+  for (Index i = 0; i < n; ++i) d[i] = (d[i] - dot) / sum;
+}
+
+/// Backward's first step for one token: u_s = s[id_s], the chosen scores, and g_s = scale · dL/dw_s; both 0
+/// on a slot with id < 0 (it runs nothing, its weight is constantly 0).
+template <class T>
+void gather_slots(const T* s, const Index* id, const T* dweights, Index k, T scale, T* u, T* g) {
+  for (Index i = 0; i < k; ++i) {
+    u[i] = id[i] >= 0 ? s[id[i]] : T(0);
+    g[i] = id[i] >= 0 ? dweights[i] * scale : T(0);
+  }
+}
+
+/// ds (n) = the slots' gradients g scattered to their ids (ids are distinct), 0 elsewhere.
+template <class T>
+void scatter_slots(const Index* id, const T* g, Index k, T* ds, Index n) {
+  std::fill_n(ds, n, T(0));
+  for (Index i = 0; i < k; ++i)
+    if (id[i] >= 0) ds[id[i]] = g[i];
+}
+
+/// splitmix64's finaliser: a bijection of 64-bit words with full avalanche.
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+/// Uniform in the open interval (0, 1) from the counter (seed, step, token, index): a pure function, so
+/// noise does not depend on the thread count or on call order, and backward can recompute it.
+inline double counter_uniform(std::uint64_t seed, std::uint64_t step, Index token, Index index) {
+  std::uint64_t h = mix64(seed + 0x9E3779B97F4A7C15ULL);
+  h = mix64(h ^ step);
+  h = mix64(h ^ static_cast<std::uint64_t>(token));
+  h = mix64(h ^ static_cast<std::uint64_t>(index));
+  return (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53;
+}
+
+/// Standard Gumbel noise -log(-log(u)) from the counter (finite: u is never 0 or 1).
+inline double counter_gumbel(std::uint64_t seed, std::uint64_t step, Index token, Index index) {
+  return -std::log(-std::log(counter_uniform(seed, step, token, index)));
+}
+
+/// Throws moe::Error naming `field` unless `value` is finite and > 0.
+inline void require_positive(double value, const char* owner, const char* field) {
+  moe::detail::require(std::isfinite(value) && value > 0.0, owner, ": ", field, " = ", value,
+                       " must be finite and > 0");
+}
+
+}  // namespace detail
+}  // namespace moe::routers
