@@ -76,6 +76,46 @@ TEST_CASE("FFN bank matches a naive per-expert loop", "[expert]") {
   // Tile edges of the bank's column split (256) and of the kernels.
   check_bank<moe::experts::SwiGLU<float>>({.d_model = 257, .d_ff = 255, .n_experts = 2, .top_k = 1}, {5, 2}, 1e-7);
   check_bank<moe::experts::SwiGLU<float>>({.d_model = 1, .d_ff = 1, .n_experts = 1, .top_k = 1}, {4}, 1e-7);
+  // Several row tiles and work items (128 columns) per expert.
+  check_bank<moe::experts::SwiGLU<float>>({.d_model = 130, .d_ff = 129, .n_experts = 3, .top_k = 1}, {30, 0, 13},
+                                          1e-7);
+}
+
+TEST_CASE("FFN re-packs its panels after a write through a non-const accessor", "[expert]") {
+  const moe::MoEConfig cfg{.d_model = 20, .d_ff = 40, .n_experts = 2, .top_k = 1};
+  moe::experts::SwiGLU<float> bank(cfg);
+  moe::Rng rng(3);
+  bank.init(rng);
+  CHECK_FALSE(bank.panels_current());  // packing waits for the first forward
+  moe::test::Rng trng(4);
+  const RowMatrix<float> xs = moe::test::normal_matrix<float>(trng, 3, cfg.d_model);
+  const std::vector<Index> offsets{0, 2, 3};
+  moe::Arena measure;
+  bank.forward(moe::ConstMatrixView<float>::shape_only(3, cfg.d_model), nullptr,
+               moe::MatrixView<float>::shape_only(3, cfg.d_model), measure);
+  moe::Workspace ws(measure.peak());
+  RowMatrix<float> before(3, cfg.d_model), after(3, cfg.d_model);
+  {
+    moe::Arena arena(ws);
+    bank.forward(xs, offsets.data(), before, arena);
+  }
+  CHECK(bank.panels_current());
+
+  bank.w2(1)(5, 7) += 1.0f;  // expert 1 owns row 2
+  CHECK_FALSE(bank.panels_current());
+  {
+    moe::Arena arena(ws);
+    bank.forward(xs, offsets.data(), after, arena);
+  }
+  CHECK(bank.panels_current());
+  CHECK(after.row(2)(5) != before.row(2)(5));
+  CHECK(after.topRows(2) == before.topRows(2));
+
+  // A copy carries its own panels; a const bank never marks them stale.
+  const moe::experts::SwiGLU<float> copy = bank;
+  CHECK(copy.panels_current());
+  CHECK(copy.w1(0)(0, 0) == bank.w1(0)(0, 0));
+  CHECK(copy.panels_current());
 }
 
 TEST_CASE("FFN weights use the Hugging Face (out_features, in_features) layout", "[expert]") {

@@ -8,7 +8,11 @@
 /// (d_ff, d_model), w2 = down_proj (d_model, d_ff). Plain (non-gated) banks have no w3.
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include <xsimd/memory/xsimd_aligned_allocator.hpp>
@@ -17,7 +21,7 @@
 #include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"
-#include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/panel_gemm.hpp"
 #include "../moe_config.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
@@ -25,15 +29,29 @@
 namespace moe::experts {
 
 /// A bank of n_experts FFN experts of one shape.
-/// @tparam T     scalar type
-/// @tparam Act   activation policy (kernels::SiLU, GELU, GELUTanh, ReLU)
-/// @tparam Gated true: act(W1 x) * (W3 x) (SwiGLU with SiLU); false: act(W1 x)
-/// @tparam Arch  instruction set of the kernels
-template <class T, class Act = kernels::SiLU, bool Gated = true, class Arch = kernels::default_arch>
+/// @tparam T       scalar type of the canonical weights, activations and outputs
+/// @tparam Act     activation policy (kernels::SiLU, GELU, GELUTanh, ReLU)
+/// @tparam Gated   true: act(W1 x) * (W3 x) (SwiGLU with SiLU); false: act(W1 x)
+/// @tparam Arch    instruction set of the kernels
+/// @tparam Storage weight storage policy of the forward kernels: kernels::NativeWeights (T),
+///                 kernels::BF16Weights or kernels::Int8Weights (T = float). For a per-expert choice, put
+///                 experts with different storage in different banks of one MoELayer.
+///
+/// The canonical weights (w1/w3/w2, type T) are what users and gradients read and write; the forward pass
+/// runs on panels packed from them. A non-const accessor or init() marks the panels stale; the next forward
+/// re-packs them (once, under a lock) before it reads them. Write through the views before calling forward:
+/// a view kept and written after a forward began is not seen until repack_on_next_forward() is called.
+template <class T, class Act = kernels::SiLU, bool Gated = true, class Arch = kernels::default_arch,
+          class Storage = kernels::NativeWeights>
 class FFN {
+  using Kernel = typename Storage::template kernel<T, Arch>;
+  using Input = typename Kernel::Input;
+  static constexpr bool converts_input = !std::is_same_v<Input, T>;
+
  public:
   using Scalar = T;
   using Activation = Act;
+  using StoragePolicy = Storage;
   static constexpr bool gated = Gated;
 
   /// @param cfg shape (validated: throws moe::Error naming the bad field); weights start at 0, call init()
@@ -43,22 +61,33 @@ class FFN {
         n_experts_(cfg.n_experts),
         w1_(size(d_ff_, d_model_)),
         w3_(Gated ? size(d_ff_, d_model_) : 0),
-        w2_(size(d_model_, d_ff_)) {}
+        w2_(size(d_model_, d_ff_)),
+        hidden_panels_(n_experts_, d_ff_, d_model_, Gated ? 2 : 1),
+        out_panels_(n_experts_, d_model_, d_ff_, 1) {}
 
   Index d_model() const { return d_model_; }      ///< token width
   Index d_ff() const { return d_ff_; }            ///< hidden width
   Index n_experts() const { return n_experts_; }  ///< experts in the bank
 
-  /// gate_proj of expert e, (d_ff, d_model).
-  MatrixView<T> w1(Index e) { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  /// gate_proj of expert e, (d_ff, d_model). The non-const overloads mark the packed panels stale.
+  MatrixView<T> w1(Index e) {
+    repack_on_next_forward();
+    return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
+  }
   ConstMatrixView<T> w1(Index e) const { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
   /// up_proj of expert e, (d_ff, d_model); gated banks only.
-  MatrixView<T> w3(Index e) requires Gated { return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  MatrixView<T> w3(Index e) requires Gated {
+    repack_on_next_forward();
+    return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
+  }
   ConstMatrixView<T> w3(Index e) const requires Gated {
     return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
   }
   /// down_proj of expert e, (d_model, d_ff).
-  MatrixView<T> w2(Index e) { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
+  MatrixView<T> w2(Index e) {
+    repack_on_next_forward();
+    return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_};
+  }
   ConstMatrixView<T> w2(Index e) const { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
 
   /// nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for each projection.
@@ -66,46 +95,97 @@ class FFN {
     fill_uniform(rng, w1_, d_model_);
     fill_uniform(rng, w3_, d_model_);
     fill_uniform(rng, w2_, d_ff_);
+    repack_on_next_forward();
+  }
+
+  /// Marks the packed panels stale: the next forward re-packs them from w1/w3/w2.
+  void repack_on_next_forward() { pack_state_.stale.store(true, std::memory_order_release); }
+
+  /// True when the packed panels hold the current canonical weights (a full comparison; for tests).
+  bool panels_current() const {
+    if (pack_state_.stale.load(std::memory_order_acquire)) return false;
+    for (Index e = 0; e < n_experts_; ++e) {
+      const ConstMatrixView<T> down = w2(e);
+      if (!hidden_panels_.matches(e, hidden_sources(e).data()) || !out_panels_.matches(e, &down)) return false;
+    }
+    return true;
   }
 
   /// Runs expert e on grouped rows [offsets[e], offsets[e+1]) of xs (rows, d_model) into ys.
-  /// Work items are (expert, column tile): the hidden tiles first, then the output tiles, each computed by
-  /// one thread, so results do not depend on the thread count.
+  /// Work items are (expert, column tile), taken dynamically with no barrier between experts: first the
+  /// hidden tiles (gate and up in one pass, the activation in the epilogue), then the output tiles. Each
+  /// element is computed by one thread in a fixed order, so results do not depend on the thread count.
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     const Index n_rows = xs.rows();
-    T* hidden = arena.take<T>(n_rows * d_ff_);               // (rows, d_ff): act(W1 x) [* W3 x]
-    T* up = arena.take<T>(Gated ? n_rows * d_ff_ : 0);     // (rows, d_ff): W3 x
+    const Index kx = hidden_panels_.padded_k(), kh = out_panels_.padded_k();
+    Input* x_in = arena.take<Input>(converts_input ? n_rows * kx : 0);        // (rows, kx) xs in the kernel's input type
+    float* x_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of x_in
+    T* hidden = arena.take<T>(converts_input && !Kernel::row_scaled ? 0 : n_rows * d_ff_);  // (rows, d_ff)
+    Input* h_in = arena.take<Input>(converts_input ? n_rows * kh : 0);        // (rows, kh) hidden, kernel input type
+    float* h_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of h_in
     if (arena.measuring() || n_rows == 0) return;
+    ensure_packed();
 
-    const Index ff_tiles = (d_ff_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2))
-    for (Index e = 0; e < n_experts_; ++e) {
-      for (Index tile = 0; tile < ff_tiles; ++tile) {
-        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const Index c0 = tile * k_tile, nc = std::min(k_tile, d_ff_ - c0);
-        const auto x = xs.middle_rows(r0, n);                     // (n, d_model)
-        const MatrixView<T> h(hidden + r0 * d_ff_ + c0, n, nc, d_ff_);  // (n, nc) of (n, d_ff)
-        kernels::matmul_nt(Arch{}, x, w1(e).middle_rows(c0, nc), h);
-        if constexpr (Gated) {
-          const MatrixView<T> u(up + r0 * d_ff_ + c0, n, nc, d_ff_);
-          kernels::matmul_nt(Arch{}, x, w3(e).middle_rows(c0, nc), u);
-          for (Index i = 0; i < n; ++i) kernels::gated_activate<Act>(Arch{}, h.row(i), u.row(i), h.row(i), nc);
-        } else {
-          for (Index i = 0; i < n; ++i) kernels::activate<Act>(Arch{}, h.row(i), h.row(i), nc);
+    const Index h_cols = hidden_panels_.columns_per_source();
+    const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
+    const Index h_items = (hidden_panels_.panels() + h_per_item - 1) / h_per_item;
+    const Index o_per_item = std::max<Index>(1, k_item_cols / Kernel::width);
+    const Index o_items = (out_panels_.panels() + o_per_item - 1) / o_per_item;
+    const Input* x_rows = converts_input ? x_in : reinterpret_cast<const Input*>(xs.data());
+    const Index x_stride = converts_input ? kx : xs.stride();
+    const Input* h_rows = converts_input ? h_in : reinterpret_cast<const Input*>(hidden);
+    const Index h_stride = converts_input ? kh : d_ff_;
+
+    MOE_OMP(omp parallel)
+    {
+      if constexpr (converts_input) {
+        // Once per grouped row, before any expert reads it.
+        MOE_OMP(omp for schedule(static))
+        for (Index r = 0; r < n_rows; ++r) {
+          const float s = Kernel::encode_row(xs.row(r), d_model_, kx, x_in + r * kx);
+          if constexpr (Kernel::row_scaled) {
+            x_scale[r] = s;
+          } else {
+            std::fill(h_in + r * kh + d_ff_, h_in + (r + 1) * kh, Input(0));  // step padding of the hidden row
+          }
         }
       }
-    }
 
-    const Index d_tiles = (d_model_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2))
-    for (Index e = 0; e < n_experts_; ++e) {
-      for (Index tile = 0; tile < d_tiles; ++tile) {
-        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const Index c0 = tile * k_tile, nc = std::min(k_tile, d_model_ - c0);
-        kernels::matmul_nt(Arch{}, ConstMatrixView<T>(hidden + r0 * d_ff_, n, d_ff_), w2(e).middle_rows(c0, nc),
-                           MatrixView<T>(ys.row(r0) + c0, n, nc, ys.stride()));
+      MOE_OMP(omp for schedule(dynamic) collapse(2))
+      for (Index e = 0; e < n_experts_; ++e) {
+        for (Index item = 0; item < h_items; ++item) {
+          const Index r0 = offsets[e], n = offsets[e + 1] - r0;
+          if (n == 0) continue;
+          const Index p0 = item * h_per_item, p1 = std::min(p0 + h_per_item, hidden_panels_.panels());
+          kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
+                              Kernel::row_scaled ? x_scale + r0 : nullptr, n,
+                              [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                                hidden_epilogue(tile, rows, j * h_cols, r0 + i0, hidden, h_in, kh);
+                              });
+        }
+      }
+
+      if constexpr (Kernel::row_scaled) {
+        // The per-row scale needs the whole hidden row, so this waits for every hidden tile.
+        MOE_OMP(omp for schedule(static))
+        for (Index r = 0; r < n_rows; ++r) h_scale[r] = Kernel::encode_row(hidden + r * d_ff_, d_ff_, kh, h_in + r * kh);
+      }
+
+      MOE_OMP(omp for schedule(dynamic) collapse(2))
+      for (Index e = 0; e < n_experts_; ++e) {
+        for (Index item = 0; item < o_items; ++item) {
+          const Index r0 = offsets[e], n = offsets[e + 1] - r0;
+          if (n == 0) continue;
+          const Index p0 = item * o_per_item, p1 = std::min(p0 + o_per_item, out_panels_.panels());
+          kernels::panel_gemm(out_panels_, e, p0, p1, h_rows + r0 * h_stride, h_stride,
+                              Kernel::row_scaled ? h_scale + r0 : nullptr, n,
+                              [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                                const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
+                                for (Index i = 0; i < rows; ++i) {
+                                  std::copy_n(tile + i * Kernel::width, nc, ys.row(r0 + i0 + i) + c0);
+                                }
+                              });
+        }
       }
     }
   }
@@ -113,8 +193,61 @@ class FFN {
  private:
   using Buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
   // Output columns per work item: enough items to balance two or more threads on one expert (decode),
-  // few enough that each streams a long run of weight rows.
-  static constexpr Index k_tile = 256;
+  // few enough that each streams a long run of panels while its rows stay in cache.
+  static constexpr Index k_item_cols = 128;
+
+  // Stale flag and the lock that re-packing takes; copies start with the source's flag and a fresh lock.
+  struct PackState {
+    mutable std::mutex lock;
+    mutable std::atomic<bool> stale{true};
+    PackState() = default;
+    PackState(const PackState& o) : stale(o.stale.load()) {}
+    PackState& operator=(const PackState& o) {
+      stale.store(o.stale.load());
+      return *this;
+    }
+  };
+
+  std::array<ConstMatrixView<T>, 2> hidden_sources(Index e) const {
+    if constexpr (Gated) {
+      return {w1(e), w3(e)};
+    } else {
+      return {w1(e), w1(e)};
+    }
+  }
+
+  void ensure_packed() const {
+    if (!pack_state_.stale.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> guard(pack_state_.lock);
+    if (!pack_state_.stale.load(std::memory_order_relaxed)) return;
+    MOE_OMP(omp parallel for schedule(dynamic))
+    for (Index e = 0; e < n_experts_; ++e) {
+      hidden_panels_.pack(e, hidden_sources(e).data());
+      const ConstMatrixView<T> down = w2(e);
+      out_panels_.pack(e, &down);
+    }
+    pack_state_.stale.store(false, std::memory_order_release);
+  }
+
+  // Hidden tile (rows, width) of panel columns starting at hidden column c0: gate in the first half, up in
+  // the second (gated); activated into `hidden` rows, or encoded straight into the kernel's input rows when
+  // the encoding needs no whole-row scale.
+  void hidden_epilogue(const typename Kernel::Out* tile, Index rows, Index c0, Index row0, T* hidden, Input* h_in,
+                       Index kh) const {
+    using O = typename Kernel::Out;
+    const Index half = hidden_panels_.columns_per_source(), nc = std::min(half, d_ff_ - c0);
+    alignas(64) O act[Kernel::width];  // (half) one activated row of the tile
+    for (Index i = 0; i < rows; ++i) {
+      const O* g = tile + i * Kernel::width;  // (half) gate, then (half) up
+      O* out = converts_input && !Kernel::row_scaled ? act : reinterpret_cast<O*>(hidden + (row0 + i) * d_ff_ + c0);
+      if constexpr (Gated) {
+        kernels::gated_activate<Act>(Arch{}, g, g + half, out, nc);
+      } else {
+        kernels::activate<Act>(Arch{}, g, out, nc);
+      }
+      if constexpr (converts_input && !Kernel::row_scaled) Kernel::encode_row(act, nc, nc, h_in + (row0 + i) * kh + c0);
+    }
+  }
 
   std::size_t size(Index rows, Index cols) const { return static_cast<std::size_t>(n_experts_ * rows * cols); }
   static void fill_uniform(Rng& rng, Buffer& w, Index fan_in) {
@@ -128,6 +261,10 @@ class FFN {
   Buffer w1_;  // (n_experts, d_ff, d_model)
   Buffer w3_;  // (n_experts, d_ff, d_model), empty unless Gated
   Buffer w2_;  // (n_experts, d_model, d_ff)
+  // Forward-only copies of the weights in the kernel's panel layout, derived from w1_/w3_/w2_.
+  mutable kernels::PackedWeights<Kernel> hidden_panels_;  // (n_experts, ...) w1 (and w3) panels
+  mutable kernels::PackedWeights<Kernel> out_panels_;     // (n_experts, ...) w2 panels
+  PackState pack_state_;
 };
 
 /// SwiGLU experts (Mixtral, Qwen, DeepSeek).
