@@ -1,6 +1,7 @@
 // experts::FFN: the bank on grouped rows against a naive double per-expert loop, for gated and plain
 // variants, and the weight layout.
 
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -81,6 +82,21 @@ TEST_CASE("FFN bank matches a naive per-expert loop", "[expert]") {
                                           1e-7);
 }
 
+TEST_CASE("FFN banks with bf16 and int8 weight storage stay close to the f32 naive loop", "[expert]") {
+  // RELIABILITY.md N4 whole-tensor sanity: NMSE <= 5e-4 against the unrounded f32 weights.
+  using moe::kernels::SiLU;
+  const moe::MoEConfig cfg{.d_model = 130, .d_ff = 257, .n_experts = 3, .top_k = 1};
+  const std::vector<Index> counts = {30, 0, 13};
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>>(cfg, counts, 5e-4);
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>>(cfg, counts, 5e-4);
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::BF16Weights>>(cfg, counts, 5e-4);
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::Int8Weights>>(cfg, counts, 5e-4);
+  check_bank<moe::experts::FFN<float, moe::kernels::ReLU, false, moe::kernels::default_arch, moe::kernels::Int8Weights>>(
+      {.d_model = 33, .d_ff = 31, .n_experts = 2, .top_k = 1}, {5, 2}, 5e-4);
+  check_bank<moe::experts::FFN<float, moe::kernels::GELU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>>(
+      {.d_model = 33, .d_ff = 31, .n_experts = 2, .top_k = 1}, {5, 2}, 5e-4);
+}
+
 TEST_CASE("FFN re-packs its panels after a write through a non-const accessor", "[expert]") {
   const moe::MoEConfig cfg{.d_model = 20, .d_ff = 40, .n_experts = 2, .top_k = 1};
   moe::experts::SwiGLU<float> bank(cfg);
@@ -133,4 +149,37 @@ TEST_CASE("FFN weights use the Hugging Face (out_features, in_features) layout",
   const float bound = 1.0f / std::sqrt(6.0f);
   for (Index i = 0; i < 10; ++i)
     for (Index j = 0; j < 6; ++j) REQUIRE(std::abs(bank.w1(2)(i, j)) <= bound);
+}
+
+TEST_CASE("FFN banks give the same bits for any thread count, for every storage", "[expert]") {
+  const moe::MoEConfig cfg{.d_model = 70, .d_ff = 200, .n_experts = 3, .top_k = 1};
+  const std::vector<Index> offsets{0, 29, 29, 40};
+  auto run = [&]<class Bank>(const Bank& bank, int threads) {
+    moe::test::Rng rng(9);
+    const RowMatrix<float> xs = moe::test::normal_matrix<float>(rng, 40, cfg.d_model);
+    moe::Arena measure;
+    bank.forward(moe::ConstMatrixView<float>::shape_only(40, cfg.d_model), nullptr,
+                 moe::MatrixView<float>::shape_only(40, cfg.d_model), measure);
+    moe::Workspace ws(measure.peak());
+    moe::Arena arena(ws);
+    RowMatrix<float> ys(40, cfg.d_model);
+#if defined(_OPENMP)
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#endif
+    bank.forward(xs, offsets.data(), ys, arena);
+#if defined(_OPENMP)
+    omp_set_num_threads(saved);
+#endif
+    return ys;
+  };
+  auto check = [&]<class Bank>(Bank bank) {
+    moe::Rng rng(2);
+    bank.init(rng);
+    const RowMatrix<float> one = run(std::as_const(bank), 1);
+    for (const int t : {2, 3, 4}) CHECK(run(std::as_const(bank), t) == one);
+  };
+  check(moe::experts::SwiGLU<float>(cfg));
+  check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>(cfg));
+  check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
 }

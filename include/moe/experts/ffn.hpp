@@ -21,6 +21,8 @@
 #include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"
+#include "../kernels/simd/bf16_gemm.hpp"
+#include "../kernels/simd/int8_gemm.hpp"
 #include "../kernels/simd/panel_gemm.hpp"
 #include "../moe_config.hpp"
 #include "../random.hpp"
