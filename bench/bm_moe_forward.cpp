@@ -220,6 +220,12 @@ void flush_caches() {
   benchmark::ClobberMemory();
 }
 
+void flush_untimed(benchmark::State& state) {
+  state.PauseTiming();
+  flush_caches();
+  state.ResumeTiming();
+}
+
 // ---- the layer -----------------------------------------------------------------------------------------
 
 moe::RowMatrix<float> tokens(Index n_tokens, Index d_model) {
@@ -267,11 +273,7 @@ void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, i
     const auto r = layer.forward(x, y, ws);  // warm-up: packs the weights, starts the thread team
     hit = std::count_if(r.tokens_per_expert.begin(), r.tokens_per_expert.end(), [](Index c) { return c > 0; });
     for (auto _ : state) {
-      if (cold) {
-        state.PauseTiming();
-        flush_caches();
-        state.ResumeTiming();
-      }
+      if (cold) flush_untimed(state);
       layer.forward(x, y, ws);
       benchmark::DoNotOptimize(y.data());
       benchmark::ClobberMemory();
@@ -313,11 +315,7 @@ void bm_ideal(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int
   const bool cold = n_tokens <= 8;
   with_threads(threads, [&] {
     for (auto _ : state) {
-      if (cold) {
-        state.PauseTiming();
-        flush_caches();
-        state.ResumeTiming();
-      }
+      if (cold) flush_untimed(state);
       for (std::size_t i = 0; i < used.size(); ++i) {
         const Index e = used[i];
         h1[i].noalias() = xs[i] * CMap(bank.w1(e).data(), ff, d).transpose();

@@ -21,24 +21,7 @@ RowMatrix<double> bf16_image(const RowMatrix<float>& a) {
 
 template <class Arch>
 void check_bf16(moe::test::Rng& rng, Index m, Index n, Index k, int n_src, bool exact) {
-  using Kernel = kernels::BF16Panels<float, Arch>;
-  INFO("m = " << m << ", n = " << n << ", k = " << k << ", sources = " << n_src << (exact ? ", exact" : ""));
-  const RowMatrix<float> x = moe::test::panel_operand<float>(rng, m, k, exact ? 4 : 0);
-  std::vector<RowMatrix<float>> w;
-  std::vector<RowMatrix<double>> w_seen, w_f32;
-  for (int s = 0; s < n_src; ++s) {
-    w.push_back(moe::test::panel_operand<float>(rng, n, k, exact ? 2 : 0));
-    w_seen.push_back(bf16_image(w.back()));
-    w_f32.push_back(w.back().cast<double>());
-  }
-  const RowMatrix<double> y = moe::test::run_panels<Kernel>(w, x);
-  moe::test::check_panels(y, bf16_image(x), w_seen, exact, 1e-7, moe::test::gamma_n<float>(static_cast<double>(k + 2)));
-  if (!exact && k >= 16 && m * n * n_src >= 256) {
-    // Whole-tensor sanity against the unrounded inputs.
-    RowMatrix<double> y_f32(m, n_src * n);
-    for (int s = 0; s < n_src; ++s) y_f32.middleCols(s * n, n) = x.cast<double>() * w_f32[static_cast<std::size_t>(s)].transpose();
-    CHECK(moe::test::nmse(y_f32.data(), y.data(), static_cast<std::size_t>(y.size())) <= 5e-4);
-  }
+  moe::test::check_kernel<kernels::BF16Panels<float, Arch>, float>(rng, m, n, k, n_src, exact, bf16_image, 5e-4);
 }
 
 }  // namespace

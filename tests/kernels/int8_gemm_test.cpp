@@ -20,26 +20,10 @@ RowMatrix<double> int8_image(const RowMatrix<float>& a) {
   return out;
 }
 
+// The integer sums are exact: the error is the final conversion and scaling, well inside gamma_{k+2}.
 template <class Arch>
 void check_int8(moe::test::Rng& rng, Index m, Index n, Index k, int n_src) {
-  using Kernel = kernels::Int8Panels<float, Arch>;
-  INFO("m = " << m << ", n = " << n << ", k = " << k << ", sources = " << n_src);
-  const RowMatrix<float> x = moe::test::panel_operand<float>(rng, m, k, 0);
-  std::vector<RowMatrix<float>> w;
-  std::vector<RowMatrix<double>> w_seen, w_f32;
-  for (int s = 0; s < n_src; ++s) {
-    w.push_back(moe::test::panel_operand<float>(rng, n, k, 0));
-    w_seen.push_back(int8_image(w.back()));
-    w_f32.push_back(w.back().cast<double>());
-  }
-  const RowMatrix<double> y = moe::test::run_panels<Kernel>(w, x);
-  // The integer sums are exact: the error is the final conversion and scaling, well inside gamma_{k+2}.
-  moe::test::check_panels(y, int8_image(x), w_seen, false, 1e-7, moe::test::gamma_n<float>(static_cast<double>(k + 2)));
-  if (k >= 64 && m * n * n_src >= 256) {  // a statistic: only on enough elements
-    RowMatrix<double> y_f32(m, n_src * n);
-    for (int s = 0; s < n_src; ++s) y_f32.middleCols(s * n, n) = x.cast<double>() * w_f32[static_cast<std::size_t>(s)].transpose();
-    CHECK(moe::test::nmse(y_f32.data(), y.data(), static_cast<std::size_t>(y.size())) <= 5e-4);
-  }
+  moe::test::check_kernel<kernels::Int8Panels<float, Arch>, float>(rng, m, n, k, n_src, false, int8_image, 5e-4);
 }
 
 }  // namespace

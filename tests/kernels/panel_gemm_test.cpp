@@ -14,18 +14,9 @@ namespace kernels = moe::kernels;
 
 template <class T, class Arch>
 void check_native(moe::test::Rng& rng, Index m, Index n, Index k, int n_src, bool exact) {
-  using Kernel = kernels::NativePanels<T, Arch>;
-  INFO("m = " << m << ", n = " << n << ", k = " << k << ", sources = " << n_src << (exact ? ", exact" : ""));
-  const RowMatrix<T> x = moe::test::panel_operand<T>(rng, m, k, exact ? 4 : 0);
-  std::vector<RowMatrix<T>> w;
-  std::vector<RowMatrix<double>> w64;
-  for (int s = 0; s < n_src; ++s) {
-    w.push_back(moe::test::panel_operand<T>(rng, n, k, exact ? 2 : 0));
-    w64.push_back(w.back().template cast<double>());
-  }
-  const RowMatrix<double> y = moe::test::run_panels<Kernel>(w, x);
-  moe::test::check_panels(y, x.template cast<double>(), w64, exact, std::is_same_v<T, float> ? 1e-7 : 1e-20,
-                          moe::test::gamma_n<T>(static_cast<double>(k + 2)));
+  moe::test::check_kernel<kernels::NativePanels<T, Arch>, T>(
+      rng, m, n, k, n_src, exact, [](const RowMatrix<T>& a) { return RowMatrix<double>(a.template cast<double>()); }, 0,
+      std::is_same_v<T, float> ? 1e-7 : 1e-20);
 }
 
 }  // namespace

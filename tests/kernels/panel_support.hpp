@@ -104,6 +104,30 @@ inline void check_panels(const RowMatrix<double>& y, const RowMatrix<double>& x_
   }
 }
 
+/// One case: x (m, k) and n_src weights (n, k), random N(0, 1) or integers (x in [-4, 4], w in [-2, 2]) in
+/// exact mode; checked against the images (RowMatrix<S> -> RowMatrix<double>: what the kernel computes with)
+/// within gamma_{k+2}, NMSE <= 1e-7 (nmse_bound for T = double), and, when sanity > 0 and the case is large
+/// enough for a statistic, NMSE <= sanity against the unrounded inputs (RELIABILITY.md N4).
+template <class Kernel, class S, class Image>
+void check_kernel(Rng& rng, Index m, Index n, Index k, int n_src, bool exact, Image&& image, double sanity = 0,
+                  double nmse_bound = 1e-7) {
+  INFO("m = " << m << ", n = " << n << ", k = " << k << ", sources = " << n_src << (exact ? ", exact" : ""));
+  const RowMatrix<S> x = panel_operand<S>(rng, m, k, exact ? 4 : 0);
+  std::vector<RowMatrix<S>> w;
+  std::vector<RowMatrix<double>> w_seen;
+  for (int s = 0; s < n_src; ++s) {
+    w.push_back(panel_operand<S>(rng, n, k, exact ? 2 : 0));
+    w_seen.push_back(image(w.back()));
+  }
+  const RowMatrix<double> y = run_panels<Kernel>(w, x);
+  check_panels(y, image(x), w_seen, exact, nmse_bound, gamma_n<S>(static_cast<double>(k + 2)));
+  if (sanity > 0 && !exact && k >= 64 && m * n * n_src >= 256) {
+    RowMatrix<double> y_f32(m, n_src * n);
+    for (int s = 0; s < n_src; ++s) y_f32.middleCols(s * n, n) = x.template cast<double>() * w[static_cast<std::size_t>(s)].template cast<double>().transpose();
+    CHECK(nmse(y_f32.data(), y.data(), static_cast<std::size_t>(y.size())) <= sanity);
+  }
+}
+
 /// Sizes around a kernel's tiles: one below and above the row tile, the half panel, the panel, two panels.
 template <class Kernel>
 std::vector<Index> tile_rows() {

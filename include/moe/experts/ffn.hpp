@@ -130,9 +130,7 @@ class FFN {
 
     const Index h_cols = hidden_panels_.columns_per_source();
     const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
-    const Index h_items = (hidden_panels_.panels() + h_per_item - 1) / h_per_item;
     const Index o_per_item = std::max<Index>(1, k_item_cols / Kernel::width);
-    const Index o_items = (out_panels_.panels() + o_per_item - 1) / o_per_item;
     const Input* x_rows = converts_input ? x_in : reinterpret_cast<const Input*>(xs.data());
     const Index x_stride = converts_input ? kx : xs.stride();
     const Input* h_rows = converts_input ? h_in : reinterpret_cast<const Input*>(hidden);
@@ -153,19 +151,13 @@ class FFN {
         }
       }
 
-      MOE_OMP(omp for schedule(dynamic) collapse(2))
-      for (Index e = 0; e < n_experts_; ++e) {
-        for (Index item = 0; item < h_items; ++item) {
-          const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-          if (n == 0) continue;
-          const Index p0 = item * h_per_item, p1 = std::min(p0 + h_per_item, hidden_panels_.panels());
-          kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
-                              Kernel::row_scaled ? x_scale + r0 : nullptr, n,
-                              [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
-                                hidden_epilogue(tile, rows, j * h_cols, r0 + i0, hidden, h_in, kh);
-                              });
-        }
-      }
+      for_each_item(offsets, h_per_item, hidden_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
+                            Kernel::row_scaled ? x_scale + r0 : nullptr, n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              hidden_epilogue(tile, rows, j * h_cols, r0 + i0, hidden, h_in, kh);
+                            });
+      });
 
       if constexpr (Kernel::row_scaled) {
         // The per-row scale needs the whole hidden row, so this waits for every hidden tile.
@@ -173,22 +165,16 @@ class FFN {
         for (Index r = 0; r < n_rows; ++r) h_scale[r] = Kernel::encode_row(hidden + r * d_ff_, d_ff_, kh, h_in + r * kh);
       }
 
-      MOE_OMP(omp for schedule(dynamic) collapse(2))
-      for (Index e = 0; e < n_experts_; ++e) {
-        for (Index item = 0; item < o_items; ++item) {
-          const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-          if (n == 0) continue;
-          const Index p0 = item * o_per_item, p1 = std::min(p0 + o_per_item, out_panels_.panels());
-          kernels::panel_gemm(out_panels_, e, p0, p1, h_rows + r0 * h_stride, h_stride,
-                              Kernel::row_scaled ? h_scale + r0 : nullptr, n,
-                              [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
-                                const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
-                                for (Index i = 0; i < rows; ++i) {
-                                  std::copy_n(tile + i * Kernel::width, nc, ys.row(r0 + i0 + i) + c0);
-                                }
-                              });
-        }
-      }
+      for_each_item(offsets, o_per_item, out_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(out_panels_, e, p0, p1, h_rows + r0 * h_stride, h_stride,
+                            Kernel::row_scaled ? h_scale + r0 : nullptr, n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
+                              for (Index i = 0; i < rows; ++i) {
+                                std::copy_n(tile + i * Kernel::width, nc, ys.row(r0 + i0 + i) + c0);
+                              }
+                            });
+      });
     }
   }
 
@@ -209,6 +195,21 @@ class FFN {
       return *this;
     }
   };
+
+  // f(e, r0, n, p0, p1) for every work item (expert e with rows [r0, r0 + n), panels [p0, p1)), taken
+  // dynamically with no barrier between experts. A worksharing loop: call it inside a parallel region.
+  template <class F>
+  void for_each_item(const Index* offsets, Index per_item, Index n_panels, F&& f) const {
+    const Index n_items = (n_panels + per_item - 1) / per_item;
+    MOE_OMP(omp for schedule(dynamic) collapse(2))
+    for (Index e = 0; e < n_experts_; ++e) {
+      for (Index item = 0; item < n_items; ++item) {
+        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        f(e, r0, n, item * per_item, std::min((item + 1) * per_item, n_panels));
+      }
+    }
+  }
 
   std::array<ConstMatrixView<T>, 2> hidden_sources(Index e) const {
     if constexpr (Gated) {
