@@ -351,7 +351,7 @@ void register_forward(const moe::bench::Preset& p, const char* dtype) {
       benchmark::RegisterBenchmark(name.c_str(), bm_forward<Storage>, p, t, threads)
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime()
-          ->MinTime(t <= 8 ? 1.0 : 0.5);
+          ->MinTime(t <= 8 ? 0.1 : 0.5);
     }
   }
 }
@@ -377,7 +377,7 @@ const bool registered = [] {
                                      threads)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime()
-            ->MinTime(t <= 8 ? 1.0 : 0.5);
+            ->MinTime(t <= 8 ? 0.1 : 0.5);
       }
       auto* naive = benchmark::RegisterBenchmark(("naive/" + cell + "/threads1").c_str(), bm_naive, p, t)
                         ->Unit(benchmark::kMillisecond)
