@@ -1,15 +1,36 @@
-// Forward pass of the Mixtral-style layer against the naive per-token reference, same shapes, same run.
-// Counters: GFLOPS (active-expert FLOPs, 6 T k d ff) and tokens_per_s. Compare the two rows of a shape as a
-// ratio: the machine is shared and absolute figures drift.
+// The layer's forward pass on the issue-#6 shapes, with its baselines and the machine's limits measured in the
+// same run (docs/benchmarks.md has a table and how to reproduce it).
 //
-//   moe_bench --benchmark_filter='forward/mixtral'      # one shape
-//   OMP_NUM_THREADS=1 moe_bench                          # single thread
+// Cells, each for threads in {1, 2}:
+//   forward/<S1|S2>/<f32|bf16|int8>/T<n>/threads<k>  the layer (router + plan + banks + combine)
+//   ideal/<S1|S2>/f32/T<n>/threads<k>                 ideal routing: each used expert's rows through Eigen GEMM
+//   naive/<S1|S2>/f32/T<n>/threads1                   reference/naive_moe.hpp: per-token double loop
+//   limits/<fma_f32|dot_bf16|dot_int8|dram_read>/threads<k>   the machine's peaks, measured here
+// Counters: GFLOPS (active-expert FLOPs, 6 T k d ff), tokens_per_s, roofline_fraction = GFLOPS /
+// min(compute peak, DRAM read bandwidth x FLOPs per weight byte touched); the peaks are the limits cells'.
+// Decode cells (T <= 8) flush the caches before every timed iteration, so weights come from DRAM as they do in
+// a multi-layer model. Compare ratios within one run: the machine is shared.
+//
+//   moe_bench --benchmark_filter='forward/S1/f32/T512'
+//   OMP_PROC_BIND=close moe_bench --benchmark_repetitions=7 --benchmark_report_aggregates_only=true
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 #include <moe/moe.hpp>
 #include <moe/reference/naive_moe.hpp>
+
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
+#include <immintrin.h>
+#endif
 
 #include "presets.hpp"
 
@@ -17,11 +38,213 @@ namespace {
 
 using moe::Index;
 
+template <class Storage>
+using Layer = moe::MoELayer<moe::routers::TopKSoftmax<float>,
+                            moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, Storage>>;
+
+/// Bytes one stored weight costs (the per-channel int8 scales are under 1 %).
+template <class Storage>
+constexpr double weight_bytes() {
+  if constexpr (std::is_same_v<Storage, moe::kernels::BF16Weights>) return 2.0;
+  else if constexpr (std::is_same_v<Storage, moe::kernels::Int8Weights>) return 1.0;
+  else return 4.0;
+}
+
+/// Runs f with `threads` OpenMP threads, restoring the previous setting.
+template <class F>
+void with_threads(int threads, F&& f) {
+#if defined(_OPENMP)
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  f();
+  omp_set_num_threads(saved);
+#else
+  (void)threads;
+  f();
+#endif
+}
+
+template <class F>
+double seconds(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+template <class F>
+double best_seconds(int reps, F&& f) {
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) t.push_back(seconds(f));
+  std::sort(t.begin(), t.end());
+  return t.front();
+}
+
+// ---- machine limits ------------------------------------------------------------------------------------
+
+constexpr long k_peak_iterations = 4'000'000;
+
+/// GFLOP/s of 12 independent FMA chains per thread on full registers.
+double fma_peak(int threads) {
+  using B = xsimd::batch<float, moe::kernels::default_arch>;
+  float sink = 0;
+  const double s = best_seconds(7, [&] {
+    MOE_OMP(omp parallel num_threads(threads) reduction(+ : sink))
+    {
+      B acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = B(float(i));
+      const B a(0.999999f), b(1e-7f);
+      for (long it = 0; it < k_peak_iterations; ++it) {
+        for (int i = 0; i < 12; ++i) acc[i] = moe::kernels::detail::fmadd(acc[i], a, b);
+      }
+      for (int i = 0; i < 12; ++i) sink += xsimd::hadd(acc[i]);
+    }
+  });
+  benchmark::DoNotOptimize(sink);
+  return threads * double(k_peak_iterations) * 12 * 2 * B::size / s * 1e-9;
+}
+
+/// GFLOP/s of 12 independent vdpbf16ps chains per thread (64 FLOP each); 0 without AVX512-BF16.
+double bf16_peak(int threads) {
+#if defined(__AVX512BF16__)
+  float sink = 0;
+  const double s = best_seconds(7, [&] {
+    MOE_OMP(omp parallel num_threads(threads) reduction(+ : sink))
+    {
+      __m512 acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3F803F80), b = (__m512bh)_mm512_set1_epi32(0x33803380);
+      for (long it = 0; it < k_peak_iterations; ++it) {
+        for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+      }
+      alignas(64) float lanes[16];  // (16) not _mm512_reduce_add_ps: GCC 12 warns inside it (bug 105593)
+      for (int i = 0; i < 12; ++i) {
+        _mm512_store_ps(lanes, acc[i]);
+        for (float v : lanes) sink += v;
+      }
+    }
+  });
+  benchmark::DoNotOptimize(sink);
+  return threads * double(k_peak_iterations) * 12 * 64 / s * 1e-9;
+#else
+  (void)threads;
+  return 0;
+#endif
+}
+
+/// GOP/s of 12 independent vpdpbusd chains per thread (128 OP each); 0 without AVX512-VNNI.
+double int8_peak(int threads) {
+#if defined(__AVX512VNNI__)
+  long long sink = 0;
+  const double s = best_seconds(7, [&] {
+    MOE_OMP(omp parallel num_threads(threads) reduction(+ : sink))
+    {
+      __m512i acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+      const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(1);
+      for (long it = 0; it < k_peak_iterations; ++it) {
+        for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+      }
+      alignas(64) std::int32_t lanes[16];  // (16)
+      for (int i = 0; i < 12; ++i) {
+        _mm512_store_si512(lanes, acc[i]);
+        for (std::int32_t v : lanes) sink += v;
+      }
+    }
+  });
+  benchmark::DoNotOptimize(sink);
+  return threads * double(k_peak_iterations) * 12 * 128 / s * 1e-9;
+#else
+  (void)threads;
+  return 0;
+#endif
+}
+
+/// A 1 GiB buffer, first touched by the threads that read it.
+const std::vector<float>& big_buffer() {
+  static const auto buf = [] {
+    std::vector<float> b(std::size_t{1} << 28);
+    MOE_OMP(omp parallel for schedule(static))
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = 1.0f;
+    return b;
+  }();
+  return buf;
+}
+
+/// GB/s of a parallel read-only sum over 1 GiB.
+double dram_read(int threads) {
+  using B = xsimd::batch<float, moe::kernels::default_arch>;
+  const auto& buf = big_buffer();
+  const Index n = static_cast<Index>(buf.size()), blocks = n / (4 * Index(B::size));
+  float sink = 0;
+  const double s = best_seconds(7, [&] {
+    MOE_OMP(omp parallel for num_threads(threads) schedule(static) reduction(+ : sink))
+    for (Index i = 0; i < blocks; ++i) {
+      const float* p = buf.data() + i * 4 * Index(B::size);
+      const B v = (B::load_unaligned(p) + B::load_unaligned(p + B::size)) +
+                  (B::load_unaligned(p + 2 * B::size) + B::load_unaligned(p + 3 * B::size));
+      sink += xsimd::hadd(v);
+    }
+  });
+  benchmark::DoNotOptimize(sink);
+  return double(n) * sizeof(float) / s * 1e-9;
+}
+
+struct Limits {
+  double fma_gflops, bf16_gflops, int8_gops, dram_gbs;
+};
+
+/// The limits at a thread count, measured once per process: best of 7 (noise on a shared host only lowers them).
+const Limits& limits(int threads) {
+  static std::map<int, Limits> memo;
+  auto it = memo.find(threads);
+  if (it == memo.end()) {
+    it = memo.emplace(threads, Limits{fma_peak(threads), bf16_peak(threads), int8_peak(threads), dram_read(threads)}).first;
+  }
+  return it->second;
+}
+
+void bm_limit(benchmark::State& state, int which, int threads) {
+  const Limits& l = limits(threads);
+  for (auto _ : state) benchmark::DoNotOptimize(l);
+  const double v[] = {l.fma_gflops, l.bf16_gflops, l.int8_gops, l.dram_gbs};
+  state.counters[which == 3 ? "GBps" : "GFLOPS"] = v[which];
+}
+
+// ---- cache flush for decode cells ----------------------------------------------------------------------
+
+/// Rewrites 256 MiB (more than the last-level cache) so the next timed call finds cold weights.
+void flush_caches() {
+  static std::vector<float> junk(std::size_t{1} << 26);
+  MOE_OMP(omp parallel for schedule(static))
+  for (std::size_t i = 0; i < junk.size(); ++i) junk[i] += 1.0f;
+  benchmark::ClobberMemory();
+}
+
+void flush_untimed(benchmark::State& state) {
+  state.PauseTiming();
+  flush_caches();
+  state.ResumeTiming();
+}
+
+// ---- the layer -----------------------------------------------------------------------------------------
+
 moe::RowMatrix<float> tokens(Index n_tokens, Index d_model) {
   moe::Rng rng(7);
   moe::RowMatrix<float> x(n_tokens, d_model);
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(rng.normal());
   return x;
+}
+
+/// One initialised layer per (storage, shape), shared by that storage's cells (weights take seconds to build).
+template <class Storage>
+const Layer<Storage>& layer_for(const moe::bench::Preset& p) {
+  static std::map<std::string, std::unique_ptr<Layer<Storage>>> cache;
+  auto& slot = cache[p.name];
+  if (!slot) {
+    slot = std::make_unique<Layer<Storage>>(p.cfg);
+    slot->init(1);
+  }
+  return *slot;
 }
 
 void set_counters(benchmark::State& state, const moe::MoEConfig& cfg, Index n_tokens) {
@@ -31,41 +254,135 @@ void set_counters(benchmark::State& state, const moe::MoEConfig& cfg, Index n_to
       benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void bm_forward(benchmark::State& state, moe::MoEConfig cfg, Index n_tokens) {
-  moe::MixtralMoE layer(cfg);
-  layer.init(1);
-  const auto x = tokens(n_tokens, cfg.d_model);
-  moe::RowMatrix<float> y(n_tokens, cfg.d_model);
-  moe::Workspace ws(layer.workspace_bytes(n_tokens));
-  for (auto _ : state) {
-    layer.forward(x, y, ws);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, cfg, n_tokens);
+/// GFLOP/s the machine allows for this cell: min(compute peak, bandwidth x FLOPs per weight byte touched).
+double roofline_gflops(double peak, double gbs, const moe::MoEConfig& cfg, Index n_tokens, Index experts_hit,
+                       double bytes_per_weight) {
+  const double bytes = double(experts_hit) * 3.0 * double(cfg.d_model) * double(cfg.d_ff) * bytes_per_weight;
+  return std::min(peak, gbs * moe::bench::active_flops(cfg, n_tokens) / bytes);
 }
 
-void bm_naive(benchmark::State& state, moe::MoEConfig cfg, Index n_tokens) {
-  moe::MixtralMoE layer(cfg);
-  layer.init(1);
-  const auto x = tokens(n_tokens, cfg.d_model);
+template <class Storage>
+void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int threads) {
+  const auto& layer = layer_for<Storage>(p);
+  const auto x = tokens(n_tokens, p.cfg.d_model);
+  moe::RowMatrix<float> y(n_tokens, p.cfg.d_model);
+  moe::Workspace ws(layer.workspace_bytes(n_tokens));
+  const bool cold = n_tokens <= 8;
+  Index hit = 0;
+  with_threads(threads, [&] {
+    const auto r = layer.forward(x, y, ws);  // warm-up: packs the weights, starts the thread team
+    hit = std::count_if(r.tokens_per_expert.begin(), r.tokens_per_expert.end(), [](Index c) { return c > 0; });
+    for (auto _ : state) {
+      if (cold) flush_untimed(state);
+      layer.forward(x, y, ws);
+      benchmark::DoNotOptimize(y.data());
+      benchmark::ClobberMemory();
+    }
+  });
+  set_counters(state, p.cfg, n_tokens);
+  const Limits& l = limits(threads);
+  const double peak = std::is_same_v<Storage, moe::kernels::BF16Weights>   ? l.bf16_gflops
+                      : std::is_same_v<Storage, moe::kernels::Int8Weights> ? l.int8_gops
+                                                                           : l.fma_gflops;
+  const double bound = roofline_gflops(peak, l.dram_gbs, p.cfg, n_tokens, hit, weight_bytes<Storage>());
+  state.counters["roofline_fraction"] = benchmark::Counter(moe::bench::active_flops(p.cfg, n_tokens) * 1e-9 / bound,
+                                                           benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// Ideal routing: the routed rows of each used expert, already grouped, through Eigen GEMM on the same
+/// weights; no router, gather or combine.
+void bm_ideal(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int threads) {
+  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using CMap = Eigen::Map<const Mat>;
+  const auto& layer = layer_for<moe::kernels::NativeWeights>(p);
+  const auto& bank = layer.bank<0>();
+  const Index d = p.cfg.d_model, ff = p.cfg.d_ff;
+  const auto x = tokens(n_tokens, d);
+  moe::RowMatrix<float> y(n_tokens, d);
+  moe::Workspace ws(layer.workspace_bytes(n_tokens));
+  const auto r = layer.forward(x, y, ws);
+  std::vector<Mat> xs, h1, h3, ys;  // per used expert: (n_e, d), (n_e, ff), (n_e, ff), (n_e, d)
+  std::vector<Index> used;
+  for (Index e = 0; e < p.cfg.n_experts; ++e) {
+    const Index n = r.tokens_per_expert[static_cast<std::size_t>(e)];
+    if (n == 0) continue;
+    used.push_back(e);
+    xs.push_back(x.topRows(n));  // any n rows: the FLOPs and weight bytes are what matter
+    h1.emplace_back(n, ff);
+    h3.emplace_back(n, ff);
+    ys.emplace_back(n, d);
+  }
+  const bool cold = n_tokens <= 8;
+  with_threads(threads, [&] {
+    for (auto _ : state) {
+      if (cold) flush_untimed(state);
+      for (std::size_t i = 0; i < used.size(); ++i) {
+        const Index e = used[i];
+        h1[i].noalias() = xs[i] * CMap(bank.w1(e).data(), ff, d).transpose();
+        h3[i].noalias() = xs[i] * CMap(bank.w3(e).data(), ff, d).transpose();
+        h1[i] = (h1[i].array() / (1.0f + (-h1[i].array()).exp()) * h3[i].array()).matrix();
+        ys[i].noalias() = h1[i] * CMap(bank.w2(e).data(), d, ff).transpose();
+      }
+      benchmark::ClobberMemory();
+    }
+  });
+  set_counters(state, p.cfg, n_tokens);
+}
+
+void bm_naive(benchmark::State& state, moe::bench::Preset p, Index n_tokens) {
+  const auto& layer = layer_for<moe::kernels::NativeWeights>(p);
+  const auto x = tokens(n_tokens, p.cfg.d_model);
   for (auto _ : state) {
     auto y = moe::reference::naive_moe_forward(layer, moe::ConstMatrixView<float>(x));
     benchmark::DoNotOptimize(y.data());
   }
-  set_counters(state, cfg, n_tokens);
+  set_counters(state, p.cfg, n_tokens);
+}
+
+// Forward + backward cells (f32) and the training benchmark (S1, S2 at T = 512) come here once
+// MoELayer::backward lands: forward_backward/<S1|S2>/f32/T<n>/threads<k>, same counters, same layer cache.
+
+template <class Storage>
+void register_forward(const moe::bench::Preset& p, const char* dtype) {
+  for (Index t : moe::bench::k_token_counts) {
+    for (int threads : {1, 2}) {
+      const std::string name = std::string("forward/") + p.name + "/" + dtype + "/T" + std::to_string(t) +
+                               "/threads" + std::to_string(threads);
+      benchmark::RegisterBenchmark(name.c_str(), bm_forward<Storage>, p, t, threads)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MinTime(t <= 8 ? 0.1 : 0.5);
+    }
+  }
 }
 
 const bool registered = [] {
+  const char* limit_names[] = {"fma_f32", "dot_bf16", "dot_int8", "dram_read"};
+  for (int threads : {1, 2}) {
+    for (int which = 0; which < 4; ++which) {
+      benchmark::RegisterBenchmark(
+          (std::string("limits/") + limit_names[which] + "/threads" + std::to_string(threads)).c_str(), bm_limit,
+          which, threads)
+          ->Iterations(1);
+    }
+  }
   for (const auto& p : moe::bench::k_presets) {
+    register_forward<moe::kernels::NativeWeights>(p, "f32");
+    register_forward<moe::kernels::BF16Weights>(p, "bf16");
+    register_forward<moe::kernels::Int8Weights>(p, "int8");
     for (Index t : moe::bench::k_token_counts) {
-      const std::string cell = std::string(p.name) + "/T" + std::to_string(t);
-      benchmark::RegisterBenchmark(("forward/" + cell).c_str(), bm_forward, p.cfg, t)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
-      benchmark::RegisterBenchmark(("naive/" + cell).c_str(), bm_naive, p.cfg, t)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
+      const std::string cell = std::string(p.name) + "/f32/T" + std::to_string(t);
+      for (int threads : {1, 2}) {
+        benchmark::RegisterBenchmark(("ideal/" + cell + "/threads" + std::to_string(threads)).c_str(), bm_ideal, p, t,
+                                     threads)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->MinTime(t <= 8 ? 0.1 : 0.5);
+      }
+      auto* naive = benchmark::RegisterBenchmark(("naive/" + cell + "/threads1").c_str(), bm_naive, p, t)
+                        ->Unit(benchmark::kMillisecond)
+                        ->UseRealTime();
+      if (t >= 128) naive->Iterations(1);  // seconds per call
     }
   }
   return true;

@@ -1,5 +1,5 @@
 #pragma once
-// Benchmark shapes, named like the real models they stand for.
+// Benchmark shapes of issue #6 (PERF.md), named like the models they stand for.
 
 #include <moe/moe_config.hpp>
 
@@ -10,11 +10,11 @@ struct Preset {
   MoEConfig cfg;
 };
 
-/// small: a quick shape that stays in cache. mixtral: PERF.md's S1, Mixtral's expert count and d_ff/d_model
-/// ratio at a quarter of its width.
+/// S1: Mixtral's expert count, top-2 and d_ff/d_model ratio at a quarter of its width.
+/// S2: fine-grained experts (DeepSeek/Qwen-MoE style): many small experts, top-6.
 inline constexpr Preset k_presets[] = {
-    {"small", {.d_model = 256, .d_ff = 512, .n_experts = 8, .top_k = 2}},
-    {"mixtral", {.d_model = 1024, .d_ff = 3584, .n_experts = 8, .top_k = 2}},
+    {"S1", {.d_model = 1024, .d_ff = 3584, .n_experts = 8, .top_k = 2}},
+    {"S2", {.d_model = 1024, .d_ff = 512, .n_experts = 64, .top_k = 6}},
 };
 
 inline constexpr Index k_token_counts[] = {1, 8, 128, 512};

@@ -52,3 +52,29 @@ TEST_CASE("MoELayer::forward allocates nothing after warm-up at the same or smal
   layer.forward(big, ybig, ws);
   REQUIRE(g_allocations.load() - before_big >= 1);
 }
+
+TEST_CASE("bf16 and int8 weight storage allocate nothing after warm-up either", "[alloc]") {
+  const moe::MoEConfig cfg{.d_model = 64, .d_ff = 160, .n_experts = 8, .top_k = 2};
+  auto check = [&]<class Storage>(Storage) {
+    moe::MoELayer<moe::routers::TopKSoftmax<float>,
+                  moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, Storage>>
+        layer(cfg);
+    layer.init(4);
+    moe::Rng rng(6);
+    const moe::RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 100, 64);
+    moe::RowMatrix<float> y(100, 64);
+    moe::Workspace ws;
+    layer.forward(x, y, ws);
+    const long before = g_allocations.load();
+    for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
+    CHECK(g_allocations.load() - before == 0);
+    // A weight update re-packs in place: still no allocation.
+    layer.template bank<0>().w1(0)(0, 0) += 1.0f;
+    const long before_repack = g_allocations.load();
+    layer.forward(x, y, ws);
+    CHECK(g_allocations.load() - before_repack == 0);
+  };
+  check(moe::kernels::NativeWeights{});
+  check(moe::kernels::BF16Weights{});
+  check(moe::kernels::Int8Weights{});
+}

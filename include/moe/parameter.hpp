@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include <xsimd/memory/xsimd_aligned_allocator.hpp>
@@ -23,10 +24,22 @@ class Parameter {
 
   Index rows() const { return rows_; }  ///< rows
   Index cols() const { return cols_; }  ///< columns
-  T* data() { return value_.data(); }   ///< first value
+  /// First value. The non-const accessors count as writes: they advance version().
+  T* data() {
+    ++version_;
+    return value_.data();
+  }
   const T* data() const { return value_.data(); }
-  MatrixView<T> value() { return {value_.data(), rows_, cols_}; }  ///< the values
+  /// The values, (rows, cols).
+  MatrixView<T> value() {
+    ++version_;
+    return {value_.data(), rows_, cols_};
+  }
   ConstMatrixView<T> value() const { return {value_.data(), rows_, cols_}; }
+  /// Advances on every non-const access to the values: what a cache derived from them (an expert bank's
+  /// packed panels) compares to know it is stale. Writes through a pointer kept from an earlier access are
+  /// not seen; call data() again (or the owner's repack hook) after them.
+  std::uint64_t version() const { return version_; }
 
   /// The gradient, same shape; allocated (zero) on first use.
   MatrixView<T> grad() {
@@ -40,6 +53,7 @@ class Parameter {
 
   /// Fills the values from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the nn.Linear default.
   void init_uniform(Rng& rng, Index fan_in) {
+    ++version_;
     const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
     for (auto& v : value_) v = static_cast<T>(rng.uniform(-bound, bound));
   }
@@ -50,6 +64,7 @@ class Parameter {
   Index cols_;
   Buffer value_;  // (rows, cols)
   Buffer grad_;   // (rows, cols) or empty
+  std::uint64_t version_ = 0;
 };
 
 }  // namespace moe

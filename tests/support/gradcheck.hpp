@@ -7,6 +7,7 @@
 
 #include <catch2/catch.hpp>
 #include <moe/config.hpp>
+#include <moe/parameter.hpp>
 #include <moe/random.hpp>
 
 namespace moe::test {
@@ -19,8 +20,8 @@ struct GradCheckStats {
 
 /// Compares `analytic[i]` with the central difference of `loss()` w.r.t. `values[i]` for `max_checks`
 /// indices drawn from [0, n) (all of them when n <= max_checks). `values` is restored after each probe.
-template <class Loss>
-GradCheckStats check_gradient(const std::string& name, double* values, const double* analytic, Index n, Loss&& loss,
+template <class Values, class Loss>
+GradCheckStats check_gradient(const std::string& name, Values&& values, const double* analytic, Index n, Loss&& loss,
                               Index max_checks = 64, std::uint64_t seed = 1) {
   constexpr double h = 1e-6;
   Rng rng(seed);
@@ -42,6 +43,20 @@ GradCheckStats check_gradient(const std::string& name, double* values, const dou
     stats.max_abs_error = std::max(stats.max_abs_error, std::abs(analytic[i] - numeric));
   }
   return stats;
+}
+
+/// The same for every element of a parameter: each probe writes through Parameter::data(), so a bank that
+/// caches packed weights sees every change.
+template <class Loss>
+GradCheckStats check_gradient(const std::string& name, Parameter<double>& p, Loss&& loss, Index max_checks = 64,
+                              std::uint64_t seed = 1) {
+  const auto g = p.grad();
+  struct Probe {
+    Parameter<double>& p;
+    double& operator[](Index i) { return p.data()[i]; }
+  };
+  Probe values{p};
+  return check_gradient(name, values, g.data(), p.rows() * p.cols(), loss, max_checks, seed);
 }
 
 }  // namespace moe::test

@@ -8,14 +8,22 @@
 /// (d_ff, d_model), w2 = down_proj (d_model, d_ff). Plain (non-gated) banks have no w3.
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
 #include <string_view>
+#include <type_traits>
 
 #include "../config.hpp"
 #include "../detail/linalg.hpp"
 #include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"
+#include "../kernels/simd/bf16_gemm.hpp"
+#include "../kernels/simd/int8_gemm.hpp"
 #include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/panel_gemm.hpp"
 #include "../moe_config.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
@@ -24,15 +32,30 @@
 namespace moe::experts {
 
 /// A bank of n_experts FFN experts of one shape.
-/// @tparam T     scalar type
-/// @tparam Act   activation policy (kernels::SiLU, GELU, GELUTanh, ReLU)
-/// @tparam Gated true: act(W1 x) * (W3 x) (SwiGLU with SiLU); false: act(W1 x)
-/// @tparam Arch  instruction set of the kernels
-template <class T, class Act = kernels::SiLU, bool Gated = true, class Arch = kernels::default_arch>
+/// @tparam T       scalar type of the canonical weights, activations and outputs
+/// @tparam Act     activation policy (kernels::SiLU, GELU, GELUTanh, ReLU)
+/// @tparam Gated   true: act(W1 x) * (W3 x) (SwiGLU with SiLU); false: act(W1 x)
+/// @tparam Arch    instruction set of the kernels
+/// @tparam Storage weight storage policy of the forward kernels: kernels::NativeWeights (T),
+///                 kernels::BF16Weights or kernels::Int8Weights (T = float). For a per-expert choice, put
+///                 experts with different storage in different banks of one MoELayer.
+///
+/// The canonical weights (w1/w3/w2, type T) are what users and gradients read and write; the forward pass
+/// runs on panels packed from them. Every non-const access to the weights (the w1/w3/w2 accessors, init(),
+/// visit_parameters and its Parameter::data()/value()) advances the weights' version; the next forward sees
+/// the change and re-packs (once, under a lock) before it reads the panels. Writes through a pointer or
+/// view kept from an earlier access are not seen: call repack_on_next_forward() after them.
+template <class T, class Act = kernels::SiLU, bool Gated = true, class Arch = kernels::default_arch,
+          class Storage = kernels::NativeWeights>
 class FFN {
+  using Kernel = typename Storage::template kernel<T, Arch>;
+  using Input = typename Kernel::Input;
+  static constexpr bool converts_input = !std::is_same_v<Input, T>;
+
  public:
   using Scalar = T;
   using Activation = Act;
+  using StoragePolicy = Storage;
   static constexpr bool gated = Gated;
 
   /// @param cfg shape (validated: throws moe::Error naming the bad field); weights start at 0, call init()
@@ -42,22 +65,30 @@ class FFN {
         n_experts_(cfg.n_experts),
         w1_(n_experts_ * d_ff_, d_model_),
         w3_(Gated ? n_experts_ * d_ff_ : 0, d_model_),
-        w2_(n_experts_ * d_model_, d_ff_) {}
+        w2_(n_experts_ * d_model_, d_ff_),
+        hidden_panels_(n_experts_, d_ff_, d_model_, Gated ? 2 : 1),
+        out_panels_(n_experts_, d_model_, d_ff_, 1) {}
 
   Index d_model() const { return d_model_; }      ///< token width
   Index d_ff() const { return d_ff_; }            ///< hidden width
   Index n_experts() const { return n_experts_; }  ///< experts in the bank
 
-  /// gate_proj of expert e, (d_ff, d_model).
-  MatrixView<T> w1(Index e) { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  /// gate_proj of expert e, (d_ff, d_model). The non-const overloads count as writes (see above).
+  MatrixView<T> w1(Index e) {
+    return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
+  }
   ConstMatrixView<T> w1(Index e) const { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
   /// up_proj of expert e, (d_ff, d_model); gated banks only.
-  MatrixView<T> w3(Index e) requires Gated { return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  MatrixView<T> w3(Index e) requires Gated {
+    return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
+  }
   ConstMatrixView<T> w3(Index e) const requires Gated {
     return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
   }
   /// down_proj of expert e, (d_model, d_ff).
-  MatrixView<T> w2(Index e) { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
+  MatrixView<T> w2(Index e) {
+    return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_};
+  }
   ConstMatrixView<T> w2(Index e) const { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
 
   /// nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for each projection.
@@ -76,53 +107,91 @@ class FFN {
     f(std::string_view("w2"), w2_);
   }
 
+  /// Marks the packed panels stale: the next forward re-packs them from w1/w3/w2.
+  void repack_on_next_forward() { pack_state_.forced.store(true, std::memory_order_release); }
+
+  /// True when the packed panels hold the current canonical weights (a full comparison; for tests).
+  bool panels_current() const {
+    if (stale()) return false;
+    for (Index e = 0; e < n_experts_; ++e) {
+      const ConstMatrixView<T> down = w2(e);
+      if (!hidden_panels_.matches(e, hidden_sources(e).data()) || !out_panels_.matches(e, &down)) return false;
+    }
+    return true;
+  }
+
   /// Runs expert e on grouped rows [offsets[e], offsets[e+1]) of xs (rows, d_model) into ys.
-  /// Work items are (expert, column tile): the hidden tiles first, then the output tiles, each computed by
-  /// one thread, so results do not depend on the thread count.
+  /// Work items are (expert, column tile), taken dynamically with no barrier between experts: first the
+  /// hidden tiles (gate and up in one pass, the activation in the epilogue), then the output tiles. Each
+  /// element is computed by one thread in a fixed order, so results do not depend on the thread count.
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     const Index n_rows = xs.rows();
-    T* hidden = arena.take<T>(n_rows * d_ff_);               // (rows, d_ff): act(W1 x) [* W3 x]
-    T* up = arena.take<T>(Gated ? n_rows * d_ff_ : 0);     // (rows, d_ff): W3 x
+    const Index kx = hidden_panels_.padded_k(), kh = out_panels_.padded_k();
+    Input* x_in = arena.take<Input>(converts_input ? n_rows * kx : 0);        // (rows, kx) xs in the kernel's input type
+    float* x_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of x_in
+    T* hidden = arena.take<T>(converts_input && !Kernel::row_scaled ? 0 : n_rows * d_ff_);  // (rows, d_ff)
+    Input* h_in = arena.take<Input>(converts_input ? n_rows * kh : 0);        // (rows, kh) hidden, kernel input type
+    float* h_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of h_in
     if (arena.measuring() || n_rows == 0) return;
+    ensure_packed();
+
+    const Index h_cols = hidden_panels_.columns_per_source();
+    const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
+    const Index o_per_item = std::max<Index>(1, k_item_cols / Kernel::width);
+    const Input* x_rows = converts_input ? x_in : reinterpret_cast<const Input*>(xs.data());
+    const Index x_stride = converts_input ? kx : xs.stride();
+    const Input* h_rows = converts_input ? h_in : reinterpret_cast<const Input*>(hidden);
+    const Index h_stride = converts_input ? kh : d_ff_;
 
     const double work = double(n_rows) * double(d_ff_) * double(d_model_);
-    const Index ff_tiles = (d_ff_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2) if(work >= detail::k_parallel_min_work))
-    for (Index e = 0; e < n_experts_; ++e) {
-      for (Index tile = 0; tile < ff_tiles; ++tile) {
-        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const Index c0 = tile * k_tile, nc = std::min(k_tile, d_ff_ - c0);
-        const auto x = xs.middle_rows(r0, n);                     // (n, d_model)
-        const MatrixView<T> h(hidden + r0 * d_ff_ + c0, n, nc, d_ff_);  // (n, nc) of (n, d_ff)
-        kernels::matmul_nt(Arch{}, x, w1(e).middle_rows(c0, nc), h);
-        if constexpr (Gated) {
-          const MatrixView<T> u(up + r0 * d_ff_ + c0, n, nc, d_ff_);
-          kernels::matmul_nt(Arch{}, x, w3(e).middle_rows(c0, nc), u);
-          for (Index i = 0; i < n; ++i) kernels::gated_activate<Act>(Arch{}, h.row(i), u.row(i), h.row(i), nc);
-        } else {
-          for (Index i = 0; i < n; ++i) kernels::activate<Act>(Arch{}, h.row(i), h.row(i), nc);
+    MOE_OMP(omp parallel if(work >= detail::k_parallel_min_work))
+    {
+      if constexpr (converts_input) {
+        // Once per grouped row, before any expert reads it.
+        MOE_OMP(omp for schedule(static))
+        for (Index r = 0; r < n_rows; ++r) {
+          const float s = Kernel::encode_row(xs.row(r), d_model_, kx, x_in + r * kx);
+          if constexpr (Kernel::row_scaled) {
+            x_scale[r] = s;
+          } else {
+            std::fill(h_in + r * kh + d_ff_, h_in + (r + 1) * kh, Input(0));  // step padding of the hidden row
+          }
         }
       }
-    }
 
-    const Index d_tiles = (d_model_ + k_tile - 1) / k_tile;
-    MOE_OMP(omp parallel for schedule(dynamic) collapse(2) if(work >= detail::k_parallel_min_work))
-    for (Index e = 0; e < n_experts_; ++e) {
-      for (Index tile = 0; tile < d_tiles; ++tile) {
-        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const Index c0 = tile * k_tile, nc = std::min(k_tile, d_model_ - c0);
-        kernels::matmul_nt(Arch{}, ConstMatrixView<T>(hidden + r0 * d_ff_, n, d_ff_), w2(e).middle_rows(c0, nc),
-                           MatrixView<T>(ys.row(r0) + c0, n, nc, ys.stride()));
+      for_each_item(offsets, h_per_item, hidden_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
+                            Kernel::row_scaled ? x_scale + r0 : nullptr, n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              hidden_epilogue(tile, rows, j * h_cols, r0 + i0, hidden, h_in, kh);
+                            });
+      });
+
+      if constexpr (Kernel::row_scaled) {
+        // The per-row scale needs the whole hidden row, so this waits for every hidden tile.
+        MOE_OMP(omp for schedule(static))
+        for (Index r = 0; r < n_rows; ++r) h_scale[r] = Kernel::encode_row(hidden + r * d_ff_, d_ff_, kh, h_in + r * kh);
       }
+
+      for_each_item(offsets, o_per_item, out_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(out_panels_, e, p0, p1, h_rows + r0 * h_stride, h_stride,
+                            Kernel::row_scaled ? h_scale + r0 : nullptr, n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
+                              for (Index i = 0; i < rows; ++i) {
+                                std::copy_n(tile + i * Kernel::width, nc, ys.row(r0 + i0 + i) + c0);
+                              }
+                            });
+      });
     }
   }
 
   /// Backward on grouped rows: from dys (rows, d_model) writes dxs (rows, d_model) and accumulates the
   /// weight gradients. The hidden activations are recomputed from xs instead of stored by forward: one
   /// more pass over W1 (and W3), no training memory per token. Work items are experts; an expert without
-  /// rows adds nothing, so its gradient stays exactly as it was (0 after zero_grad).
+  /// rows adds nothing, so its gradient stays exactly as it was (0 after zero_grad). Gradients are those of
+  /// the canonical weights: with bf16/int8 storage the forward's rounding is not differentiated
+  /// (straight-through).
   void backward(ConstMatrixView<T> xs, const Index* offsets, ConstMatrixView<T> dys, MatrixView<T> dxs,
                 Arena& arena) {
     const Index n_rows = xs.rows();
@@ -183,8 +252,88 @@ class FFN {
 
  private:
   // Output columns per work item: enough items to balance two or more threads on one expert (decode),
-  // few enough that each streams a long run of weight rows.
-  static constexpr Index k_tile = 256;
+  // few enough that each streams a long run of panels while its rows stay in cache.
+  static constexpr Index k_item_cols = 128;
+
+  // The weights' version the panels were packed from, a forced re-pack, and the lock that re-packing
+  // takes. A copy of the bank owns copied panels, so it copies the state too (with a fresh lock).
+  struct PackState {
+    static constexpr std::uint64_t k_never = ~std::uint64_t{0};
+    mutable std::mutex lock;
+    mutable std::atomic<std::uint64_t> packed{k_never};
+    mutable std::atomic<bool> forced{false};
+    PackState() = default;
+    PackState(const PackState& o) : packed(o.packed.load()), forced(o.forced.load()) {}
+    PackState& operator=(const PackState& o) {
+      packed.store(o.packed.load());
+      forced.store(o.forced.load());
+      return *this;
+    }
+  };
+
+  // Versions only grow, so their sum changes whenever one of them does.
+  std::uint64_t weights_version() const { return w1_.version() + w3_.version() + w2_.version(); }
+  bool stale() const {
+    return pack_state_.forced.load(std::memory_order_acquire) ||
+           pack_state_.packed.load(std::memory_order_acquire) != weights_version();
+  }
+
+  // f(e, r0, n, p0, p1) for every work item (expert e with rows [r0, r0 + n), panels [p0, p1)), taken
+  // dynamically with no barrier between experts. A worksharing loop: call it inside a parallel region.
+  template <class F>
+  void for_each_item(const Index* offsets, Index per_item, Index n_panels, F&& f) const {
+    const Index n_items = (n_panels + per_item - 1) / per_item;
+    MOE_OMP(omp for schedule(dynamic) collapse(2))
+    for (Index e = 0; e < n_experts_; ++e) {
+      for (Index item = 0; item < n_items; ++item) {
+        const Index r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        f(e, r0, n, item * per_item, std::min((item + 1) * per_item, n_panels));
+      }
+    }
+  }
+
+  std::array<ConstMatrixView<T>, 2> hidden_sources(Index e) const {
+    if constexpr (Gated) {
+      return {w1(e), w3(e)};
+    } else {
+      return {w1(e), w1(e)};
+    }
+  }
+
+  void ensure_packed() const {
+    if (!stale()) return;
+    std::lock_guard<std::mutex> guard(pack_state_.lock);
+    if (!stale()) return;
+    MOE_OMP(omp parallel for schedule(dynamic))
+    for (Index e = 0; e < n_experts_; ++e) {
+      hidden_panels_.pack(e, hidden_sources(e).data());
+      const ConstMatrixView<T> down = w2(e);
+      out_panels_.pack(e, &down);
+    }
+    pack_state_.forced.store(false, std::memory_order_relaxed);
+    pack_state_.packed.store(weights_version(), std::memory_order_release);
+  }
+
+  // Hidden tile (rows, width) of panel columns starting at hidden column c0: gate in the first half, up in
+  // the second (gated); activated into `hidden` rows, or encoded straight into the kernel's input rows when
+  // the encoding needs no whole-row scale.
+  void hidden_epilogue(const typename Kernel::Out* tile, Index rows, Index c0, Index row0, T* hidden, Input* h_in,
+                       Index kh) const {
+    using O = typename Kernel::Out;
+    const Index half = hidden_panels_.columns_per_source(), nc = std::min(half, d_ff_ - c0);
+    alignas(64) O act[Kernel::width];  // (half) one activated row of the tile
+    for (Index i = 0; i < rows; ++i) {
+      const O* g = tile + i * Kernel::width;  // (half) gate, then (half) up
+      O* out = converts_input && !Kernel::row_scaled ? act : reinterpret_cast<O*>(hidden + (row0 + i) * d_ff_ + c0);
+      if constexpr (Gated) {
+        kernels::gated_activate<Act>(Arch{}, g, g + half, out, nc);
+      } else {
+        kernels::activate<Act>(Arch{}, g, out, nc);
+      }
+      if constexpr (converts_input && !Kernel::row_scaled) Kernel::encode_row(act, nc, nc, h_in + (row0 + i) * kh + c0);
+    }
+  }
 
   Index d_model_;
   Index d_ff_;
@@ -192,6 +341,10 @@ class FFN {
   Parameter<T> w1_;  // (n_experts * d_ff, d_model)
   Parameter<T> w3_;  // (n_experts * d_ff, d_model), empty unless Gated
   Parameter<T> w2_;  // (n_experts * d_model, d_ff)
+  // Forward-only copies of the weights in the kernel's panel layout, derived from w1_/w3_/w2_.
+  mutable kernels::PackedWeights<Kernel> hidden_panels_;  // (n_experts, ...) w1 (and w3) panels
+  mutable kernels::PackedWeights<Kernel> out_panels_;     // (n_experts, ...) w2 panels
+  PackState pack_state_;
 };
 
 /// SwiGLU experts (Mixtral, Qwen, DeepSeek).

@@ -1,0 +1,119 @@
+#pragma once
+/// @file kernels/simd/int8_gemm.hpp
+/// @brief int8 weight storage for panel_gemm: symmetric int8 weights with one f32 scale per output channel,
+/// activations quantised per row to int8 (stored offset by 128 as u8), products summed exactly in int32 by
+/// AVX512-VNNI `vpdpbusd` (four k elements per lane and step), or by a scalar loop elsewhere.
+///
+/// Panel layout (steps = ceil(k / 4), width, 4). vpdpbusd multiplies unsigned by signed bytes, so x is stored
+/// as u = q + 128 and the epilogue subtracts 128 · Σ_k w_q of the column (precomputed at packing):
+/// y = s_x · s_w · (Σ u · w_q − 128 · Σ w_q). Quarter of the f32 weight bytes.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "panel_gemm.hpp"
+
+#if defined(__AVX512VNNI__)
+#include <immintrin.h>
+#endif
+
+MOE_KERNEL_DIAGNOSTICS_PUSH
+
+namespace moe::kernels {
+
+/// Storage kernel for int8 weights with per-channel scales (T = float).
+template <class T, class Arch>
+struct Int8Panels {
+  static_assert(std::is_same_v<T, float>, "moe::kernels::Int8Weights: the bank's scalar type must be float");
+  using Weight = std::int8_t;
+  using Input = std::uint8_t;  ///< quantised activation + 128
+  using Out = float;
+  static constexpr Index width = detail::panel_width<float, Arch>();
+  static constexpr int rows = detail::panel_rows<float, Arch>();
+  static constexpr Index group = 4;
+  static constexpr bool quantized = true;
+  static constexpr bool row_scaled = true;
+
+  /// Scale of one output channel (a weight row of length k): max |w| / 127 (0 for an all-zero row).
+  template <class S>
+  static float column_scale(const S* row, Index k) {
+    float m = 0.0f;
+    for (Index i = 0; i < k; ++i) m = std::max(m, std::abs(static_cast<float>(row[i])));
+    return m / 127.0f;
+  }
+  template <class S>
+  static Weight encode(S v, float scale) {
+    if (scale == 0.0f) return 0;
+    return static_cast<Weight>(std::clamp(std::nearbyint(static_cast<float>(v) / scale), -127.0f, 127.0f));
+  }
+  /// Quantises in (n) to out (n_pad) = round(in / s) + 128, padding 128 (zero); returns s = max |in| / 127.
+  static float encode_row(const float* in, Index n, Index n_pad, Input* out) {
+    float m = 0.0f;
+    for (Index i = 0; i < n; ++i) m = std::max(m, std::abs(in[i]));
+    const float s = m / 127.0f;
+    for (Index i = 0; i < n; ++i) out[i] = static_cast<Input>(encode(in[i], s) + 128);
+    for (Index i = n; i < n_pad; ++i) out[i] = 128;
+    return s;
+  }
+
+  /// tile (R, width) = dequantised x rows [0, R) times one panel over `steps` quads.
+  template <int R>
+  static void run(const Input* x, Index x_stride, const float* x_scales, const Weight* panel, Index steps,
+                  const float* col_scales, const std::int32_t* col_sums, Out* tile) {
+    const Input* xr[R];  // (R) row pointers
+    for (int r = 0; r < R; ++r) xr[r] = x + r * x_stride;
+    alignas(64) std::int32_t acc[R][width];  // (R, width)
+#if defined(__AVX512VNNI__)
+    if constexpr (detail::is_avx512<Arch>) {
+      __m512i v[R][2];  // (R, 2 registers)
+      for (int r = 0; r < R; ++r) v[r][0] = v[r][1] = _mm512_setzero_si512();
+      for (Index q = 0; q < steps; ++q) {
+        const Weight* b = panel + q * width * 4;
+        const __m512i b0 = _mm512_load_si512(b), b1 = _mm512_load_si512(b + 64);
+        for (int r = 0; r < R; ++r) {
+          std::uint32_t quad;
+          std::memcpy(&quad, xr[r] + 4 * q, sizeof quad);
+          const __m512i a = _mm512_set1_epi32(static_cast<int>(quad));
+          v[r][0] = _mm512_dpbusd_epi32(v[r][0], a, b0);
+          v[r][1] = _mm512_dpbusd_epi32(v[r][1], a, b1);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_store_si512(acc[r], v[r][0]);
+        _mm512_store_si512(acc[r] + 16, v[r][1]);
+      }
+    } else
+#endif
+    {
+      for (int r = 0; r < R; ++r) std::fill_n(acc[r], width, 0);
+      for (Index q = 0; q < steps; ++q) {
+        const Weight* b = panel + q * width * 4;
+        for (int r = 0; r < R; ++r) {
+          const Input* a = xr[r] + 4 * q;
+          for (Index c = 0; c < width; ++c) {
+            acc[r][c] += a[0] * b[4 * c] + a[1] * b[4 * c + 1] + a[2] * b[4 * c + 2] + a[3] * b[4 * c + 3];
+          }
+        }
+      }
+    }
+    // The integer sums are exact; one conversion and two products per element.
+    for (int r = 0; r < R; ++r) {
+      for (Index c = 0; c < width; ++c) {
+        tile[r * width + c] = static_cast<float>(acc[r][c] - 128 * col_sums[c]) * (x_scales[r] * col_scales[c]);
+      }
+    }
+  }
+};
+
+/// Weight storage policy: int8 weights with per-channel scales, int8 activations with per-row scales.
+struct Int8Weights {
+  static constexpr const char* name() { return "int8"; }
+  template <class T, class Arch>
+  using kernel = Int8Panels<T, Arch>;
+};
+
+}  // namespace moe::kernels
+
+MOE_KERNEL_DIAGNOSTICS_POP

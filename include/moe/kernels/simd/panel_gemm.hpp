@@ -1,0 +1,261 @@
+#pragma once
+/// @file kernels/simd/panel_gemm.hpp
+/// @brief y = x wᵀ on weights packed once into column panels: the expert bank's GEMM and multi-row GEMV.
+///
+/// A weight matrix w (n, k) (nn.Linear layout) is packed into ceil(n / width) panels. Panel j holds `width`
+/// output columns as (steps, width, group) elements, steps = ceil(k / group): one step is one aligned load
+/// of `width` columns, so the micro-kernel streams each panel front to back exactly once per block of
+/// `rows` x-rows. With few rows per expert (decode) one block covers them all and every weight byte is read
+/// once (the multi-row GEMV); with many rows the same code is a register-tiled GEMM (rows x width
+/// accumulators, one broadcast of x per row and step). The storage kernel (this file: weights in T;
+/// bf16_gemm.hpp, int8_gemm.hpp) fixes the element types, `group` and the inner instruction.
+///
+/// Two source matrices may share each panel (width/2 columns of each): the gate and up projections then
+/// run in one pass over the activations and the epilogue sees both halves of a tile.
+///
+/// Every output element is one sequence of fused multiply-adds over k in increasing order, whatever its
+/// row block or thread: results do not depend on the tiling or the thread count.
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <xsimd/memory/xsimd_aligned_allocator.hpp>
+#include <xsimd/xsimd.hpp>
+
+#include "../../config.hpp"
+#include "../arch.hpp"
+
+MOE_KERNEL_DIAGNOSTICS_PUSH
+
+namespace moe::kernels {
+
+namespace detail {
+
+/// True for the AVX-512 archs: 32 vector registers (room for a 12-row tile).
+template <class Arch>
+inline constexpr bool is_avx512 = XSIMD_WITH_AVX512F && std::is_base_of_v<xsimd::avx512f, Arch>;
+
+/// Columns per panel: two registers of 32-bit (or T) lanes; 8 scalar columns for the scalar fallback.
+template <class T, class Arch>
+constexpr Index panel_width() {
+  if constexpr (has_simd<T, Arch>) {
+    return 2 * static_cast<Index>(lanes<T, Arch>());
+  } else {
+    return 8;
+  }
+}
+
+/// Rows per register tile: rows x 2 accumulators + 2 weight registers + 1 broadcast fit the register file.
+template <class T, class Arch>
+constexpr int panel_rows() {
+  if constexpr (is_avx512<Arch>) {
+    return 12;
+  } else if constexpr (has_simd<T, Arch>) {
+    return 6;
+  } else {
+    return 4;
+  }
+}
+
+/// Calls f(std::integral_constant<int, R>) with R == rows, for rows in [1, Max]: one instantiation per
+/// edge height, so the row tail runs the same unrolled code as full tiles.
+template <int Max, class F>
+void dispatch_rows(int rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return dispatch_rows<Max - 1>(rows, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+}  // namespace detail
+
+/// Storage kernel for weights kept in T (float or double): fused multiply-add on broadcast x.
+template <class T, class Arch>
+struct NativePanels {
+  static_assert(std::is_floating_point_v<T>, "moe::kernels::NativePanels: T must be float or double");
+  using Weight = T;  ///< element of a packed panel
+  using Input = T;   ///< element of an activation row
+  using Out = T;     ///< element of an output tile
+  static constexpr Index width = detail::panel_width<T, Arch>();
+  static constexpr int rows = detail::panel_rows<T, Arch>();
+  static constexpr Index group = 1;              ///< k elements per step
+  static constexpr bool quantized = false;       ///< per-column scales and sums
+  static constexpr bool row_scaled = false;      ///< activations carry a per-row scale
+
+  template <class S>
+  static float column_scale(const S*, Index) {
+    return 1.0f;
+  }
+  template <class S>
+  static Weight encode(S v, float) {
+    return static_cast<Weight>(v);
+  }
+
+  /// tile (R, width) = x rows [0, R) (row stride x_stride) times one panel over `steps` steps.
+  template <int R>
+  static void run(const Input* x, Index x_stride, const float*, const Weight* panel, Index steps, const float*,
+                  const std::int32_t*, Out* tile) {
+    const Input* xr[R];  // (R) row pointers
+    for (int r = 0; r < R; ++r) xr[r] = x + r * x_stride;
+    if constexpr (has_simd<T, Arch>) {
+      using B = xsimd::batch<T, Arch>;
+      constexpr Index L = static_cast<Index>(B::size);
+      B acc[R][2];  // (R, 2 registers)
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = B(T(0));
+      for (Index q = 0; q < steps; ++q) {
+        const B b0 = B::load_aligned(panel + q * width), b1 = B::load_aligned(panel + q * width + L);
+        for (int r = 0; r < R; ++r) {
+          const B a(xr[r][q]);
+          acc[r][0] = detail::fmadd(a, b0, acc[r][0]);
+          acc[r][1] = detail::fmadd(a, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        acc[r][0].store_aligned(tile + r * width);
+        acc[r][1].store_aligned(tile + r * width + L);
+      }
+    } else {
+      T acc[R][width] = {};  // (R, width)
+      for (Index q = 0; q < steps; ++q) {
+        for (int r = 0; r < R; ++r) {
+          for (Index c = 0; c < width; ++c) acc[r][c] = detail::fmadd(xr[r][q], panel[q * width + c], acc[r][c]);
+        }
+      }
+      for (int r = 0; r < R; ++r) std::copy_n(acc[r], width, tile + r * width);
+    }
+  }
+};
+
+/// Weights of n_mats matrices, each (n, k) per source, packed into panels for `Kernel`.
+/// With n_src == 2, panel j holds columns [j·h, j·h + h) of source 0 then of source 1 (h = width / 2);
+/// columns past n and steps past k are zero.
+template <class Kernel>
+class PackedWeights {
+ public:
+  using Weight = typename Kernel::Weight;
+  static constexpr Index width = Kernel::width;
+
+  PackedWeights() = default;
+  /// @param n_mats matrices (experts); @param n outputs per source; @param k inputs; @param n_src 1 or 2
+  PackedWeights(Index n_mats, Index n, Index k, int n_src)
+      : n_mats_(n_mats),
+        n_(n),
+        k_(k),
+        n_src_(n_src),
+        half_(width / n_src),
+        panels_((n + half_ - 1) / half_),
+        steps_((k + Kernel::group - 1) / Kernel::group),
+        data_(static_cast<std::size_t>(n_mats * panels_ * panel_size())),
+        scales_(Kernel::quantized ? static_cast<std::size_t>(n_mats * panels_ * width) : 0),
+        sums_(Kernel::quantized ? static_cast<std::size_t>(n_mats * panels_ * width) : 0) {
+    assert(n_src == 1 || n_src == 2);
+  }
+
+  Index panels() const { return panels_; }         ///< panels per matrix
+  Index steps() const { return steps_; }           ///< steps per panel
+  Index padded_k() const { return steps_ * Kernel::group; }  ///< k rounded up to whole steps (input row length)
+  Index columns_per_source() const { return half_; }  ///< columns of each source in one panel
+  Index panel_size() const { return steps_ * width * Kernel::group; }  ///< elements per panel
+
+  /// Panel j of matrix m: (steps, width, group).
+  const Weight* panel(Index m, Index j) const { return data_.data() + (m * panels_ + j) * panel_size(); }
+  /// Per-column dequantisation scales of matrix m, (panels, width); quantized kernels only.
+  const float* scales(Index m) const { return Kernel::quantized ? scales_.data() + m * panels_ * width : nullptr; }
+  /// Per-column sums of the quantized weights of matrix m, (panels, width); quantized kernels only.
+  const std::int32_t* sums(Index m) const { return Kernel::quantized ? sums_.data() + m * panels_ * width : nullptr; }
+
+  /// Packs matrix m from n_src sources, each (n, k). No allocation.
+  template <class S>
+  void pack(Index m, const ConstMatrixView<S>* src) {
+    for (Index j = 0; j < panels_; ++j) {
+      Weight* dst = data_.data() + (m * panels_ + j) * panel_size();  // (steps, width, group)
+      for (Index c = 0; c < width; ++c) {
+        const Index s = c / half_, col = j * half_ + c % half_;
+        const bool valid = col < n_;
+        const S* row = valid ? src[s].row(col) : nullptr;  // (k)
+        const float scale = valid ? Kernel::column_scale(row, k_) : 0.0f;
+        std::int32_t sum = 0;
+        for (Index q = 0; q < steps_; ++q) {
+          for (Index g = 0; g < Kernel::group; ++g) {
+            const Index p = q * Kernel::group + g;
+            const Weight v = valid && p < k_ ? Kernel::encode(row[p], scale) : Weight(0);
+            dst[(q * width + c) * Kernel::group + g] = v;
+            if constexpr (Kernel::quantized) sum += v;
+          }
+        }
+        if constexpr (Kernel::quantized) {
+          scales_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = scale;
+          sums_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = sum;
+        }
+      }
+    }
+  }
+
+  /// True when matrix m's panels equal what pack() would write from src now (detects stale panels).
+  template <class S>
+  bool matches(Index m, const ConstMatrixView<S>* src) const {
+    for (Index j = 0; j < panels_; ++j) {
+      const Weight* p = panel(m, j);
+      for (Index c = 0; c < width; ++c) {
+        const Index s = c / half_, col = j * half_ + c % half_;
+        if (col >= n_) continue;
+        const float scale = Kernel::column_scale(src[s].row(col), k_);
+        for (Index i = 0; i < k_; ++i) {
+          const Index q = i / Kernel::group, g = i % Kernel::group;
+          if (p[(q * width + c) * Kernel::group + g] != Kernel::encode(src[s](col, i), scale)) return false;
+        }
+      }
+    }
+    return true;
+  }
+
+ private:
+  template <class U>
+  using Buffer = std::vector<U, xsimd::aligned_allocator<U, 64>>;
+  Index n_mats_ = 0, n_ = 0, k_ = 0;
+  int n_src_ = 1;
+  Index half_ = width, panels_ = 0, steps_ = 0;
+  Buffer<Weight> data_;         // (n_mats, panels, steps, width, group)
+  Buffer<float> scales_;        // (n_mats, panels, width), quantized kernels only
+  Buffer<std::int32_t> sums_;   // (n_mats, panels, width), quantized kernels only
+};
+
+/// Runs panels [p0, p1) of matrix m over rows [0, n_rows) of x, in register tiles of Kernel::rows rows,
+/// and hands each finished tile to `epilogue(row0, rows, panel, tile)`, tile (rows, width) with row stride
+/// width. Panels outermost: a work item streams each panel once per row block, and its x rows stay in cache.
+/// @param x (n_rows, w.padded_k()) activations in Kernel::Input, row stride x_stride
+/// @param x_scales (n_rows) per-row activation scales (row_scaled kernels), else nullptr
+template <class Kernel, class Epilogue>
+void panel_gemm(const PackedWeights<Kernel>& w, Index m, Index p0, Index p1, const typename Kernel::Input* x,
+                Index x_stride, const float* x_scales, Index n_rows, Epilogue&& epilogue) {
+  alignas(64) typename Kernel::Out tile[Kernel::rows * Kernel::width];  // (rows, width)
+  const float* col_scales = w.scales(m);
+  const std::int32_t* col_sums = w.sums(m);
+  for (Index j = p0; j < p1; ++j) {
+    const Index off = j * Kernel::width;
+    for (Index r0 = 0; r0 < n_rows; r0 += Kernel::rows) {
+      const int rows = static_cast<int>(std::min<Index>(Kernel::rows, n_rows - r0));
+      detail::dispatch_rows<Kernel::rows>(rows, [&](auto r) {
+        Kernel::template run<decltype(r)::value>(x + r0 * x_stride, x_stride, x_scales ? x_scales + r0 : nullptr,
+                                                 w.panel(m, j), w.steps(), col_scales ? col_scales + off : nullptr,
+                                                 col_sums ? col_sums + off : nullptr, tile);
+      });
+      epilogue(r0, static_cast<Index>(rows), j, static_cast<const typename Kernel::Out*>(tile));
+    }
+  }
+}
+
+/// Weight storage policy: weights stay in the bank's scalar type T (float or double).
+struct NativeWeights {
+  static constexpr const char* name() { return "native"; }
+  template <class T, class Arch>
+  using kernel = NativePanels<T, Arch>;
+};
+
+}  // namespace moe::kernels
+
+MOE_KERNEL_DIAGNOSTICS_POP
