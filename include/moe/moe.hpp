@@ -6,6 +6,8 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "experts/ffn.hpp"
+#include "experts/init.hpp"
+#include "experts/lora.hpp"
 #include "kernels/arch.hpp"
 #include "kernels/simd/activation.hpp"
 #include "kernels/simd/matmul.hpp"
