@@ -8,6 +8,7 @@
 #include "experts/ffn.hpp"
 #include "experts/init.hpp"
 #include "experts/lora.hpp"
+#include "experts/shared.hpp"
 #include "kernels/arch.hpp"
 #include "kernels/simd/activation.hpp"
 #include "kernels/simd/matmul.hpp"
