@@ -6,6 +6,7 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "experts/ffn.hpp"
+#include "experts/gru.hpp"
 #include "experts/init.hpp"
 #include "experts/lora.hpp"
 #include "experts/shared.hpp"
