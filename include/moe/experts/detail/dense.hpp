@@ -4,7 +4,8 @@
 /// backward, the (gated) activation forward on rows, and its element-wise backward.
 ///
 /// Forward helpers run the SIMD kernels and allocate nothing; backward helpers use detail/linalg.hpp
-/// (deterministic accumulating GEMMs). All of them are serial: banks call them inside their own
+/// (deterministic accumulating GEMMs). They live in moe::detail, beside those GEMMs, so that `detail::` means
+/// one namespace inside moe::experts. All of them are serial: banks call them inside their own
 /// per-expert work items, which is what makes every element computed by one thread in a fixed order.
 
 #include <algorithm>
@@ -15,7 +16,7 @@
 #include "../../kernels/simd/matmul.hpp"
 #include "../../kernels/simd/scatter_add.hpp"
 
-namespace moe::experts::detail {
+namespace moe::detail {
 
 /// y = x w^T (+ bias on every row): nn.Linear with w (out_features, in_features).
 /// @param x    (n, in)
@@ -53,9 +54,9 @@ void add_column_sums(ConstMatrixView<T> d, T* db) {
 template <class T>
 void linear_backward(ConstMatrixView<T> dy, ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> dw, T* db,
                      MatrixView<T> dx) {
-  if (dw.data() != nullptr) moe::detail::add_matmul_tn<T>(dy, x, dw);
+  if (dw.data() != nullptr) add_matmul_tn<T>(dy, x, dw);
   if (db != nullptr) add_column_sums<T>(dy, db);
-  if (dx.data() != nullptr) moe::detail::add_matmul_nn<T>(dy, w, dx);
+  if (dx.data() != nullptr) add_matmul_nn<T>(dy, w, dx);
 }
 
 /// h = act(g) * u (Gated) or act(g), row by row; h may be g itself.
@@ -100,4 +101,4 @@ void set_zero(MatrixView<T> v) {
   for (Index i = 0; i < v.rows(); ++i) std::fill_n(v.row(i), v.cols(), T(0));
 }
 
-}  // namespace moe::experts::detail
+}  // namespace moe::detail
