@@ -83,4 +83,25 @@ concept TrainableBank = ExpertBank<B> &&
       b.visit_parameters(ParameterVisitorArchetype<typename B::Scalar>{});
     };
 
+/// An always-on (shared) bank: every token goes through it and its output is added to the routed
+/// combine (DeepSeekMoE, Qwen2-MoE). Requires `B::Scalar`, `d_model()`, `n_experts()` (its always-on
+/// experts, not routed) and `forward(x, y, arena)` const over all tokens, x and y (n_tokens, d_model),
+/// with the same determinism and scratch rules as ExpertBank.
+template <class B>
+concept SharedBank = Scalar<typename B::Scalar> &&
+    requires(const B& b, ConstMatrixView<typename B::Scalar> x, MatrixView<typename B::Scalar> y, Arena& arena) {
+      { b.d_model() } -> std::convertible_to<Index>;
+      { b.n_experts() } -> std::convertible_to<Index>;
+      { b.forward(x, y, arena) } -> std::same_as<void>;
+    };
+
+/// A shared bank that trains: `backward(x, dy, dx, arena)` WRITES dx (n_tokens, d_model) and accumulates its
+/// parameters' gradients; `visit_parameters(f)` as for routers.
+template <class B>
+concept TrainableSharedBank = SharedBank<B> &&
+    requires(B& b, ConstMatrixView<typename B::Scalar> x, MatrixView<typename B::Scalar> dx, Arena& arena) {
+      { b.backward(x, x, dx, arena) } -> std::same_as<void>;
+      b.visit_parameters(ParameterVisitorArchetype<typename B::Scalar>{});
+    };
+
 }  // namespace moe

@@ -5,7 +5,8 @@
 ///
 /// Weight layout follows Hugging Face Mixtral/Qwen naming, each row-major (out_features, in_features) like
 /// nn.Linear, so checkpoints map without transposition: w1 = gate_proj (d_ff, d_model), w3 = up_proj
-/// (d_ff, d_model), w2 = down_proj (d_model, d_ff). Plain (non-gated) banks have no w3.
+/// (d_ff, d_model), w2 = down_proj (d_model, d_ff). Plain (non-gated) banks have no w3. Optional biases
+/// (FFNOptions::bias) b1, b3 (d_ff) and b2 (d_model) are the projections' nn.Linear biases.
 
 #include <algorithm>
 #include <array>
@@ -28,8 +29,16 @@
 #include "../parameter.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
+#include "detail/dense.hpp"
+#include "init.hpp"
 
 namespace moe::experts {
+
+/// Options of an FFN bank beyond its shape.
+struct FFNOptions {
+  bool bias = false;                 ///< nn.Linear biases b1, b3, b2 (Hugging Face `mlp_bias`)
+  InitPolicy init = UniformFanIn{};  ///< weights; biases follow nn.Linear (uniform) or HF (zero otherwise)
+};
 
 /// A bank of n_experts FFN experts of one shape.
 /// @tparam T       scalar type of the canonical weights, activations and outputs
@@ -58,14 +67,19 @@ class FFN {
   using StoragePolicy = Storage;
   static constexpr bool gated = Gated;
 
-  /// @param cfg shape (validated: throws moe::Error naming the bad field); weights start at 0, call init()
-  explicit FFN(const MoEConfig& cfg)
+  /// @param cfg  shape (validated: throws moe::Error naming the bad field); weights start at 0, call init()
+  /// @param opts biases and init policy
+  explicit FFN(const MoEConfig& cfg, FFNOptions opts = {})
       : d_model_(cfg.validated().d_model),
         d_ff_(cfg.d_ff),
         n_experts_(cfg.n_experts),
         w1_(n_experts_ * d_ff_, d_model_),
         w3_(Gated ? n_experts_ * d_ff_ : 0, d_model_),
         w2_(n_experts_ * d_model_, d_ff_),
+        opts_(opts),
+        b1_(opts.bias ? n_experts_ : 0, d_ff_),
+        b3_(opts.bias && Gated ? n_experts_ : 0, d_ff_),
+        b2_(opts.bias ? n_experts_ : 0, d_model_),
         hidden_panels_(n_experts_, d_ff_, d_model_, Gated ? 2 : 1),
         out_panels_(n_experts_, d_model_, d_ff_, 1) {}
 
@@ -91,20 +105,39 @@ class FFN {
   }
   ConstMatrixView<T> w2(Index e) const { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
 
-  /// nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for each projection.
+  /// True when the bank has biases (FFNOptions::bias).
+  bool has_bias() const { return opts_.bias; }
+  /// Bias of w1 (gate_proj) of expert e, (1, d_ff); banks with biases only (throws moe::Error otherwise).
+  MatrixView<T> b1(Index e) { return bias_row(b1_, e); }
+  /// Bias of w3 (up_proj) of expert e, (1, d_ff); gated banks with biases only.
+  MatrixView<T> b3(Index e) requires Gated { return bias_row(b3_, e); }
+  /// Bias of w2 (down_proj) of expert e, (1, d_model); banks with biases only.
+  MatrixView<T> b2(Index e) { return bias_row(b2_, e); }
+
+  /// The init policy of FFNOptions (default nn.Linear's U(-1/sqrt(in), 1/sqrt(in))) for each projection;
+  /// biases U(-1/sqrt(in), 1/sqrt(in)) under that default, zero under any other policy (as HF does).
   void init(Rng& rng) {
-    w1_.init_uniform(rng, d_model_);
-    w3_.init_uniform(rng, d_model_);
-    w2_.init_uniform(rng, d_ff_);
+    initialize(rng, opts_.init, w1_, d_model_);
+    initialize(rng, opts_.init, w3_, d_model_);
+    initialize(rng, opts_.init, w2_, d_ff_);
+    const InitPolicy bias_init = std::holds_alternative<UniformFanIn>(opts_.init) ? opts_.init : Zeros{};
+    initialize(rng, bias_init, b1_, d_model_);
+    initialize(rng, bias_init, b3_, d_model_);
+    initialize(rng, bias_init, b2_, d_ff_);
   }
 
   /// Calls f(name, Parameter&) for "w1" (n_experts * d_ff, d_model), "w3" (gated only) and
-  /// "w2" (n_experts * d_model, d_ff): every expert's matrix stacked, expert 0 first.
+  /// "w2" (n_experts * d_model, d_ff): every expert's matrix stacked, expert 0 first; with biases also
+  /// "b1" (n_experts, d_ff), "b3" (gated only) and "b2" (n_experts, d_model).
   template <class F>
   void visit_parameters(F&& f) {
     f(std::string_view("w1"), w1_);
     if constexpr (Gated) f(std::string_view("w3"), w3_);
     f(std::string_view("w2"), w2_);
+    if (!opts_.bias) return;
+    f(std::string_view("b1"), b1_);
+    if constexpr (Gated) f(std::string_view("b3"), b3_);
+    f(std::string_view("b2"), b2_);
   }
 
   /// Marks the packed panels stale: the next forward re-packs them from w1/w3/w2.
@@ -163,7 +196,7 @@ class FFN {
         kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
                             Kernel::row_scaled ? x_scale + r0 : nullptr, n,
                             [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
-                              hidden_epilogue(tile, rows, j * h_cols, r0 + i0, hidden, h_in, kh);
+                              hidden_epilogue(tile, rows, e, j * h_cols, r0 + i0, hidden, h_in, kh);
                             });
       });
 
@@ -178,8 +211,11 @@ class FFN {
                             Kernel::row_scaled ? h_scale + r0 : nullptr, n,
                             [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
                               const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
+                              const T* b2 = bias_of(b2_, e);
                               for (Index i = 0; i < rows; ++i) {
-                                std::copy_n(tile + i * Kernel::width, nc, ys.row(r0 + i0 + i) + c0);
+                                T* y = ys.row(r0 + i0 + i) + c0;
+                                std::copy_n(tile + i * Kernel::width, nc, y);
+                                if (b2 != nullptr) kernels::axpy(Arch{}, T(1), b2 + c0, y, nc);
                               }
                             });
       });
@@ -202,6 +238,7 @@ class FFN {
     // Gradients are allocated here, outside the parallel region.
     const MatrixView<T> dw1 = w1_.grad(), dw2 = w2_.grad();
     const MatrixView<T> dw3 = Gated ? w3_.grad() : MatrixView<T>();
+    const MatrixView<T> db1 = b1_.grad(), db3 = b3_.grad(), db2 = b2_.grad();  // (n_experts or 0, *)
     const FFN& self = *this;  // const accessors give ConstMatrixView weights
 
     const double work = double(n_rows) * double(d_ff_) * double(d_model_);
@@ -213,40 +250,19 @@ class FFN {
       const auto dy = dys.middle_rows(r0, n);  // (n, d_model)
       const MatrixView<T> g(gate + r0 * d_ff_, n, d_ff_), h(hidden + r0 * d_ff_, n, d_ff_);
       const MatrixView<T> u = Gated ? MatrixView<T>(up + r0 * d_ff_, n, d_ff_) : MatrixView<T>();
-      kernels::matmul_nt(Arch{}, x, self.w1(e), g);
-      if constexpr (Gated) kernels::matmul_nt(Arch{}, x, self.w3(e), u);
-      for (Index i = 0; i < n; ++i) {
-        for (Index j = 0; j < d_ff_; ++j) {
-          if constexpr (Gated) {
-            h(i, j) = Act::apply(g(i, j)) * u(i, j);
-          } else {
-            h(i, j) = Act::apply(g(i, j));
-          }
-        }
-      }
-      detail::add_matmul_tn(dy, h, dw2.middle_rows(e * d_model_, d_model_));  // dW2 += dy^T h
-      for (Index i = 0; i < n; ++i) std::fill_n(h.row(i), d_ff_, T(0));
-      detail::add_matmul_nn(dy, self.w2(e), h);  // dh = dy W2   (n, d_ff)
-      for (Index i = 0; i < n; ++i) {
-        for (Index j = 0; j < d_ff_; ++j) {
-          const T a = g(i, j);
-          if constexpr (Gated) {
-            const T du = h(i, j) * Act::apply(a);
-            g(i, j) = h(i, j) * u(i, j) * Act::derivative(a);
-            u(i, j) = du;
-          } else {
-            g(i, j) = h(i, j) * Act::derivative(a);
-          }
-        }
-      }
-      detail::add_matmul_tn<T>(g, x, dw1.middle_rows(e * d_ff_, d_ff_));  // dW1 += dg^T x
-      const auto dx = dxs.middle_rows(r0, n);                              // (n, d_model)
-      for (Index i = 0; i < n; ++i) std::fill_n(dx.row(i), d_model_, T(0));
-      detail::add_matmul_nn<T>(g, self.w1(e), dx);  // dx = dg W1 [+ du W3]
-      if constexpr (Gated) {
-        detail::add_matmul_tn<T>(u, x, dw3.middle_rows(e * d_ff_, d_ff_));
-        detail::add_matmul_nn<T>(u, self.w3(e), dx);
-      }
+      detail::linear<Arch, T>(x, self.w1(e), bias_of(b1_, e), g);
+      if constexpr (Gated) detail::linear<Arch, T>(x, self.w3(e), bias_of(b3_, e), u);
+      detail::activate_rows<Act, Gated, Arch, T>(g, u, h);
+      detail::linear_backward<T>(dy, h, {}, dw2.middle_rows(e * d_model_, d_model_), bias_of(db2, e), {});
+      detail::set_zero(h);
+      detail::linear_backward<T>(dy, {}, self.w2(e), {}, nullptr, h);  // dh = dy W2   (n, d_ff)
+      detail::activation_backward<Act, Gated, T>(h, g, u);
+      const auto dx = dxs.middle_rows(r0, n);  // (n, d_model)
+      detail::set_zero(dx);
+      // dx = dg W1 [+ du W3]; dW1 += dg^T x; dW3 += du^T x
+      detail::linear_backward<T>(g, x, self.w1(e), dw1.middle_rows(e * d_ff_, d_ff_), bias_of(db1, e), dx);
+      if constexpr (Gated)
+        detail::linear_backward<T>(u, x, self.w3(e), dw3.middle_rows(e * d_ff_, d_ff_), bias_of(db3, e), dx);
     }
   }
 
@@ -315,16 +331,34 @@ class FFN {
     pack_state_.packed.store(weights_version(), std::memory_order_release);
   }
 
+  MatrixView<T> bias_row(Parameter<T>& b, Index e) {
+    moe::detail::require(e >= 0 && e < b.rows(), "moe::experts::FFN: no bias for expert ", e,
+                         " (construct with FFNOptions{.bias = true})");
+    return b.value().middle_rows(e, 1);
+  }
+  // Expert e's row of a bias or bias gradient, nullptr when the bank has none.
+  static const T* bias_of(const Parameter<T>& b, Index e) { return b.rows() == 0 ? nullptr : b.data() + e * b.cols(); }
+  static T* bias_of(MatrixView<T> b, Index e) { return b.rows() == 0 ? nullptr : b.row(e); }
+
   // Hidden tile (rows, width) of panel columns starting at hidden column c0: gate in the first half, up in
   // the second (gated); activated into `hidden` rows, or encoded straight into the kernel's input rows when
   // the encoding needs no whole-row scale.
-  void hidden_epilogue(const typename Kernel::Out* tile, Index rows, Index c0, Index row0, T* hidden, Input* h_in,
-                       Index kh) const {
+  void hidden_epilogue(const typename Kernel::Out* tile, Index rows, Index e, Index c0, Index row0, T* hidden,
+                       Input* h_in, Index kh) const {
     using O = typename Kernel::Out;
     const Index half = hidden_panels_.columns_per_source(), nc = std::min(half, d_ff_ - c0);
-    alignas(64) O act[Kernel::width];  // (half) one activated row of the tile
+    alignas(64) O act[Kernel::width];     // (half) one activated row of the tile
+    alignas(64) O biased[Kernel::width];  // (width) the tile row plus the biases, when the bank has them
+    const T* b1 = bias_of(b1_, e);
+    const T* b3 = Gated ? bias_of(b3_, e) : nullptr;
     for (Index i = 0; i < rows; ++i) {
       const O* g = tile + i * Kernel::width;  // (half) gate, then (half) up
+      if (b1 != nullptr) {
+        for (Index j = 0; j < nc; ++j) biased[j] = g[j] + O(b1[c0 + j]);
+        if constexpr (Gated)
+          for (Index j = 0; j < nc; ++j) biased[half + j] = g[half + j] + O(b3[c0 + j]);
+        g = biased;
+      }
       O* out = converts_input && !Kernel::row_scaled ? act : reinterpret_cast<O*>(hidden + (row0 + i) * d_ff_ + c0);
       if constexpr (Gated) {
         kernels::gated_activate<Act>(Arch{}, g, g + half, out, nc);
@@ -341,6 +375,10 @@ class FFN {
   Parameter<T> w1_;  // (n_experts * d_ff, d_model)
   Parameter<T> w3_;  // (n_experts * d_ff, d_model), empty unless Gated
   Parameter<T> w2_;  // (n_experts * d_model, d_ff)
+  FFNOptions opts_;
+  Parameter<T> b1_;  // (n_experts, d_ff), empty without biases
+  Parameter<T> b3_;  // (n_experts, d_ff), empty without biases or unless Gated
+  Parameter<T> b2_;  // (n_experts, d_model), empty without biases
   // Forward-only copies of the weights in the kernel's panel layout, derived from w1_/w3_/w2_.
   mutable kernels::PackedWeights<Kernel> hidden_panels_;  // (n_experts, ...) w1 (and w3) panels
   mutable kernels::PackedWeights<Kernel> out_panels_;     // (n_experts, ...) w2 panels
