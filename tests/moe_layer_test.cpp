@@ -415,3 +415,98 @@ TEST_CASE("MoELayer::backward rejects a foreign context, bad shapes and NaN befo
   REQUIRE_THROWS_WITH(layer.backward(dy, dx, ctx), Contains("dy(2, 3)"));
   REQUIRE((dx.array() == canary).all());
 }
+
+// ---- always-on banks, capacity, null experts ----------------------------------------------------------
+
+TEST_CASE("MoELayer adds always-on (shared) experts to every token, forward and backward", "[layer][shared]") {
+  using SharedBank = moe::experts::Shared<moe::experts::SwiGLU<double>, moe::experts::SigmoidSharedGate>;
+  using WithShared = moe::MoELayer<moe::routers::TopKSoftmax<double>, moe::experts::SwiGLU<double>, SharedBank>;
+  const MoEConfig cfg{.d_model = 7, .d_ff = 6, .n_experts = 4, .top_k = 2};
+  WithShared layer{moe::routers::TopKSoftmax<double>(cfg), moe::experts::SwiGLU<double>(cfg),
+                   SharedBank({.d_model = 7, .d_ff = 5, .n_experts = 1, .top_k = 1})};
+  layer.init(12);
+  REQUIRE(layer.n_experts() == 4);  // the shared expert takes no routed id
+  Layer<double> routed_only{moe::routers::TopKSoftmax<double>(cfg), moe::experts::SwiGLU<double>(cfg)};
+  routed_only.router() = layer.router();
+  routed_only.bank<0>() = layer.bank<0>();
+
+  RowMatrix<double> x = random_tokens<double>(9, 7, 3);
+  RowMatrix<double> y(9, 7), y_routed(9, 7), y_shared(9, 7);
+  layer.forward(x, y);
+  routed_only.forward(x, y_routed);
+  {
+    moe::Workspace ws(1 << 20);
+    moe::Arena arena(ws);
+    layer.bank<1>().forward(x, y_shared, arena);
+  }
+  REQUIRE(y_shared.norm() > 0);
+  REQUIRE((y - y_routed - y_shared).cwiseAbs().maxCoeff() <= 1e-14);
+  RowMatrix<double> in_place = x;
+  layer.forward(in_place, in_place);  // y may alias x with shared experts too
+  REQUIRE(in_place == y);
+
+  moe::test::Rng rng(4);
+  const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, 9, 7);
+  RowMatrix<double> dx(9, 7);
+  moe::TrainingContext<double> ctx;
+  layer.forward(x, y, ctx);
+  layer.zero_grad();
+  layer.backward(r, dx, ctx);
+  const auto loss = [&] {
+    RowMatrix<double> out(9, 7);
+    layer.forward(x, out);
+    return (out.array() * r.array()).sum();
+  };
+  moe::test::check_gradient("dx", x.data(), dx.data(), x.size(), loss);
+  bool saw_shared = false;
+  layer.visit_parameters([&](const std::string& name, moe::Parameter<double>& p) {
+    const auto st = moe::test::check_gradient(name, p, loss, 24);
+    if (name.rfind("bank1.", 0) == 0) saw_shared |= st.max_abs_numeric > 1e-4;
+  });
+  REQUIRE(saw_shared);
+}
+
+TEST_CASE("MoELayer reports experts per token and the slots a capacity-limited router dropped", "[layer][capacity]") {
+  using Capped = moe::routers::CapacityLimited<moe::routers::TopKSoftmax<float>>;
+  const MoEConfig cfg{.d_model = 12, .d_ff = 16, .n_experts = 4, .top_k = 2};
+  moe::MoELayer<Capped, moe::experts::SwiGLU<float>> layer(
+      Capped(moe::routers::TopKSoftmax<float>(cfg), {.capacity_factor = 0.5}), moe::experts::SwiGLU<float>(cfg));
+  layer.init(3);
+  RowMatrix<float> x = random_tokens<float>(40, 12, 9);
+  x.col(0).setOnes();
+  layer.router().visit_parameters([](std::string_view, moe::Parameter<float>& p) { p.value()(0, 0) = 5; });
+  RowMatrix<float> y(40, 12);
+  const auto res = layer.forward(x, y);
+  Index used = 0, dropped_by_id = 0;
+  for (Index t = 0; t < 40; ++t) {
+    Index active = 0;
+    for (Index s = 0; s < 2; ++s) active += res.expert_ids[static_cast<std::size_t>(2 * t + s)] >= 0;
+    REQUIRE(res.experts_per_token[static_cast<std::size_t>(t)] == active);
+    used += active;
+    dropped_by_id += 2 - active;
+  }
+  REQUIRE(res.dropped_slots > 0);  // capacity ceil(40*2/4*0.5) = 10 per expert, expert 0 is wanted by all
+  REQUIRE(res.dropped_slots == dropped_by_id);
+  Index routed = 0;
+  for (Index c : res.tokens_per_expert) routed += c;
+  REQUIRE(routed == used);
+}
+
+TEST_CASE("MoELayer runs AdaMoE null experts with top_k above the number of real experts", "[layer][null]") {
+  using Null = moe::routers::NullExpertRouter<float>;
+  moe::MoELayer<Null, moe::experts::SwiGLU<float>> layer(
+      Null({.d_model = 10, .d_ff = 12, .n_experts = 2, .top_k = 3}, {.n_null_experts = 4}),
+      moe::experts::SwiGLU<float>({.d_model = 10, .d_ff = 12, .n_experts = 2, .top_k = 1}));
+  layer.init(8);
+  const RowMatrix<float> x = random_tokens<float>(30, 10, 2);
+  RowMatrix<float> y(30, 10);
+  const auto res = layer.forward(x, y);
+  Index real = 0;
+  for (Index n : res.experts_per_token) {
+    REQUIRE(n <= 2);
+    real += n;
+  }
+  REQUIRE(real > 0);
+  REQUIRE(real < 30 * 3);  // some slots went to null experts
+  REQUIRE(y.allFinite());
+}

@@ -14,7 +14,7 @@ using moe::Index;
 namespace {
 
 moe::ForwardResult<float> result(Index n_tokens, Index k, const std::vector<Index>& ids, const std::vector<float>& w) {
-  return {n_tokens, k, ids, w, {}};
+  return {n_tokens, k, ids, w, {}, {}, 0};
 }
 
 }  // namespace

@@ -20,6 +20,8 @@
 #include "kernels/simd/scatter_add.hpp"
 #include "moe_config.hpp"
 #include "random.hpp"
+#include "routers/capacity.hpp"
+#include "routers/gating.hpp"
 #include "routing_plan.hpp"
 #include "workspace.hpp"
 
@@ -33,6 +35,8 @@ struct ForwardResult {
   std::span<const Index> expert_ids;         ///< (n_tokens, top_k) expert of each slot, -1 if unused
   std::span<const T> expert_weights;         ///< (n_tokens, top_k) combine weight of each slot
   std::span<const Index> tokens_per_expert;  ///< (n_experts,) slots routed to each expert
+  std::span<const Index> experts_per_token;  ///< (n_tokens,) slots of each token that reached an expert
+  Index dropped_slots = 0;                   ///< slots a capacity-limited router dropped in this batch
 };
 
 /// What a training forward records for backward: the routing, the grouped rows, the expert outputs and a
@@ -54,6 +58,8 @@ class TrainingContext {
     T* xs = nullptr;  // (n_slots, d_model) grouped rows
     T* ys = nullptr;  // (n_slots, d_model) expert outputs
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
+    Index* experts_per_token = nullptr;  // (n_tokens)
+    Index dropped_slots = 0;
   };
   Workspace forward_ws_;
   Workspace backward_ws_;
@@ -64,8 +70,9 @@ class TrainingContext {
 
 /// A sparse Mixture-of-Experts layer.
 /// @tparam R     router policy (moe::Router), e.g. routers::TopKSoftmax
-/// @tparam Banks expert banks (moe::ExpertBank), e.g. experts::SwiGLU; expert ids are contiguous per bank,
-///               in pack order
+/// @tparam Banks expert banks: routed ones (moe::ExpertBank, e.g. experts::SwiGLU; expert ids are contiguous
+///               per bank, in pack order) and always-on ones (moe::SharedBank, e.g. experts::Shared<...>:
+///               every token goes through them and their output is added; they take no routed ids)
 ///
 /// Threading: `forward(x, y, ws)` is const; concurrent calls are safe with one Workspace per caller.
 template <class R, class... Banks>
@@ -74,9 +81,10 @@ class MoELayer {
                 "MoELayer<R, Banks...>: R must model moe::Router: R::Scalar (float or double), d_model(), "
                 "n_experts(), top_k() and route(x, ids, weights, arena) const; see include/moe/concepts.hpp");
   static_assert(sizeof...(Banks) >= 1, "MoELayer<R, Banks...>: give at least one expert bank");
-  static_assert((ExpertBank<Banks> && ...),
+  static_assert(((ExpertBank<Banks> || SharedBank<Banks>) && ...),
                 "MoELayer<R, Banks...>: every bank must model moe::ExpertBank: B::Scalar, d_model(), n_experts() "
-                "and forward(xs, offsets, ys, arena) const; see include/moe/concepts.hpp");
+                "and forward(xs, offsets, ys, arena) const (or moe::SharedBank); see include/moe/concepts.hpp");
+  static_assert((ExpertBank<Banks> || ...), "MoELayer<R, Banks...>: give at least one routed expert bank");
   static_assert((std::is_same_v<typename R::Scalar, typename Banks::Scalar> && ...),
                 "MoELayer<R, Banks...>: the router and every bank must share one Scalar type");
 
@@ -98,14 +106,14 @@ class MoELayer {
         [&](const auto&... b) {
           ((detail::require(b.d_model() == router_.d_model(), "moe::MoELayer: an expert bank has d_model = ",
                             b.d_model(), " but the router has d_model = ", router_.d_model()),
-            n_total += b.n_experts()),
+            n_total += routed<decltype(b)> ? b.n_experts() : 0),
            ...);
         },
         banks_);
-    detail::require(n_total == router_.n_experts(), "moe::MoELayer: the banks hold ", n_total,
+    detail::require(n_total == router_.n_experts(), "moe::MoELayer: the routed banks hold ", n_total,
                     " experts but the router routes over n_experts = ", router_.n_experts());
-    detail::require(router_.top_k() >= 1 && router_.top_k() <= n_total, "moe::MoELayer: top_k = ",
-                    router_.top_k(), " must be in [1, n_experts = ", n_total, "]");
+    // The router bounds top_k itself: null-expert routers (AdaMoE) may use more slots than real experts.
+    detail::require(router_.top_k() >= 1, "moe::MoELayer: top_k = ", router_.top_k(), " must be >= 1");
   }
 
   Index d_model() const { return router_.d_model(); }      ///< token width
@@ -128,9 +136,13 @@ class MoELayer {
   /// zero, copy and constant experts).
   std::vector<bool> zero_computation_mask() const {
     std::vector<bool> mask;
-    std::apply([&](const auto&... b) { (mask.insert(mask.end(), static_cast<std::size_t>(b.n_experts()),
-                                                    is_zero_computation<std::remove_cvref_t<decltype(b)>>), ...); },
-               banks_);
+    std::apply(
+        [&](const auto&... b) {
+          (mask.insert(mask.end(), static_cast<std::size_t>(routed<decltype(b)> ? b.n_experts() : 0),
+                       is_zero_computation<std::remove_cvref_t<decltype(b)>>),
+           ...);
+        },
+        banks_);
     return mask;
   }
 
@@ -176,7 +188,7 @@ class MoELayer {
   /// Results are bitwise identical for any thread count. Throws moe::Error, before writing anything, when
   /// ctx was not recorded by this layer, a shape is wrong or dy holds NaN or ±inf. dx may be dy itself.
   void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx)
-    requires(TrainableRouter<R> && (TrainableBank<Banks> && ...))
+    requires(TrainableRouter<R> && ((TrainableBank<Banks> || TrainableSharedBank<Banks>) && ...))
   {
     detail::require(ctx.layer_ == this, "moe::MoELayer::backward: the TrainingContext was not recorded by a "
                                         "training forward of this layer");
@@ -246,8 +258,37 @@ class MoELayer {
 
   ForwardResult<Scalar> result(const Record& rec, Index n_tokens) const {
     const auto n_slots = static_cast<std::size_t>(n_tokens * top_k());
-    return {n_tokens, top_k(), {rec.ids, n_slots}, {rec.weights, n_slots},
-            {rec.plan.counts, static_cast<std::size_t>(n_experts())}};
+    return {n_tokens,
+            top_k(),
+            {rec.ids, n_slots},
+            {rec.weights, n_slots},
+            {rec.plan.counts, static_cast<std::size_t>(n_experts())},
+            {rec.experts_per_token, static_cast<std::size_t>(n_tokens)},
+            rec.dropped_slots};
+  }
+
+  template <class B>
+  static constexpr bool routed = ExpertBank<std::remove_cvref_t<B>>;
+  static constexpr bool has_shared = (SharedBank<Banks> || ...);
+
+  // Calls f(bank) for each always-on bank, in pack order.
+  template <class Self, class F>
+  static void for_each_shared(Self& self, F&& f) {
+    const auto one = [&](auto& bank) {
+      if constexpr (!routed<decltype(bank)>) f(bank);
+    };
+    std::apply([&](auto&... bank) { (one(bank), ...); }, self.banks_);
+  }
+
+  // Routes, reporting dropped slots when the router can (capacity-limited routers).
+  void route(ConstMatrixView<Scalar> x, Record& rec, Arena& arena) const {
+    if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
+      routers::RouteStats st;
+      router_.route(x, rec.ids, rec.weights, rec.saved, arena, st);
+      rec.dropped_slots = st.dropped_slots;
+    } else {
+      router_.route(x, rec.ids, rec.weights, rec.saved, arena);
+    }
   }
 
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
@@ -262,12 +303,15 @@ class MoELayer {
     rec.xs = arena.take<Scalar>(n_slots * d);
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
+    rec.experts_per_token = arena.take<Index>(n_tokens);
+    Scalar* shared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on sum
     const std::size_t mark = arena.used();  // router and banks run in turn: they share the rest
     const bool measuring = arena.measuring();
 
-    router_.route(x, rec.ids, rec.weights, rec.saved, arena);
+    route(x, rec, arena);
     arena.rewind(mark);
     if (!measuring) {
+      routers::count_active_slots(rec.ids, n_tokens, k, rec.experts_per_token);
       rec.plan.build(rec.ids);
       if (keep_x)
         for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
@@ -283,12 +327,30 @@ class MoELayer {
       bank.forward(xs, offsets, ys, arena);
       arena.rewind(mark);
     });
+    if constexpr (has_shared) {
+      // Always-on banks read x before the combine writes y (which may be x), summed in pack order.
+      Scalar* one = arena.take<Scalar>(n_tokens * d);  // (n_tokens, d_model) one bank's output
+      bool first = true;
+      for_each_shared(*this, [&](const auto& bank) {
+        const std::size_t inner = arena.used();
+        bank.forward(x, grouped(first ? shared : one, n_tokens), arena);
+        arena.rewind(inner);
+        if (!measuring && !first)
+          for (Index i = 0; i < n_tokens * d; ++i) shared[i] += one[i];
+        first = false;
+      });
+      arena.rewind(mark);
+    }
     if (measuring) return rec;
 
-    // Combine: y[t] = sum over slots s, in slot order, of w[t, s] * ys[slot_row[t, s]].
+    // Combine: y[t] = (always-on output) + sum over slots s, in slot order, of w[t, s] * ys[slot_row[t, s]].
     MOE_OMP(omp parallel for schedule(static) if(double(n_slots) * double(d) >= detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
-      std::fill_n(y.row(t), d, Scalar(0));
+      if constexpr (has_shared) {
+        std::copy_n(shared + t * d, d, y.row(t));
+      } else {
+        std::fill_n(y.row(t), d, Scalar(0));
+      }
       kernels::scatter_add(kernels::default_arch{}, y.middle_rows(t, 1), ConstMatrixView<Scalar>(ys),
                            rec.plan.slot_row + t * k, rec.weights + t * k, k);
     }
@@ -343,6 +405,18 @@ class MoELayer {
     }
     const auto x = measuring ? ConstMatrixView<Scalar>::shape_only(n_tokens, d)
                              : ConstMatrixView<Scalar>(rec.x, n_tokens, d);
+    if constexpr (has_shared) {
+      Scalar* one = arena.take<Scalar>(n_tokens * d);  // (n_tokens, d_model) one bank's dL/dx
+      for_each_shared(*this, [&](auto& bank) {
+        const std::size_t inner = arena.used();
+        bank.backward(x, dy, grouped(one, n_tokens), arena);
+        arena.rewind(inner);
+        if (!measuring)
+          for (Index t = 0; t < n_tokens; ++t)
+            for (Index j = 0; j < d; ++j) dx(t, j) += one[t * d + j];
+      });
+      arena.rewind(mark);
+    }
     router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena);
   }
 
@@ -355,11 +429,13 @@ class MoELayer {
   template <class Self, class F>
   static void for_each_bank(Self& self, const RoutingPlan& plan, bool measuring, F&& f) {
     Index first = 0;
-    std::apply(
-        [&](auto&... bank) {
-          ((f(bank, measuring ? nullptr : plan.offsets + first), first += bank.n_experts()), ...);
-        },
-        self.banks_);
+    const auto one = [&](auto& bank) {
+      if constexpr (routed<decltype(bank)>) {
+        f(bank, measuring ? nullptr : plan.offsets + first);
+        first += bank.n_experts();
+      }
+    };
+    std::apply([&](auto&... bank) { (one(bank), ...); }, self.banks_);
   }
   template <class F>
   void for_each_bank(const RoutingPlan& plan, bool measuring, F&& f) const {
