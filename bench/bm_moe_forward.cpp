@@ -237,7 +237,7 @@ moe::RowMatrix<float> tokens(Index n_tokens, Index d_model) {
 
 /// One initialised layer per (storage, shape), shared by that storage's cells (weights take seconds to build).
 template <class Storage>
-const Layer<Storage>& layer_for(const moe::bench::Preset& p) {
+Layer<Storage>& layer_for(const moe::bench::Preset& p) {
   static std::map<std::string, std::unique_ptr<Layer<Storage>>> cache;
   auto& slot = cache[p.name];
   if (!slot) {
@@ -339,8 +339,30 @@ void bm_naive(benchmark::State& state, moe::bench::Preset p, Index n_tokens) {
   set_counters(state, p.cfg, n_tokens);
 }
 
-// Forward + backward cells (f32) and the training benchmark (S1, S2 at T = 512) come here once
-// MoELayer::backward lands: forward_backward/<S1|S2>/f32/T<n>/threads<k>, same counters, same layer cache.
+/// One training step's compute: training forward, then backward (weight gradients accumulate). GFLOPS counts
+/// the usual 3x the forward's active FLOPs (forward, input gradient, weight gradient); the FFN backward also
+/// recomputes gate and up, which is not counted. The T = 512 cells are the training benchmark.
+void bm_forward_backward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int threads) {
+  auto& layer = layer_for<moe::kernels::NativeWeights>(p);
+  const auto x = tokens(n_tokens, p.cfg.d_model);
+  moe::RowMatrix<float> y(n_tokens, p.cfg.d_model), dx(n_tokens, p.cfg.d_model);
+  const moe::RowMatrix<float> dy = tokens(n_tokens, p.cfg.d_model) * 1e-3f;
+  moe::TrainingContext<float> ctx;
+  with_threads(threads, [&] {
+    layer.forward(x, y, ctx);  // warm-up: sizes the context, allocates the gradients
+    layer.backward(dy, dx, ctx);
+    for (auto _ : state) {
+      layer.forward(x, y, ctx);
+      layer.backward(dy, dx, ctx);
+      benchmark::DoNotOptimize(dx.data());
+      benchmark::ClobberMemory();
+    }
+  });
+  state.counters["GFLOPS"] = benchmark::Counter(3 * moe::bench::active_flops(p.cfg, n_tokens) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsIterationInvariantRate);
+}
 
 template <class Storage>
 void register_forward(const moe::bench::Preset& p, const char* dtype) {
@@ -378,6 +400,13 @@ const bool registered = [] {
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime()
             ->MinTime(t <= 8 ? 0.1 : 0.5);
+      }
+      for (int threads : {1, 2}) {
+        benchmark::RegisterBenchmark(("forward_backward/" + cell + "/threads" + std::to_string(threads)).c_str(),
+                                     bm_forward_backward, p, t, threads)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->MinTime(0.5);
       }
       auto* naive = benchmark::RegisterBenchmark(("naive/" + cell + "/threads1").c_str(), bm_naive, p, t)
                         ->Unit(benchmark::kMillisecond)
