@@ -78,3 +78,59 @@ TEST_CASE("bf16 and int8 weight storage allocate nothing after warm-up either", 
   check(moe::kernels::BF16Weights{});
   check(moe::kernels::Int8Weights{});
 }
+
+namespace {
+
+// Warm-up at 100 tokens, then forwards at 100, 1, 37 tokens: no heap allocation.
+template <class Layer>
+long allocations_after_warm_up(Layer& layer) {
+  layer.init(4);
+  moe::Rng rng(6);
+  const moe::RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 100, layer.d_model());
+  moe::RowMatrix<float> y(100, layer.d_model());
+  moe::Workspace ws;
+  layer.forward(x, y, ws);
+  const long before = g_allocations.load();
+  for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
+  return g_allocations.load() - before;
+}
+
+}  // namespace
+
+TEST_CASE("Every router and heterogeneous banks allocate nothing after warm-up", "[alloc]") {
+  using namespace moe;
+  const MoEConfig cfg{.d_model = 32, .d_ff = 48, .n_experts = 6, .top_k = 2};
+  using Capped = routers::CapacityLimited<routers::TopKRouter<float>>;
+  MoELayer<Capped, experts::SwiGLU<float>> capped(Capped(routers::TopKRouter<float>(cfg, routers::presets::mixtral()),
+                                                          {.capacity_factor = 0.75}),
+                                                   experts::SwiGLU<float>(cfg));
+  CHECK(allocations_after_warm_up(capped) == 0);
+  MoELayer<routers::TopKRouter<float>, experts::SwiGLU<float>> deepseek(
+      routers::TopKRouter<float>({.d_model = 32, .d_ff = 48, .n_experts = 16, .top_k = 2},
+                                 routers::presets::deepseek_v3()),
+      experts::SwiGLU<float>({.d_model = 32, .d_ff = 48, .n_experts = 16, .top_k = 2}));
+  CHECK(allocations_after_warm_up(deepseek) == 0);
+  MoELayer<routers::NullExpertRouter<float>, experts::SwiGLU<float>> adamoe(
+      routers::NullExpertRouter<float>(cfg, {.n_null_experts = 3}), experts::SwiGLU<float>(cfg));
+  CHECK(allocations_after_warm_up(adamoe) == 0);
+  MoELayer<routers::DenseToSparseGate<float>, experts::SwiGLU<float>> evomoe(
+      routers::DenseToSparseGate<float>({.d_model = 32, .d_ff = 48, .n_experts = 6, .top_k = 6}),
+      experts::SwiGLU<float>(cfg));
+  CHECK(allocations_after_warm_up(evomoe) == 0);
+  MoELayer<routers::ExpertChoiceRouter<float>, experts::SwiGLU<float>> expert_choice(
+      routers::ExpertChoiceRouter<float>({.d_model = 32, .d_ff = 48, .n_experts = 6, .top_k = 6}),
+      experts::SwiGLU<float>(cfg));
+  CHECK(allocations_after_warm_up(expert_choice) == 0);
+  MoELayer<routers::TopKSoftmax<float>, experts::SwiGLU<float>, experts::LoRASwiGLU<float>, experts::GRU<float>,
+           experts::ConstantExperts<float>, experts::CopyExperts<float>, experts::ZeroExperts<float>,
+           experts::Shared<experts::SwiGLU<float>, experts::SigmoidSharedGate>>
+      mixed(routers::TopKSoftmax<float>({.d_model = 32, .d_ff = 48, .n_experts = 9, .top_k = 2}),
+            experts::SwiGLU<float>({.d_model = 32, .d_ff = 48, .n_experts = 2, .top_k = 1}),
+            experts::LoRASwiGLU<float>({.d_model = 32, .d_ff = 48, .n_experts = 2, .top_k = 1}, {.rank = 4}),
+            experts::GRU<float>({.d_model = 32, .d_ff = 48, .n_experts = 2, .top_k = 1}),
+            experts::ConstantExperts<float>(1, 32), experts::CopyExperts<float>(1, 32),
+            experts::ZeroExperts<float>(1, 32),
+            experts::Shared<experts::SwiGLU<float>, experts::SigmoidSharedGate>(
+                MoEConfig{.d_model = 32, .d_ff = 48, .n_experts = 1, .top_k = 1}));
+  CHECK(allocations_after_warm_up(mixed) == 0);
+}
