@@ -5,6 +5,7 @@
 #include <bit>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <limits>
 #include <string>
 #include <vector>
@@ -50,6 +51,12 @@ void check_against_naive(const Layer<T>& layer, const RowMatrix<T>& x) {
               chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(s)]);
   REQUIRE(ref.norm() > 0.0);
   CHECK(moe::test::nmse(ref.data(), y.data(), static_cast<std::size_t>(ref.size())) <= nmse_bound<T>());
+}
+
+// A workspace for forwards whose routing result is not kept.
+moe::Workspace& layer_ws() {
+  static moe::Workspace ws;
+  return ws;
 }
 
 template <class T>
@@ -509,4 +516,90 @@ TEST_CASE("MoELayer runs AdaMoE null experts with top_k above the number of real
   REQUIRE(real > 0);
   REQUIRE(real < 30 * 3);  // some slots went to null experts
   REQUIRE(y.allFinite());
+}
+
+// ---- recurrent banks with sequences -------------------------------------------------------------------
+
+namespace {
+
+// Naive double GRU step (torch.nn.GRUCell formulas), written independently of the bank.
+std::vector<double> gru_step(const moe::experts::GRU<double>& bank, Index e, const double* x, const std::vector<double>& h) {
+  const Index d = bank.d_model();
+  std::vector<double> gi(static_cast<std::size_t>(3 * d)), gh(static_cast<std::size_t>(3 * d)), out(static_cast<std::size_t>(d));
+  for (Index i = 0; i < 3 * d; ++i) {
+    double a = bank.b_ih(e).data()[i], b = bank.b_hh(e).data()[i];
+    for (Index j = 0; j < d; ++j) {
+      a += bank.w_ih(e)(i, j) * x[j];
+      b += bank.w_hh(e)(i, j) * h[static_cast<std::size_t>(j)];
+    }
+    gi[static_cast<std::size_t>(i)] = a;
+    gh[static_cast<std::size_t>(i)] = b;
+  }
+  const auto sig = [](double v) { return 1 / (1 + std::exp(-v)); };
+  for (Index j = 0; j < d; ++j) {
+    const auto u = static_cast<std::size_t>(j), dd = static_cast<std::size_t>(d);
+    const double r = sig(gi[u] + gh[u]), z = sig(gi[dd + u] + gh[dd + u]);
+    const double n = std::tanh(gi[2 * dd + u] + r * gh[2 * dd + u]);
+    out[u] = (1 - z) * n + z * h[u];
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("MoELayer carries a GRU expert's state along each sequence of a packed batch", "[layer][gru]") {
+  using GRULayer = moe::MoELayer<moe::routers::TopKSoftmax<double>, moe::experts::GRU<double>>;
+  const Index d = 6, T = 14;
+  GRULayer layer{moe::routers::TopKSoftmax<double>({.d_model = d, .d_ff = 1, .n_experts = 3, .top_k = 1}),
+                 moe::experts::GRU<double>({.d_model = d, .d_ff = 1, .n_experts = 3, .top_k = 1})};
+  layer.init(5);
+  RowMatrix<double> x = random_tokens<double>(T, d, 7);
+  const std::vector<Index> starts = {0, 5, 6, 11};  // sequences of 5, 1, 5 and 3 tokens
+  RowMatrix<double> y(T, d);
+  const auto res = layer.forward(x, y, layer_ws(), starts);
+
+  // Reference: walk the tokens in time order, one state per (expert, sequence), zero at its first token.
+  std::map<std::pair<Index, Index>, std::vector<double>> state;
+  RowMatrix<double> ref(T, d);
+  Index seq = -1;
+  bool carried = false;
+  for (Index t = 0; t < T; ++t) {
+    if (std::find(starts.begin(), starts.end(), t) != starts.end()) ++seq;
+    const Index e = res.expert_ids[static_cast<std::size_t>(t)];
+    auto [it, fresh] = state.try_emplace({e, seq}, std::vector<double>(static_cast<std::size_t>(d), 0.0));
+    carried |= !fresh;
+    it->second = gru_step(layer.bank<0>(), e, x.row(t).data(), it->second);
+    for (Index j = 0; j < d; ++j) ref(t, j) = res.expert_weights[static_cast<std::size_t>(t)] * it->second[static_cast<std::size_t>(j)];
+  }
+  REQUIRE(carried);  // some expert saw two tokens of one sequence: the state was carried
+  REQUIRE(moe::test::nmse(ref.data(), y.data(), static_cast<std::size_t>(ref.size())) <= 1e-24);
+
+  // Without sequences every row starts from zero: a different result.
+  RowMatrix<double> y_plain(T, d);
+  layer.forward(x, y_plain);
+  REQUIRE(y_plain != y);
+
+  // Backpropagation through time inside the layer.
+  moe::test::Rng rng(3);
+  const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, T, d);
+  moe::TrainingContext<double> ctx;
+  RowMatrix<double> dx(T, d);
+  layer.forward(x, y, ctx, starts);
+  layer.zero_grad();
+  layer.backward(r, dx, ctx);
+  const auto loss = [&] {
+    RowMatrix<double> out(T, d);
+    layer.forward(x, out, layer_ws(), starts);
+    return (out.array() * r.array()).sum();
+  };
+  moe::test::check_gradient("dx", x.data(), dx.data(), x.size(), loss);
+  layer.visit_parameters([&](const std::string& name, moe::Parameter<double>& p) {
+    moe::test::check_gradient(name, p, loss, 32);
+  });
+
+  using Catch::Matchers::Contains;
+  const std::vector<Index> bad = {0, 5, 5};
+  REQUIRE_THROWS_WITH(layer.forward(x, y, layer_ws(), bad), Contains("sequence_starts[2] = 5"));
+  const std::vector<Index> late = {1};
+  REQUIRE_THROWS_WITH(layer.forward(x, y, layer_ws(), late), Contains("sequence_starts[0] = 1"));
 }

@@ -68,6 +68,16 @@ concept ExpertBank = Scalar<typename B::Scalar> &&
       { b.forward(xs, offsets, ys, arena) } -> std::same_as<void>;
     };
 
+/// A recurrent bank (experts::GRU): besides the ExpertBank forward, `forward(xs, offsets, prev_rows, ys, arena)`
+/// where prev_rows[r] is the grouped row whose output is row r's starting state (-1: zero state); the layer
+/// builds prev_rows from the sequences of a packed batch.
+template <class B>
+concept SequenceBank = ExpertBank<B> &&
+    requires(const B& b, ConstMatrixView<typename B::Scalar> xs, const Index* offsets, const Index* prev_rows,
+             MatrixView<typename B::Scalar> ys, Arena& arena) {
+      { b.forward(xs, offsets, prev_rows, ys, arena) } -> std::same_as<void>;
+    };
+
 /// True for banks that declare `static constexpr bool zero_computation = true` (no matrix product per row).
 template <class B>
 inline constexpr bool is_zero_computation = requires { requires B::zero_computation; };

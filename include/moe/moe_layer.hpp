@@ -20,6 +20,7 @@
 #include "kernels/simd/scatter_add.hpp"
 #include "moe_config.hpp"
 #include "random.hpp"
+#include "experts/gru.hpp"
 #include "routers/capacity.hpp"
 #include "routers/gating.hpp"
 #include "routing_plan.hpp"
@@ -59,6 +60,8 @@ class TrainingContext {
     T* ys = nullptr;  // (n_slots, d_model) expert outputs
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
     Index* experts_per_token = nullptr;  // (n_tokens)
+    Index* prev_rows = nullptr;          // (n_slots) previous grouped row of a recurrent bank's row, or -1
+    bool sequences = false;              // prev_rows holds carried-state links
     Index dropped_slots = 0;
   };
   Workspace forward_ws_;
@@ -160,26 +163,35 @@ class MoELayer {
   /// Grows `ws` on the first call at a size; later calls at the same or a smaller n_tokens do not allocate.
   /// Throws moe::Error, before writing anything, when a shape is wrong or x holds NaN or ±inf.
   /// n_tokens == 0 returns at once with an empty result.
-  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws) const {
+  ///
+  /// `sequence_starts` (optional) marks where each sequence of a packed batch begins (ascending token
+  /// indices, the first 0): recurrent banks (experts::GRU) then carry each expert's state from the same
+  /// sequence's previous token routed to it (token-level routing, docs/experts.md); without it every routed
+  /// row of a recurrent bank starts from a zero state. Other banks ignore it.
+  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws,
+                                std::span<const Index> sequence_starts = {}) const {
     check_input(x, y);
+    check_sequences(sequence_starts, x.rows());
     if (x.rows() == 0) return {};
     ws.reserve(workspace_bytes(x.rows()));
     Arena arena(ws);
-    return result(run(x, y, arena, false), x.rows());
+    return result(run(x, y, arena, false, sequence_starts), x.rows());
   }
 
   /// As above with a Workspace owned by the layer (so this overload is not const).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) { return forward(x, y, ws_); }
 
   /// Training forward: as forward(), and records in `ctx` what backward() needs (x is copied).
-  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, TrainingContext<Scalar>& ctx) const {
+  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, TrainingContext<Scalar>& ctx,
+                                std::span<const Index> sequence_starts = {}) const {
     check_input(x, y);
+    check_sequences(sequence_starts, x.rows());
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();
     if (x.rows() == 0) return {};
     ctx.forward_ws_.reserve(forward_bytes(x.rows(), true));
     Arena arena(ctx.forward_ws_);
-    ctx.record_ = run(x, y, arena, true);
+    ctx.record_ = run(x, y, arena, true, sequence_starts);
     return result(ctx.record_, x.rows());
   }
 
@@ -250,6 +262,14 @@ class MoELayer {
     }
   }
 
+  static void check_sequences(std::span<const Index> starts, Index n_tokens) {
+    if (starts.empty()) return;
+    detail::require(starts[0] == 0, "moe::MoELayer::forward: sequence_starts[0] = ", starts[0], ", expected 0");
+    for (std::size_t i = 1; i < starts.size(); ++i)
+      detail::require(starts[i] > starts[i - 1] && starts[i] < n_tokens, "moe::MoELayer::forward: sequence_starts[",
+                      i, "] = ", starts[i], " must be above the previous start and below n_tokens = ", n_tokens);
+  }
+
   std::size_t forward_bytes(Index n_tokens, bool training) const {
     Arena measure;
     run(ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure, training);
@@ -293,7 +313,8 @@ class MoELayer {
 
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
   // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x (training).
-  Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x) const {
+  Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x,
+             std::span<const Index> sequence_starts = {}) const {
     const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
     Record rec;
     rec.ids = arena.take<Index>(n_slots);
@@ -304,6 +325,8 @@ class MoELayer {
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
     rec.experts_per_token = arena.take<Index>(n_tokens);
+    Index* sequence_of_token = arena.take<Index>(n_tokens);  // (n_tokens)
+    rec.prev_rows = arena.take<Index>(n_slots);               // (n_slots) recurrent banks' previous rows
     Scalar* shared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on sum
     const std::size_t mark = arena.used();  // router and banks run in turn: they share the rest
     const bool measuring = arena.measuring();
@@ -313,6 +336,17 @@ class MoELayer {
     if (!measuring) {
       routers::count_active_slots(rec.ids, n_tokens, k, rec.experts_per_token);
       rec.plan.build(rec.ids);
+      rec.sequences = !sequence_starts.empty();
+      if (rec.sequences) {
+        for (std::size_t i = 0; i < sequence_starts.size(); ++i) {
+          const Index end = i + 1 < sequence_starts.size() ? sequence_starts[i + 1] : n_tokens;
+          std::fill(sequence_of_token + sequence_starts[i], sequence_of_token + end, static_cast<Index>(i));
+        }
+        for_each_bank(rec.plan, false, [&](const auto& bank, const Index* offsets) {
+          if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>)
+            experts::carried_state_rows(offsets, bank.n_experts(), rec.plan.row_token, sequence_of_token, rec.prev_rows);
+        });
+      }
       if (keep_x)
         for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
     }
@@ -324,7 +358,11 @@ class MoELayer {
       for (Index r = 0; r < n_rows; ++r) std::copy_n(x.row(rec.plan.row_token[r]), d, xs.row(r));
     }
     for_each_bank(rec.plan, measuring, [&](const auto& bank, const Index* offsets) {
-      bank.forward(xs, offsets, ys, arena);
+      if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>) {
+        bank.forward(xs, offsets, rec.sequences ? rec.prev_rows : nullptr, ys, arena);
+      } else {
+        bank.forward(xs, offsets, ys, arena);
+      }
       arena.rewind(mark);
     });
     if constexpr (has_shared) {
@@ -388,7 +426,11 @@ class MoELayer {
       }
     }
     for_each_bank(rec.plan, measuring, [&](auto& bank, const Index* offsets) {
-      bank.backward(xs, offsets, dys_view, dxs_view, arena);
+      if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>) {
+        bank.backward(xs, offsets, rec.sequences ? rec.prev_rows : nullptr, dys_view, dxs_view, arena);
+      } else {
+        bank.backward(xs, offsets, dys_view, dxs_view, arena);
+      }
       arena.rewind(mark);
     });
     if (!measuring) {
