@@ -35,6 +35,15 @@ concept Router = Scalar<typename R::Scalar> &&
       { r.route(x, ids, w, saved, arena) } -> std::same_as<void>;
     };
 
+/// A router that routes whole sequences (routers::SequenceLevel): route(..., arena, sequence_of_token,
+/// n_sequences) and the matching route_backward; the layer passes each token's sequence.
+template <class R>
+concept SequenceRouter = Router<R> &&
+    requires(const R& r, ConstMatrixView<typename R::Scalar> x, Index* ids, typename R::Scalar* w,
+             typename R::Scalar* saved, Arena& arena, const Index* sequence_of_token) {
+      { r.route(x, ids, w, saved, arena, sequence_of_token, Index{}) } -> std::same_as<void>;
+    };
+
 /// What visit_parameters hands each parameter to: f(name, parameter).
 template <class T>
 struct ParameterVisitorArchetype {

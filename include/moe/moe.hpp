@@ -31,6 +31,7 @@
 #include "routers/gating.hpp"
 #include "routers/null_experts.hpp"
 #include "routers/top_k_router.hpp"
+#include "routers/sequence_level.hpp"
 #include "routers/top_k_softmax.hpp"
 #include "routing_plan.hpp"
 #include "routing_stats.hpp"

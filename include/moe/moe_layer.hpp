@@ -61,6 +61,8 @@ class TrainingContext {
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
     Index* experts_per_token = nullptr;  // (n_tokens)
     Index* prev_rows = nullptr;          // (n_slots) previous grouped row of a recurrent bank's row, or -1
+    Index* sequence_of_token = nullptr;  // (n_tokens) sequence of each token (each token alone without sequences)
+    Index n_sequences = 0;
     bool sequences = false;              // prev_rows holds carried-state links
     Index dropped_slots = 0;
   };
@@ -302,7 +304,9 @@ class MoELayer {
 
   // Routes, reporting dropped slots when the router can (capacity-limited routers).
   void route(ConstMatrixView<Scalar> x, Record& rec, Arena& arena) const {
-    if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
+    if constexpr (SequenceRouter<R>) {
+      router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
+    } else if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
       routers::RouteStats st;
       router_.route(x, rec.ids, rec.weights, rec.saved, arena, st);
       rec.dropped_slots = st.dropped_slots;
@@ -325,26 +329,33 @@ class MoELayer {
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
     rec.experts_per_token = arena.take<Index>(n_tokens);
-    Index* sequence_of_token = arena.take<Index>(n_tokens);  // (n_tokens)
-    rec.prev_rows = arena.take<Index>(n_slots);               // (n_slots) recurrent banks' previous rows
+    rec.sequence_of_token = arena.take<Index>(n_tokens);
+    rec.prev_rows = arena.take<Index>(n_slots);
     Scalar* shared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on sum
     const std::size_t mark = arena.used();  // router and banks run in turn: they share the rest
     const bool measuring = arena.measuring();
 
+    rec.sequences = !sequence_starts.empty();
+    if (!measuring) {
+      rec.n_sequences = rec.sequences ? static_cast<Index>(sequence_starts.size()) : n_tokens;
+      for (Index i = 0; i < rec.n_sequences; ++i) {
+        const Index begin = rec.sequences ? sequence_starts[static_cast<std::size_t>(i)] : i;
+        const Index end = !rec.sequences ? i + 1
+                          : i + 1 < rec.n_sequences ? sequence_starts[static_cast<std::size_t>(i + 1)]
+                                                    : n_tokens;
+        std::fill(rec.sequence_of_token + begin, rec.sequence_of_token + end, i);
+      }
+    }
     route(x, rec, arena);
     arena.rewind(mark);
     if (!measuring) {
       routers::count_active_slots(rec.ids, n_tokens, k, rec.experts_per_token);
       rec.plan.build(rec.ids);
-      rec.sequences = !sequence_starts.empty();
       if (rec.sequences) {
-        for (std::size_t i = 0; i < sequence_starts.size(); ++i) {
-          const Index end = i + 1 < sequence_starts.size() ? sequence_starts[i + 1] : n_tokens;
-          std::fill(sequence_of_token + sequence_starts[i], sequence_of_token + end, static_cast<Index>(i));
-        }
         for_each_bank(rec.plan, false, [&](const auto& bank, const Index* offsets) {
           if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>)
-            experts::carried_state_rows(offsets, bank.n_experts(), rec.plan.row_token, sequence_of_token, rec.prev_rows);
+            experts::carried_state_rows(offsets, bank.n_experts(), rec.plan.row_token, rec.sequence_of_token,
+                                        rec.prev_rows);
         });
       }
       if (keep_x)
@@ -459,7 +470,12 @@ class MoELayer {
       });
       arena.rewind(mark);
     }
-    router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena);
+    if constexpr (SequenceRouter<R>) {
+      router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena, rec.sequence_of_token,
+                             rec.n_sequences);
+    } else {
+      router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena);
+    }
   }
 
   // A (rows, d_model) view of a grouped buffer, or only its shape while measuring (p == nullptr).
