@@ -23,30 +23,10 @@ namespace kernels = moe::kernels;
 namespace {
 
 template <class Bank>
-RowMatrix<double> naive_bank(Bank& bank, const RowMatrix<typename Bank::Scalar>& xs, const std::vector<Index>& offsets) {
-  using T = typename Bank::Scalar;
-  RowMatrix<double> ys(xs.rows(), bank.d_model());
-  for (Index e = 0; e < bank.n_experts(); ++e) {
-    moe::test::NaiveFFNWeights<T> w{bank.w1(e), {}, bank.w2(e)};
-    if constexpr (Bank::gated) w.w3 = bank.w3(e);
-    if (bank.has_bias()) {
-      w.b1 = bank.b1(e).data();
-      w.b2 = bank.b2(e).data();
-      if constexpr (Bank::gated) w.b3 = bank.b3(e).data();
-    }
-    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
-      const auto y = moe::test::naive_ffn(Bank::Activation::name(), Bank::gated, w, moe::test::row_of<T>(xs, r));
-      for (Index o = 0; o < bank.d_model(); ++o) ys(r, o) = y[static_cast<std::size_t>(o)];
-    }
-  }
-  return ys;
-}
-
-template <class Bank>
 void check_forward(const moe::MoEConfig& cfg, const std::vector<Index>& counts, bool bias, double bound) {
   Bank bank(cfg, {.bias = bias});
   INFO(Bank::Activation::name() << " gated=" << Bank::gated << " bias=" << bias);
-  moe::test::check_bank_forward(bank, counts, naive_bank<Bank>, bound, 41);
+  moe::test::check_bank_forward(bank, counts, moe::test::naive_ffn_bank<Bank>, bound, 41);
 }
 
 template <class Bank>
@@ -84,9 +64,16 @@ TEST_CASE("FFN bank with biases, and every activation, matches a naive loop", "[
                                                  true, 1e-7);
 }
 
-TEST_CASE("FFN bank backward with biases matches central finite differences in double", "[expert][grad]") {
+TEST_CASE("FFN bank backward, with and without biases, matches central finite differences in double",
+          "[expert][grad]") {
   const moe::MoEConfig cfg{.d_model = 5, .d_ff = 7, .n_experts = 3, .top_k = 1};
   const std::vector<Index> counts = {2, 0, 3};
+  check_gradient<FFN<double, kernels::SiLU, true>>(cfg, counts, false);
+  check_gradient<FFN<double, kernels::GELU, true>>(cfg, counts, false);
+  check_gradient<FFN<double, kernels::GELUTanh, false>>(cfg, counts, false);
+  check_gradient<FFN<double, kernels::ReLU, false>>(cfg, counts, false);
+  check_gradient<FFN<double, kernels::SiLU, true>>({.d_model = 17, .d_ff = 9, .n_experts = 2, .top_k = 1}, {4, 1},
+                                                   false);
   check_gradient<FFN<double, kernels::SiLU, true>>(cfg, counts, true);
   check_gradient<FFN<double, kernels::SiLU, false>>(cfg, counts, true);
   check_gradient<FFN<double, kernels::SiLU, false>>(cfg, counts, false);

@@ -1,17 +1,13 @@
 // experts::FFN: the bank on grouped rows against a naive double per-expert loop, for gated and plain
 // variants, and the weight layout.
 
-#include <bit>
-#include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
 #include <moe/experts/ffn.hpp>
 
-#include <moe/reference/naive_moe.hpp>
-#include "support/gradcheck.hpp"
+#include "support/banks.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
 
@@ -21,51 +17,10 @@ using moe::RowMatrix;
 namespace {
 
 template <class Bank>
-RowMatrix<double> naive_bank(const Bank& bank, const RowMatrix<typename Bank::Scalar>& xs,
-                             const std::vector<Index>& offsets) {
-  const auto act = moe::reference::naive_activation(Bank::Activation::name());
-  RowMatrix<double> ys(xs.rows(), bank.d_model());
-  for (Index e = 0; e < bank.n_experts(); ++e) {
-    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
-      std::vector<double> h(static_cast<std::size_t>(bank.d_ff()));
-      for (Index i = 0; i < bank.d_ff(); ++i) {
-        double a = 0, b = 0;
-        for (Index j = 0; j < bank.d_model(); ++j) {
-          a += double(bank.w1(e)(i, j)) * double(xs(r, j));
-          if constexpr (Bank::gated) b += double(bank.w3(e)(i, j)) * double(xs(r, j));
-        }
-        h[static_cast<std::size_t>(i)] = Bank::gated ? act(a) * b : act(a);
-      }
-      for (Index o = 0; o < bank.d_model(); ++o) {
-        double a = 0;
-        for (Index i = 0; i < bank.d_ff(); ++i) a += double(bank.w2(e)(o, i)) * h[static_cast<std::size_t>(i)];
-        ys(r, o) = a;
-      }
-    }
-  }
-  return ys;
-}
-
-template <class Bank>
 void check_bank(const moe::MoEConfig& cfg, const std::vector<Index>& counts, double bound) {
   Bank bank(cfg);
-  moe::test::Rng rng(31);
-  bank.init(rng);
-  std::vector<Index> offsets{0};
-  for (Index c : counts) offsets.push_back(offsets.back() + c);
-  using T = typename Bank::Scalar;
-  const RowMatrix<T> xs = moe::test::normal_matrix<T>(rng, offsets.back(), cfg.d_model);
-  RowMatrix<T> ys = RowMatrix<T>::Constant(xs.rows(), cfg.d_model, T(-99));
-  moe::Arena measure;
-  bank.forward(moe::ConstMatrixView<T>::shape_only(xs.rows(), cfg.d_model), nullptr,
-               moe::MatrixView<T>::shape_only(xs.rows(), cfg.d_model), measure);
-  moe::Workspace ws(measure.peak());
-  moe::Arena arena(ws);
-  bank.forward(xs, offsets.data(), ys, arena);
-  const RowMatrix<double> ref = naive_bank(bank, xs, offsets);
   INFO(Bank::Activation::name() << " gated=" << Bank::gated << " d=" << cfg.d_model << " ff=" << cfg.d_ff);
-  REQUIRE(ref.norm() > 0);
-  CHECK(moe::test::nmse(ref.data(), ys.data(), static_cast<std::size_t>(ref.size())) <= bound);
+  moe::test::check_bank_forward(bank, counts, moe::test::naive_ffn_bank<Bank>, bound, 31);
 }
 
 }  // namespace
@@ -170,77 +125,10 @@ TEST_CASE("FFN weights use the Hugging Face (out_features, in_features) layout",
     for (Index j = 0; j < 6; ++j) REQUIRE(std::abs(bank.w1(2)(i, j)) <= bound);
 }
 
-namespace {
-
-// Bank-level gradient check: L = sum(ys .* R) over grouped rows with the given per-expert counts.
-template <class Bank>
-void check_bank_gradient(const moe::MoEConfig& cfg, const std::vector<Index>& counts) {
-  Bank bank(cfg);
-  moe::test::Rng rng(77);
-  bank.init(rng);
-  std::vector<Index> offsets{0};
-  for (Index c : counts) offsets.push_back(offsets.back() + c);
-  const Index rows = offsets.back();
-  RowMatrix<double> xs = moe::test::normal_matrix<double>(rng, rows, cfg.d_model);
-  const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, rows, cfg.d_model);
-  moe::Workspace ws(1 << 20);
-  const auto loss = [&] {
-    RowMatrix<double> ys(rows, cfg.d_model);
-    moe::Arena arena(ws);
-    bank.forward(xs, offsets.data(), ys, arena);
-    return (ys.array() * r.array()).sum();
-  };
-  RowMatrix<double> dxs(rows, cfg.d_model);
-  bank.visit_parameters([](std::string_view, moe::Parameter<double>& p) { p.zero_grad(); });
-  {
-    moe::Arena arena(ws);
-    bank.backward(xs, offsets.data(), r, dxs, arena);
-  }
-  INFO(Bank::Activation::name() << " gated=" << Bank::gated);
-  double biggest = moe::test::check_gradient("dxs", xs.data(), dxs.data(), xs.size(), loss).max_abs_numeric;
-  bank.visit_parameters([&](std::string_view name, moe::Parameter<double>& p) {
-    biggest = std::max(biggest, moe::test::check_gradient(std::string(name), p, loss, 64)
-                                    .max_abs_numeric);
-  });
-  REQUIRE(biggest > 1e-3);
-}
-
-}  // namespace
-
-TEST_CASE("FFN bank backward matches central finite differences in double", "[expert][grad]") {
-  const moe::MoEConfig cfg{.d_model = 5, .d_ff = 7, .n_experts = 3, .top_k = 1};
-  const std::vector<Index> counts = {2, 0, 3};
-  check_bank_gradient<moe::experts::SwiGLU<double>>(cfg, counts);
-  check_bank_gradient<moe::experts::FFN<double, moe::kernels::GELU, true>>(cfg, counts);
-  check_bank_gradient<moe::experts::FFN<double, moe::kernels::GELUTanh, false>>(cfg, counts);
-  check_bank_gradient<moe::experts::FFN<double, moe::kernels::ReLU, false>>(cfg, counts);
-  check_bank_gradient<moe::experts::SwiGLU<double>>({.d_model = 17, .d_ff = 9, .n_experts = 2, .top_k = 1}, {4, 1});
-}
-
 TEST_CASE("FFN bank: an expert without rows keeps an exactly zero gradient over a NaN-poisoned workspace",
           "[expert][grad]") {
   moe::experts::SwiGLU<float> bank({.d_model = 16, .d_ff = 24, .n_experts = 3, .top_k = 1});
-  moe::Rng rng(3);
-  bank.init(rng);
-  const std::vector<Index> offsets = {0, 5, 5, 9};  // expert 1 has no rows
-  const RowMatrix<float> xs = moe::test::normal_matrix<float>(rng, 9, 16);
-  const RowMatrix<float> dys = moe::test::normal_matrix<float>(rng, 9, 16);
-  RowMatrix<float> dxs(9, 16);
-  moe::Workspace ws(1 << 20);
-  std::fill_n(reinterpret_cast<float*>(ws.data()), ws.capacity() / sizeof(float),
-              std::numeric_limits<float>::quiet_NaN());
-  moe::Arena arena(ws);
-  bank.backward(xs, offsets.data(), dys, dxs, arena);
-  REQUIRE(dxs.allFinite());
-  bank.visit_parameters([&](std::string_view name, moe::Parameter<float>& p) {
-    const auto g = p.grad();
-    const Index per_expert = g.rows() / 3;
-    INFO(name);
-    for (Index i = per_expert; i < 2 * per_expert; ++i)
-      for (Index j = 0; j < g.cols(); ++j) REQUIRE(std::bit_cast<std::uint32_t>(g(i, j)) == 0u);
-    REQUIRE(std::isfinite(g(0, 0)));
-    REQUIRE(g(0, 0) != 0.0f);
-  });
+  moe::test::check_empty_expert_gradient(bank);
 }
 
 TEST_CASE("FFN banks give the same bits for any thread count, for every storage", "[expert]") {

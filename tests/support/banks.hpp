@@ -90,6 +90,27 @@ Vec naive_ffn(const std::string& act_name, bool gated, const NaiveFFNWeights<T>&
   return naive_linear(w.w2, h, w.b2);
 }
 
+/// An FFN bank (experts::FFN: w1/w3/w2 and optional biases) on grouped rows, one naive_ffn per row.
+template <class Bank>
+RowMatrix<double> naive_ffn_bank(Bank& bank, const RowMatrix<typename Bank::Scalar>& xs, const std::vector<Index>& offsets) {
+  using T = typename Bank::Scalar;
+  RowMatrix<double> ys(xs.rows(), bank.d_model());
+  for (Index e = 0; e < bank.n_experts(); ++e) {
+    NaiveFFNWeights<T> w{bank.w1(e), {}, bank.w2(e)};
+    if constexpr (Bank::gated) w.w3 = bank.w3(e);
+    if (bank.has_bias()) {
+      w.b1 = bank.b1(e).data();
+      w.b2 = bank.b2(e).data();
+      if constexpr (Bank::gated) w.b3 = bank.b3(e).data();
+    }
+    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
+      const auto y = naive_ffn(Bank::Activation::name(), Bank::gated, w, row_of<T>(xs, r));
+      for (Index o = 0; o < bank.d_model(); ++o) ys(r, o) = y[static_cast<std::size_t>(o)];
+    }
+  }
+  return ys;
+}
+
 /// Finite-difference check (double) of L = sum(ys .* R) w.r.t. the input xs and every parameter `bank`
 /// visits. `forward(ys, arena)` computes ys from the current xs and parameters; `backward(R, dxs, arena)`
 /// writes dxs and accumulates the parameter gradients. Returns the largest |numeric gradient| seen, for a
