@@ -35,5 +35,6 @@
 #include "routers/top_k_softmax.hpp"
 #include "routing_plan.hpp"
 #include "routing_stats.hpp"
+#include "training_loop.hpp"
 #include "version.hpp"
 #include "workspace.hpp"
