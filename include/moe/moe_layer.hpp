@@ -4,6 +4,7 @@
 /// rows -> weighted combine in slot order. Dropless; results are bitwise identical for any thread count.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -38,6 +39,12 @@ struct ForwardResult {
   std::span<const Index> tokens_per_expert;  ///< (n_experts,) slots routed to each expert
   std::span<const Index> experts_per_token;  ///< (n_tokens,) slots of each token that reached an expert
   Index dropped_slots = 0;                   ///< slots a capacity-limited router dropped in this batch
+  /// Auxiliary losses of a router with loss policies (routers::WithLosses), coefficients included, in the
+  /// policies' order; aux_loss is their sum (0 without losses). Add it to the task loss: backward already
+  /// applies its gradient.
+  std::array<double, routers::k_max_losses> aux_losses{};
+  Index n_aux_losses = 0;  ///< entries of aux_losses in use
+  double aux_loss = 0;     ///< sum of aux_losses
 };
 
 /// What a training forward records for backward: the routing, the grouped rows, the expert outputs and a
@@ -59,12 +66,13 @@ class TrainingContext {
     T* xs = nullptr;  // (n_slots, d_model) grouped rows
     T* ys = nullptr;  // (n_slots, d_model) expert outputs
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
+    T* x_route = nullptr;  // (n_tokens, d_model) copy of a separate router input (pre-gating), or nullptr
     Index* experts_per_token = nullptr;  // (n_tokens)
     Index* prev_rows = nullptr;          // (n_slots) previous grouped row of a recurrent bank's row, or -1
     Index* sequence_of_token = nullptr;  // (n_tokens) sequence of each token (each token alone without sequences)
     Index n_sequences = 0;
     bool sequences = false;              // prev_rows holds carried-state links
-    Index dropped_slots = 0;
+    routers::RouteStats stats;           // dropped slots, loss values
   };
   Workspace forward_ws_;
   Workspace backward_ws_;
@@ -119,6 +127,9 @@ class MoELayer {
                     " experts but the router routes over n_experts = ", router_.n_experts());
     // The router bounds top_k itself: null-expert routers (AdaMoE) may use more slots than real experts.
     detail::require(router_.top_k() >= 1, "moe::MoELayer: top_k = ", router_.top_k(), " must be >= 1");
+    // Loss policies weight MoE++'s zero-computation experts by their own factor.
+    if constexpr (requires { router_.set_zero_computation_mask(zero_computation_mask()); })
+      router_.set_zero_computation_mask(zero_computation_mask());
   }
 
   Index d_model() const { return router_.d_model(); }      ///< token width
@@ -159,7 +170,7 @@ class MoELayer {
   }
 
   /// Bytes of scratch a forward over n_tokens needs: what forward reserves in its Workspace.
-  std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false); }
+  std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false, false); }
 
   /// y = MoE(x), x and y (n_tokens, d_model). y may be x itself: every read of x happens before y is written.
   /// Grows `ws` on the first call at a size; later calls at the same or a smaller n_tokens do not allocate.
@@ -170,38 +181,56 @@ class MoELayer {
   /// indices, the first 0): recurrent banks (experts::GRU) then carry each expert's state from the same
   /// sequence's previous token routed to it (token-level routing, docs/experts.md); without it every routed
   /// row of a recurrent bank starts from a zero state. Other banks ignore it.
+  ///
+  /// `router_input` (optional, (n_tokens, d_model)): the rows the router reads instead of x (pre-gating:
+  /// moe::Stack routes layer l+1 on layer l's input); x still feeds the experts.
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws,
-                                std::span<const Index> sequence_starts = {}) const {
-    check_input(x, y);
+                                std::span<const Index> sequence_starts = {},
+                                ConstMatrixView<Scalar> router_input = {}) const {
+    check_input(x, y, router_input);
     check_sequences(sequence_starts, x.rows());
     if (x.rows() == 0) return {};
-    ws.reserve(workspace_bytes(x.rows()));
+    ws.reserve(forward_bytes(x.rows(), false, router_input.data() != nullptr));
     Arena arena(ws);
-    return result(run(x, y, arena, false, sequence_starts), x.rows());
+    return result(run(x, y, arena, false, sequence_starts, router_input), x.rows());
   }
 
   /// As above with a Workspace owned by the layer (so this overload is not const).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) { return forward(x, y, ws_); }
 
-  /// Training forward: as forward(), and records in `ctx` what backward() needs (x is copied).
+  /// Training forward: as forward(), and records in `ctx` what backward() needs (x and router_input are copied).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, TrainingContext<Scalar>& ctx,
-                                std::span<const Index> sequence_starts = {}) const {
-    check_input(x, y);
+                                std::span<const Index> sequence_starts = {},
+                                ConstMatrixView<Scalar> router_input = {}) const {
+    check_input(x, y, router_input);
     check_sequences(sequence_starts, x.rows());
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();
+    ctx.record_ = Record{};
     if (x.rows() == 0) return {};
-    ctx.forward_ws_.reserve(forward_bytes(x.rows(), true));
+    ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, router_input.data() != nullptr));
     Arena arena(ctx.forward_ws_);
-    ctx.record_ = run(x, y, arena, true, sequence_starts);
+    ctx.record_ = run(x, y, arena, true, sequence_starts, router_input);
     return result(ctx.record_, x.rows());
+  }
+
+  /// The routing forward() would choose for x, without running the experts: what a pre-gated stack exposes
+  /// one layer early so the caller can prefetch those experts. Views into `ws`, as forward()'s.
+  ForwardResult<Scalar> route(ConstMatrixView<Scalar> x, Workspace& ws) const {
+    check_input(x, MatrixView<Scalar>::shape_only(x.rows(), d_model()), {});
+    if (x.rows() == 0) return {};
+    ws.reserve(forward_bytes(x.rows(), false, false));
+    Arena arena(ws);
+    return result(run(x, MatrixView<Scalar>(), arena, false, {}, {}, true), x.rows());
   }
 
   /// Backward of the training forward recorded in `ctx`: from dy = dL/dy (n_tokens, d_model) writes
   /// dx = dL/dx and ADDS the parameters' gradients to their grad() buffers (zero_grad() resets them).
   /// Results are bitwise identical for any thread count. Throws moe::Error, before writing anything, when
   /// ctx was not recorded by this layer, a shape is wrong or dy holds NaN or ±inf. dx may be dy itself.
-  void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx)
+  /// With a forward that had a `router_input`, its gradient is WRITTEN to `d_router_input` (required then).
+  void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx,
+                MatrixView<Scalar> d_router_input = {})
     requires(TrainableRouter<R> && ((TrainableBank<Banks> || TrainableSharedBank<Banks>) && ...))
   {
     detail::require(ctx.layer_ == this, "moe::MoELayer::backward: the TrainingContext was not recorded by a "
@@ -210,14 +239,19 @@ class MoELayer {
                     dy.rows(), ", ", dy.cols(), "), expected (", ctx.n_tokens_, ", ", d_model(), ")");
     detail::require(dx.rows() == dy.rows() && dx.cols() == d_model(), "moe::MoELayer::backward: dx is (",
                     dx.rows(), ", ", dx.cols(), "), expected (", dy.rows(), ", ", d_model(), ")");
+    const bool separate = ctx.record_.x_route != nullptr;
+    detail::require(!separate || (d_router_input.rows() == dy.rows() && d_router_input.cols() == d_model() &&
+                                  d_router_input.data() != nullptr),
+                    "moe::MoELayer::backward: the forward had a router_input: give d_router_input (", dy.rows(), ", ",
+                    d_model(), ")");
     check_finite(dy, "moe::MoELayer::backward: dy");
     if (dy.rows() == 0) return;
     Arena measure;
     run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(dy.rows(), d_model()),
-                 MatrixView<Scalar>::shape_only(dy.rows(), d_model()), measure);
+                 MatrixView<Scalar>::shape_only(dy.rows(), d_model()), MatrixView<Scalar>(), measure);
     ctx.backward_ws_.reserve(measure.peak());
     Arena arena(ctx.backward_ws_);
-    run_backward(ctx.record_, dy, dx, arena);
+    run_backward(ctx.record_, dy, dx, d_router_input, arena);
   }
 
   /// Calls f(name, Parameter&) for every parameter: "router.<name>", then "bank<i>.<name>".
@@ -243,12 +277,17 @@ class MoELayer {
  private:
   using Record = typename TrainingContext<Scalar>::Record;
 
-  void check_input(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) const {
+  void check_input(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, ConstMatrixView<Scalar> router_input) const {
     detail::require(x.cols() == d_model(), "moe::MoELayer::forward: x is (", x.rows(), ", ", x.cols(),
                     ") but d_model = ", d_model());
     detail::require(y.rows() == x.rows() && y.cols() == d_model(), "moe::MoELayer::forward: y is (", y.rows(),
                     ", ", y.cols(), "), expected (", x.rows(), ", ", d_model(), ")");
     check_finite(x, "moe::MoELayer::forward: x");
+    if (router_input.data() == nullptr) return;
+    detail::require(router_input.rows() == x.rows() && router_input.cols() == d_model(),
+                    "moe::MoELayer::forward: router_input is (", router_input.rows(), ", ", router_input.cols(),
+                    "), expected (", x.rows(), ", ", d_model(), ")");
+    check_finite(router_input, "moe::MoELayer::forward: router_input");
   }
 
   static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
@@ -272,21 +311,26 @@ class MoELayer {
                       i, "] = ", starts[i], " must be above the previous start and below n_tokens = ", n_tokens);
   }
 
-  std::size_t forward_bytes(Index n_tokens, bool training) const {
+  std::size_t forward_bytes(Index n_tokens, bool training, bool router_input) const {
     Arena measure;
-    run(ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure, training);
+    const auto shape = ConstMatrixView<Scalar>::shape_only(n_tokens, d_model());
+    run(shape, MatrixView<Scalar>(), measure, training, {}, router_input ? shape : ConstMatrixView<Scalar>());
     return measure.peak();
   }
 
   ForwardResult<Scalar> result(const Record& rec, Index n_tokens) const {
     const auto n_slots = static_cast<std::size_t>(n_tokens * top_k());
-    return {n_tokens,
-            top_k(),
-            {rec.ids, n_slots},
-            {rec.weights, n_slots},
-            {rec.plan.counts, static_cast<std::size_t>(n_experts())},
-            {rec.experts_per_token, static_cast<std::size_t>(n_tokens)},
-            rec.dropped_slots};
+    ForwardResult<Scalar> r{n_tokens,
+                            top_k(),
+                            {rec.ids, n_slots},
+                            {rec.weights, n_slots},
+                            {rec.plan.counts, static_cast<std::size_t>(n_experts())},
+                            {rec.experts_per_token, static_cast<std::size_t>(n_tokens)},
+                            rec.stats.dropped_slots,
+                            rec.stats.losses,
+                            rec.stats.n_losses};
+    for (Index i = 0; i < r.n_aux_losses; ++i) r.aux_loss += r.aux_losses[static_cast<std::size_t>(i)];
+    return r;
   }
 
   template <class B>
@@ -302,14 +346,16 @@ class MoELayer {
     std::apply([&](auto&... bank) { (one(bank), ...); }, self.banks_);
   }
 
-  // Routes, reporting dropped slots when the router can (capacity-limited routers).
-  void route(ConstMatrixView<Scalar> x, Record& rec, Arena& arena) const {
+  // Routes; routers that report (capacity limits, loss policies) learn whether this is a training forward
+  // and the batch's sequences, and return dropped slots and loss values.
+  void route_tokens(ConstMatrixView<Scalar> x, Record& rec, Arena& arena, bool training) const {
     if constexpr (SequenceRouter<R>) {
       router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
     } else if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
-      routers::RouteStats st;
-      router_.route(x, rec.ids, rec.weights, rec.saved, arena, st);
-      rec.dropped_slots = st.dropped_slots;
+      rec.stats.training = training;
+      rec.stats.sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr;
+      rec.stats.n_sequences = rec.sequences ? rec.n_sequences : 1;
+      router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.stats);
     } else {
       router_.route(x, rec.ids, rec.weights, rec.saved, arena);
     }
@@ -317,8 +363,10 @@ class MoELayer {
 
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
   // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x (training).
+  // `router_input`: the rows the router reads (default x); `route_only`: stop after routing (route()).
   Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x,
-             std::span<const Index> sequence_starts = {}) const {
+             std::span<const Index> sequence_starts = {}, ConstMatrixView<Scalar> router_input = {},
+             bool route_only = false) const {
     const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
     Record rec;
     rec.ids = arena.take<Index>(n_slots);
@@ -328,6 +376,8 @@ class MoELayer {
     rec.xs = arena.take<Scalar>(n_slots * d);
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
+    const bool separate = router_input.data() != nullptr || (arena.measuring() && router_input.rows() > 0);
+    if (keep_x && separate) rec.x_route = arena.take<Scalar>(n_tokens * d);
     rec.experts_per_token = arena.take<Index>(n_tokens);
     rec.sequence_of_token = arena.take<Index>(n_tokens);
     rec.prev_rows = arena.take<Index>(n_slots);
@@ -346,11 +396,12 @@ class MoELayer {
         std::fill(rec.sequence_of_token + begin, rec.sequence_of_token + end, i);
       }
     }
-    route(x, rec, arena);
+    route_tokens(separate ? router_input : x, rec, arena, keep_x);
     arena.rewind(mark);
     if (!measuring) {
       routers::count_active_slots(rec.ids, n_tokens, k, rec.experts_per_token);
       rec.plan.build(rec.ids);
+      if (route_only) return rec;
       if (rec.sequences) {
         for_each_bank(rec.plan, false, [&](const auto& bank, const Index* offsets) {
           if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>)
@@ -360,6 +411,8 @@ class MoELayer {
       }
       if (keep_x)
         for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
+      if (rec.x_route != nullptr)
+        for (Index t = 0; t < n_tokens; ++t) std::copy_n(router_input.row(t), d, rec.x_route + t * d);
     }
     const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
     const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
@@ -407,7 +460,8 @@ class MoELayer {
   }
 
   // Backward through combine, banks and router; sized like run() with a measuring arena.
-  void run_backward(const Record& rec, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, Arena& arena) {
+  void run_backward(const Record& rec, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx,
+                    MatrixView<Scalar> d_router_input, Arena& arena) {
     const Index n_tokens = dy.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
     Scalar* dweights = arena.take<Scalar>(n_slots);  // (n_tokens, top_k) dL/dw
     Scalar* dys = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(expert output)
@@ -470,11 +524,17 @@ class MoELayer {
       });
       arena.rewind(mark);
     }
+    // The router read x, or a separate input whose gradient goes to d_router_input.
+    const bool separate = rec.x_route != nullptr;
+    const auto xr = separate ? ConstMatrixView<Scalar>(rec.x_route, n_tokens, d) : x;
+    const MatrixView<Scalar> dxr = separate ? d_router_input : dx;
+    if (separate)
+      for (Index t = 0; t < n_tokens; ++t) std::fill_n(dxr.row(t), d, Scalar(0));
     if constexpr (SequenceRouter<R>) {
-      router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena, rec.sequence_of_token,
+      router_.route_backward(xr, rec.ids, rec.weights, rec.saved, dweights, dxr, arena, rec.sequence_of_token,
                              rec.n_sequences);
     } else {
-      router_.route_backward(x, rec.ids, rec.weights, rec.saved, dweights, dx, arena);
+      router_.route_backward(xr, rec.ids, rec.weights, rec.saved, dweights, dxr, arena);
     }
   }
 

@@ -13,12 +13,14 @@
 #include <algorithm>
 #include <cmath>
 #include <utility>
+#include <vector>
 
 #include "../config.hpp"
 #include "../detail/parallel.hpp"
 #include "../random.hpp"
 #include "../routing_plan.hpp"
 #include "../workspace.hpp"
+#include "gating.hpp"
 
 namespace moe::routers {
 
@@ -32,11 +34,6 @@ enum class DropPolicy {
 struct CapacityOptions {
   double capacity_factor = 1.0;                     ///< C = ceil(T·k / E · capacity_factor), > 0
   DropPolicy drop_policy = DropPolicy::probability;  ///< which slots stay
-};
-
-/// What a route() reports beyond ids and weights.
-struct RouteStats {
-  Index dropped_slots = 0;  ///< slots dropped for capacity in this batch
 };
 
 /// A token-choice router whose experts have a capacity.
@@ -70,6 +67,13 @@ class CapacityLimited {
                                         options_.capacity_factor));
   }
 
+  /// Forwards the zero-computation experts to an inner router with balance losses (MoE++ τ weighting).
+  void set_zero_computation_mask(const std::vector<bool>& mask)
+    requires requires(R& r) { r.set_zero_computation_mask(mask); }
+  {
+    router_.set_zero_computation_mask(mask);
+  }
+
   /// Initialises the inner router.
   void init(Rng& rng) { router_.init(rng); }
   /// The inner router's parameters.
@@ -87,9 +91,13 @@ class CapacityLimited {
   /// As above, and reports the number of dropped slots in `stats`.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
     const Index n_tokens = x.rows(), k = top_k(), E = n_experts();
-    stats.dropped_slots = 0;
     const std::size_t mark = arena.used();
-    router_.route(x, ids, weights, saved, arena);
+    if constexpr (requires { router_.route(x, ids, weights, saved, arena, stats); }) {
+      router_.route(x, ids, weights, saved, arena, stats);  // e.g. balance losses, on the choice before dropping
+    } else {
+      router_.route(x, ids, weights, saved, arena);
+    }
+    stats.dropped_slots = 0;
     arena.rewind(mark);
     RoutingPlan plan = RoutingPlan::carve(arena, n_tokens, k, E);
     Index* order = arena.take<Index>(n_tokens * k);  // (n_tokens * top_k) grouped rows, reordered per expert

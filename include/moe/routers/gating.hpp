@@ -6,6 +6,7 @@
 /// slots in use.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -30,6 +31,19 @@ enum class ScoreFunction {
   softmax,       ///< s = softmax(z) over all experts (Switch, Mixtral, Qwen, DeepSeek-V2)
   sigmoid,       ///< s_i = σ(z_i) (DeepSeek-V3)
   sqrt_softplus  ///< s_i = sqrt(softplus(z_i)) (Megatron "sqrtsoftplus")
+};
+
+/// Most loss values a route() reports (one per loss policy of routers::WithLosses).
+inline constexpr Index k_max_losses = 8;
+
+/// What the layer tells a route() about the batch, and what the route() reports beyond ids and weights.
+struct RouteStats {
+  bool training = false;                     ///< in: a training forward (the global-batch counts advance only then)
+  const Index* sequence_of_token = nullptr;  ///< in: (n_tokens) sequence of each token; nullptr: one sequence
+  Index n_sequences = 1;                     ///< in: sequences of the batch
+  Index dropped_slots = 0;                   ///< out: slots dropped for capacity in this batch
+  std::array<double, k_max_losses> losses{};  ///< out: each loss policy's value (coefficient included), in order
+  Index n_losses = 0;                         ///< out: losses reported
 };
 
 /// Counts, per token, the slots in use (id >= 0): the true experts a token runs (null experts, dense-to-sparse

@@ -125,6 +125,38 @@ class NullExpertRouter {
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, width), dx);
   }
 
+  /// @name Balance protocol (routers::BalanceRouter): the n + m columns are the true and the null experts
+  /// (AdaMoE balances all of them as ordinary slots); p = softmax(z).
+  /// @{
+  Index balance_width() const { return n_experts_ + n_null_; }  ///< columns: n true + m null experts
+  /// z (n_tokens, n + m) = the logits route() chooses on.
+  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+    if (arena.measuring() || x.rows() == 0) return;
+    detail::for_each_token_chunk(x.rows(), double(saved_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
+      gate_.logits(x.middle_rows(t0, t1 - t0), z.middle_rows(t0, t1 - t0));
+    });
+  }
+  /// One token: s = p = softmax(z).
+  void balance_probabilities(const T* z, T* s, T* p) const {
+    kernels::softmax_row(Arch{}, z, s, balance_width());
+    std::copy_n(s, balance_width(), p);
+  }
+  /// One token: g = dL/dp on entry (clobbered); ADDS dL/dz to dz.
+  void balance_probabilities_backward(const T* s, const T* /*p*/, T* g, T* dz) const {
+    detail::score_backward(ScoreFunction::softmax, s, g, balance_width());
+    for (Index c = 0; c < balance_width(); ++c) dz[c] += g[c];
+  }
+  /// The column of each slot, null experts included: route()'s top-k over the saved probabilities, again.
+  void balance_choice(const T* saved, const Index* /*ids*/, Index n_tokens, Index* cols) const {
+    for (Index t = 0; t < n_tokens; ++t)
+      kernels::top_k(Arch{}, saved + t * balance_width(), balance_width(), top_k_, cols + t * top_k_);
+  }
+  /// From dz (n_tokens, n + m): accumulates the gates' gradients and ADDS dL/dx to dx.
+  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena&) {
+    if (x.rows() > 0 && dz.data() != nullptr) gate_.backward(x, dz, dx);
+  }
+  /// @}
+
  private:
   static const NullExpertOptions& validated(const MoEConfig& shape, const NullExpertOptions& o) {
     constexpr const char* who = "moe::routers::NullExpertRouter";

@@ -157,13 +157,55 @@ class TopKRouter {
                       const T* dweights, MatrixView<T> dx, Arena& arena) {
     const Index n_tokens = x.rows();
     T* dlogits = arena.take<T>(n_tokens * n_experts_);  // (n_tokens, n_experts)
-    T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
-    T* djittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
     const MatrixView<T> dz = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, n_experts_)
                                                : MatrixView<T>(dlogits, n_tokens, n_experts_);
     logits_backward(ids, saved, dweights, dz, arena);
-    if (arena.measuring() || n_tokens == 0) return;
+    balance_logits_backward(x, dz, dx, arena);
+  }
 
+  /// @name Balance protocol (routers::BalanceRouter): what loss policies (routers::WithLosses) read.
+  /// The columns are the experts; p = softmax(z / τ) for the softmax score, s / Σs for sigmoid and
+  /// sqrt-softplus (DeepSeek-V3's normalised scores).
+  /// @{
+  Index balance_width() const { return n_experts_; }  ///< columns: the experts
+
+  /// z (n_tokens, n_experts) = the logits route() chooses on (W_g x̃, before the temperature).
+  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+    const Index n_tokens = x.rows();
+    T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
+    if (arena.measuring() || n_tokens == 0) return;
+    detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index, Index t0, Index t1) {
+      ConstMatrixView<T> xc = x.middle_rows(t0, t1 - t0);
+      if (jittered != nullptr) xc = jitter(xc, t0, jittered + t0 * d_model_);
+      gate_.logits(xc, z.middle_rows(t0, t1 - t0));
+    });
+  }
+  /// One token: scores s and probabilities p from its logits z.
+  void balance_probabilities(const T* z, T* s, T* p) const {
+    std::copy_n(z, n_experts_, s);
+    if (options_.temperature != 1.0)
+      for (Index e = 0; e < n_experts_; ++e) s[e] *= static_cast<T>(1.0 / options_.temperature);
+    detail::score_row(Arch{}, options_.score, s, s, n_experts_);
+    std::copy_n(s, n_experts_, p);
+    if (options_.score != ScoreFunction::softmax) detail::normalize(p, n_experts_);
+  }
+  /// One token: g = dL/dp on entry (clobbered); ADDS dL/dz to dz.
+  void balance_probabilities_backward(const T* s, const T* /*p*/, T* g, T* dz) const {
+    if (options_.score != ScoreFunction::softmax) detail::normalize_backward(s, g, n_experts_);
+    detail::score_backward(options_.score, s, g, n_experts_);
+    const T inv_temperature = static_cast<T>(1.0 / options_.temperature);
+    for (Index e = 0; e < n_experts_; ++e) dz[e] += g[e] * inv_temperature;
+  }
+  /// The column of each slot: its expert.
+  void balance_choice(const T* /*saved*/, const Index* ids, Index n_tokens, Index* cols) const {
+    std::copy_n(ids, n_tokens * top_k_, cols);
+  }
+  /// From dz (n_tokens, n_experts) = dL/dz: accumulates dL/dW_g and ADDS dL/dx to dx (through the jitter).
+  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena& arena) {
+    const Index n_tokens = x.rows();
+    T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;   // (n_tokens, d_model)
+    T* djittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
+    if (arena.measuring() || n_tokens == 0) return;
     if (jittered == nullptr) {
       gate_.backward(x, dz, dx);
       return;
@@ -179,6 +221,7 @@ class TopKRouter {
     for (Index t = 0; t < n_tokens; ++t)
       for (Index j = 0; j < d_model_; ++j) dx(t, j) += djittered[t * d_model_ + j] * jitter_factor(t, j, eps);
   }
+  /// @}
 
   /// Backward from the weights to the logits: WRITES dlogits (n_tokens, n_experts). Slots with id < 0 get no
   /// gradient. Chain: scaling, then the renormalisation (dL/ds_i = (g_i - <g, u>) / Σs) or the softmax over

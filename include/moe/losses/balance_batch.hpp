@@ -1,0 +1,85 @@
+#pragma once
+/// @file losses/balance_batch.hpp
+/// @brief What a loss policy sees of one routed batch (BalanceBatch) and the slot counts every balance loss
+/// starts from. Loss policies (losses/*.hpp) are attached to a router with routers::WithLosses.
+///
+/// A loss policy L provides `double forward(const BalanceBatch<T>&, T* dp, T* dz, Arena&)`: it returns its
+/// value (coefficient included) and ADDS dL/dp (n_tokens, width) to dp and dL/dz to dz. The slot fractions f
+/// are constants of the forward (piecewise constant in the logits), so a balance loss's gradient flows
+/// through the probabilities p only (PAPERS.md C.1).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../config.hpp"
+#include "../error.hpp"
+#include "../workspace.hpp"
+
+namespace moe::losses {
+
+/// One routed batch, as the loss policies see it. The "columns" are what the router balances over: its
+/// experts, plus AdaMoE's null experts.
+template <class T>
+struct BalanceBatch {
+  Index n_tokens = 0;
+  Index width = 0;                     ///< columns (E, or n + m with null experts)
+  Index slots = 0;                     ///< slots per token (top_k)
+  const T* z = nullptr;                ///< (n_tokens, width) raw router logits
+  const T* p = nullptr;                ///< (n_tokens, width) routing probabilities (each row sums to 1)
+  const Index* cols = nullptr;         ///< (n_tokens, slots) chosen column of each slot, -1 for none
+  const std::uint8_t* zero_computation = nullptr;  ///< (width) 1 for MoE++ zero-computation columns; nullptr: none
+  bool training = false;               ///< a training forward (stateful losses advance)
+  const Index* sequence_of_token = nullptr;  ///< (n_tokens) sequence of each token; nullptr: one sequence
+};
+
+/// counts[c] += slots of tokens [t0, t1) choosing column c (in token order: the sum is exact in double).
+template <class T>
+void count_columns(const BalanceBatch<T>& b, Index t0, Index t1, double* counts) {
+  for (Index i = t0 * b.slots; i < t1 * b.slots; ++i)
+    if (b.cols[i] >= 0) counts[b.cols[i]] += 1.0;
+}
+
+/// mean[c] = mean over tokens [t0, t1) of p[t, c], summed in token order (deterministic).
+template <class T>
+void mean_probabilities(const BalanceBatch<T>& b, Index t0, Index t1, double* mean) {
+  std::fill_n(mean, b.width, 0.0);
+  for (Index t = t0; t < t1; ++t)
+    for (Index c = 0; c < b.width; ++c) mean[c] += double(b.p[t * b.width + c]);
+  for (Index c = 0; c < b.width; ++c) mean[c] /= double(t1 - t0);
+}
+
+/// The Switch form over tokens [t0, t1) with slot fractions f (Σf = 1): value = scale · Σ_c η_c f_c P_c, and
+/// dp[t, c] += scale · η_c f_c / (t1 - t0), where η_c = tau for zero-computation columns and 1 otherwise.
+template <class T>
+double switch_form(const BalanceBatch<T>& b, Index t0, Index t1, const double* f, double scale, double tau,
+                   double* scratch, T* dp) {
+  mean_probabilities(b, t0, t1, scratch);
+  double value = 0;
+  for (Index c = 0; c < b.width; ++c) {
+    const double eta = b.zero_computation != nullptr && b.zero_computation[c] ? tau : 1.0;
+    value += eta * f[c] * scratch[c];
+    scratch[c] = scale * eta * f[c] / double(t1 - t0);  // now dL/dp[t, c]
+  }
+  for (Index t = t0; t < t1; ++t)
+    for (Index c = 0; c < b.width; ++c) dp[t * b.width + c] += static_cast<T>(scratch[c]);
+  return scale * value;
+}
+
+/// Divides counts by their sum (f with Σf = 1); all zero stays zero.
+inline void to_fractions(double* counts, Index n) {
+  double total = 0;
+  for (Index c = 0; c < n; ++c) total += counts[c];
+  if (total > 0)
+    for (Index c = 0; c < n; ++c) counts[c] /= total;
+}
+
+namespace detail {
+/// Throws moe::Error unless a coefficient is finite and >= 0.
+inline void require_coefficient(double value, const char* owner, const char* field) {
+  moe::detail::require(std::isfinite(value) && value >= 0.0, owner, ": ", field, " = ", value,
+                       " must be finite and >= 0");
+}
+}  // namespace detail
+
+}  // namespace moe::losses

@@ -1,0 +1,165 @@
+#pragma once
+/// @file routers/with_losses.hpp
+/// @brief WithLosses<R, Losses...>: a router with auxiliary losses (load balancing, z-loss). The losses'
+/// values come back from every forward (ForwardResult::aux_loss) and their gradients flow in the layer's
+/// backward, so they cannot be forgotten (PAPERS.md C.2).
+///
+/// The losses read the router's raw logits z, its routing probabilities p and the columns each slot chose;
+/// their gradient w.r.t. z is fixed at forward time (slot fractions are constants) and saved, and backward adds
+/// it through the gate: the value the forward returns is exactly the loss whose gradient backward applies.
+
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../concepts.hpp"
+#include "../config.hpp"
+#include "../losses/balance_batch.hpp"
+#include "../random.hpp"
+#include "../workspace.hpp"
+#include "gating.hpp"
+
+namespace moe::routers {
+
+/// A router that exposes what balance losses need (TopKRouter, NullExpertRouter): the width of its balance
+/// columns; `balance_logits(x, z, arena)`, the logits it routes on; `balance_probabilities(z, s, p)` per token
+/// row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g, dz)` (g =
+/// dL/dp in, clobbered; ADDS dL/dz); `balance_choice(saved, ids, n_tokens, cols)`, the column of each slot;
+/// and `balance_logits_backward(x, dz, dx, arena)`, which accumulates the gate gradient and ADDS dL/dx.
+template <class R>
+concept BalanceRouter = TrainableRouter<R> &&
+    requires(R& r, const R& cr, ConstMatrixView<typename R::Scalar> x, MatrixView<typename R::Scalar> z,
+             typename R::Scalar* p, const Index* ids, Index* cols, Arena& arena) {
+      { cr.balance_width() } -> std::convertible_to<Index>;
+      cr.balance_logits(x, z, arena);
+      cr.balance_probabilities(p, p, p);
+      cr.balance_probabilities_backward(p, p, p, p);
+      cr.balance_choice(p, ids, Index{}, cols);
+      r.balance_logits_backward(x, x, z, arena);
+    };
+
+/// A loss policy: see losses/balance_batch.hpp.
+template <class L, class T>
+concept LossPolicy = requires(const L& l, const losses::BalanceBatch<T>& b, T* g, Arena& arena) {
+  { l.forward(b, g, g, arena) } -> std::convertible_to<double>;
+};
+
+/// Router R with the loss policies Losses (e.g. losses::SwitchLoss, losses::ZLoss), in that order.
+/// Wrap a capacity limit around it (CapacityLimited<WithLosses<R, ...>>) so the losses see the choice
+/// before dropping, as Megatron computes them.
+template <class R, class... Losses>
+class WithLosses {
+  static_assert(BalanceRouter<R>, "moe::routers::WithLosses<R, ...>: R must model moe::routers::BalanceRouter "
+                                  "(TopKRouter, NullExpertRouter)");
+  static_assert(sizeof...(Losses) >= 1 && sizeof...(Losses) <= std::size_t(k_max_losses),
+                "moe::routers::WithLosses<R, Losses...>: give 1 to k_max_losses loss policies");
+  static_assert((LossPolicy<Losses, typename R::Scalar> && ...),
+                "moe::routers::WithLosses<R, Losses...>: every loss needs forward(BalanceBatch, dp, dz, arena); "
+                "see include/moe/losses/balance_batch.hpp");
+
+ public:
+  using Scalar = typename R::Scalar;
+  using T = Scalar;
+
+  /// @param router the inner router; @param losses the loss policies (their coefficients inside)
+  explicit WithLosses(R router, Losses... losses) : router_(std::move(router)), losses_(std::move(losses)...) {}
+
+  Index d_model() const { return router_.d_model(); }      ///< token width
+  Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
+  Index top_k() const { return router_.top_k(); }          ///< slots per token
+  /// The inner router's saved block, then dL_aux/dz (n_tokens, balance width) for backward.
+  Index saved_width() const { return router_.saved_width() + router_.balance_width(); }
+
+  const R& router() const { return router_; }  ///< the inner router
+  R& router() { return router_; }              ///< the inner router
+  /// The I-th loss policy (e.g. to reset() a GlobalBatchLoss).
+  template <std::size_t I>
+  auto& loss() {
+    return std::get<I>(losses_);
+  }
+  template <std::size_t I>
+  const auto& loss() const {
+    return std::get<I>(losses_);
+  }
+
+  /// Which experts are zero-computation (MoE++ τ weighting); MoELayer calls it with its banks' mask. Columns
+  /// past the mask (AdaMoE's null experts) are ordinary.
+  void set_zero_computation_mask(const std::vector<bool>& mask) {
+    zero_computation_.assign(static_cast<std::size_t>(router_.balance_width()), 0);
+    for (std::size_t c = 0; c < mask.size() && c < zero_computation_.size(); ++c) zero_computation_[c] = mask[c];
+  }
+
+  void init(Rng& rng) { router_.init(rng); }  ///< initialises the inner router
+  /// The inner router's parameters (the losses have none).
+  template <class F>
+  void visit_parameters(F&& f) {
+    router_.visit_parameters(std::forward<F>(f));
+  }
+
+  /// Routes with the inner router; the losses' values are dropped (use the RouteStats overload or the layer).
+  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+    RouteStats stats;
+    route(x, ids, weights, saved, arena, stats);
+  }
+
+  /// Routes with the inner router and evaluates every loss: stats.losses[i] is loss i's value.
+  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
+    const Index n_tokens = x.rows(), W = router_.balance_width(), k = top_k();
+    const std::size_t mark = arena.used();
+    router_.route(x, ids, weights, saved, arena);
+    arena.rewind(mark);
+    T* z = arena.take<T>(n_tokens * W);   // (n_tokens, W) logits
+    T* s = arena.take<T>(n_tokens * W);   // (n_tokens, W) scores
+    T* p = arena.take<T>(n_tokens * W);   // (n_tokens, W) probabilities
+    T* dp = arena.take<T>(n_tokens * W);  // (n_tokens, W) dL/dp
+    Index* cols = arena.take<Index>(n_tokens * k);
+    const bool run = !arena.measuring() && n_tokens > 0;
+    const auto zview = run ? MatrixView<T>(z, n_tokens, W) : MatrixView<T>::shape_only(n_tokens, W);
+    const std::size_t inner = arena.used();
+    router_.balance_logits(x, zview, arena);
+    arena.rewind(inner);
+    T* dz = run ? saved + n_tokens * router_.saved_width() : nullptr;  // (n_tokens, W), kept for backward
+    if (run) {
+      for (Index t = 0; t < n_tokens; ++t) router_.balance_probabilities(z + t * W, s + t * W, p + t * W);
+      router_.balance_choice(saved, ids, n_tokens, cols);
+      std::fill_n(dp, n_tokens * W, T(0));
+      std::fill_n(dz, n_tokens * W, T(0));
+    }
+    const losses::BalanceBatch<T> batch{n_tokens,         W,     k, z, p, cols,
+                                        zero_computation_.empty() ? nullptr : zero_computation_.data(),
+                                        stats.training, stats.sequence_of_token};
+    stats.n_losses = 0;
+    std::apply(
+        [&](const auto&... loss) {
+          ((stats.losses[static_cast<std::size_t>(stats.n_losses++)] = loss.forward(batch, dp, dz, arena),
+            arena.rewind(inner)),
+           ...);
+        },
+        losses_);
+    if (run)
+      for (Index t = 0; t < n_tokens; ++t)
+        router_.balance_probabilities_backward(s + t * W, p + t * W, dp + t * W, dz + t * W);
+  }
+
+  /// Backward of the inner router, plus the losses' gradient saved by the forward.
+  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* weights, const T* saved, const T* dweights,
+                      MatrixView<T> dx, Arena& arena) {
+    const Index n_tokens = x.rows(), W = router_.balance_width();
+    const std::size_t mark = arena.used();
+    router_.route_backward(x, ids, weights, saved, dweights, dx, arena);
+    arena.rewind(mark);
+    const bool run = !arena.measuring() && n_tokens > 0;
+    const auto dz = run ? ConstMatrixView<T>(saved + n_tokens * router_.saved_width(), n_tokens, W)
+                        : ConstMatrixView<T>::shape_only(n_tokens, W);
+    router_.balance_logits_backward(x, dz, dx, arena);
+  }
+
+ private:
+  R router_;
+  std::tuple<Losses...> losses_;
+  std::vector<std::uint8_t> zero_computation_;  // (W) 1 for zero-computation columns, or empty
+};
+
+}  // namespace moe::routers

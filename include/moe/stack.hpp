@@ -1,0 +1,226 @@
+#pragma once
+/// @file stack.hpp
+/// @brief moe::Stack<Layer>: L MoE layers with residual connections, h_{l+1} = h_l + MoE_l(h_l), forward and
+/// backward, passing the routing state from layer to layer:
+///  - MoE++ gating residuals: with a routers::GatingResidual router (also inside WithLosses/CapacityLimited),
+///    layer l's raw logits feed layer l+1's router, and their gradient flows back;
+///  - pre-gating (Pre-gated MoE, Read-ME; StackOptions::pre_gating): layer l+1 routes on h_l, layer l's
+///    input, so its experts are known before layer l runs; set_prefetch() receives them at that point.
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <type_traits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "config.hpp"
+#include "detail/linalg.hpp"
+#include "error.hpp"
+#include "moe_layer.hpp"
+#include "random.hpp"
+#include "workspace.hpp"
+
+namespace moe {
+
+/// Options of a Stack.
+struct StackOptions {
+  /// Layer l+1's router reads h_l (the input of layer l) instead of h_{l+1}; the first layer routes on its
+  /// own input (its extra gate). Not combinable with gating residuals (which need layer l's logits first).
+  bool pre_gating = false;
+};
+
+namespace detail {
+// The GatingResidual inside a (possibly wrapped) router, or nullptr: wrappers expose their inner router().
+template <class R>
+auto gating_residual_of(R& r) {
+  if constexpr (requires { r.bind_forward(ConstMatrixView<typename R::Scalar>(), MatrixView<typename R::Scalar>()); }) {
+    return &r;
+  } else if constexpr (requires { r.router(); }) {
+    return gating_residual_of(r.router());
+  } else {
+    return nullptr;
+  }
+}
+}  // namespace detail
+
+template <class Layer>
+class Stack;
+
+/// What a Stack's training forward records for its backward (one TrainingContext per layer, the logits
+/// passed between layers) and the per-layer routing results. Caller-owned and reusable.
+template <class T>
+class StackContext {
+ public:
+  /// Layer l's routing in the recorded forward (views valid until this context's next forward).
+  const ForwardResult<T>& result(std::size_t l) const { return results_.at(l); }
+  std::size_t n_layers() const { return results_.size(); }  ///< layers recorded
+
+ private:
+  template <class Layer>
+  friend class Stack;
+  std::vector<TrainingContext<T>> layers_;
+  std::vector<ForwardResult<T>> results_;
+  std::vector<RowMatrix<T>> h_;        // h_0 .. h_L
+  std::vector<RowMatrix<T>> logits_;   // (n_tokens, n_experts) per layer (gating residuals)
+  std::vector<RowMatrix<T>> dlogits_;  // their gradients
+  RowMatrix<T> out_, dh_, dlayer_, drouter_, pending_;
+  Index n_tokens_ = -1;
+  const void* stack_ = nullptr;
+};
+
+/// A stack of layers of one type with residual connections; see the file comment.
+template <class Layer>
+class Stack {
+ public:
+  using Scalar = typename Layer::Scalar;
+  using T = Scalar;
+
+  /// @param layers at least one; all of one d_model (throws moe::Error otherwise, or when pre-gating is
+  /// asked for with gating-residual routers)
+  explicit Stack(std::vector<Layer> layers, const StackOptions& options = {})
+      : layers_(std::move(layers)), options_(options) {
+    detail::require(!layers_.empty(), "moe::Stack: needs at least one layer");
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      detail::require(layers_[l].d_model() == layers_[0].d_model(), "moe::Stack: layer ", l, " has d_model = ",
+                      layers_[l].d_model(), ", layer 0 has ", layers_[0].d_model());
+    detail::require(!(options_.pre_gating && residual),
+                    "moe::Stack: pre_gating cannot be combined with gating residuals (GatingResidual routers)");
+  }
+
+  Index d_model() const { return layers_[0].d_model(); }        ///< token width
+  std::size_t n_layers() const { return layers_.size(); }       ///< layers
+  Layer& layer(std::size_t l) { return layers_.at(l); }         ///< layer l
+  const Layer& layer(std::size_t l) const { return layers_.at(l); }
+  const StackOptions& options() const { return options_; }      ///< the options
+
+  /// Pre-gating: f(l, routing) is called with layer l's routing before layer l-1 runs (for l = 0: before
+  /// layer 0), so the caller can fetch those experts while layer l-1 computes. The routing is exactly the one
+  /// layer l then uses. Empty f: no calls. Costs one extra router pass per layer.
+  void set_prefetch(std::function<void(std::size_t, const ForwardResult<T>&)> f) { prefetch_ = std::move(f); }
+
+  /// Initialises layer l from the l-th draw of Rng(seed) (reproducible).
+  void init(std::uint64_t seed) {
+    Rng rng(seed);
+    for (auto& layer : layers_) layer.init(rng.next());
+  }
+
+  /// Training forward: y = h_L, records in ctx what backward needs; returns the sum of every layer's aux
+  /// loss (ctx.result(l) has each layer's routing). `sequence_starts` as for MoELayer::forward. y may be x.
+  double forward(ConstMatrixView<T> x, MatrixView<T> y, StackContext<T>& ctx, std::span<const Index> sequence_starts = {}) {
+    return run(x, y, &ctx, sequence_starts);
+  }
+  /// Inference forward (nothing recorded); returns the summed aux loss.
+  double forward(ConstMatrixView<T> x, MatrixView<T> y, std::span<const Index> sequence_starts = {}) {
+    return run(x, y, nullptr, sequence_starts);
+  }
+
+  /// Backward of the training forward in ctx: writes dx and ADDS every parameter's gradient (the layers'
+  /// aux-loss gradients included). dx may be dy.
+  void backward(ConstMatrixView<T> dy, MatrixView<T> dx, StackContext<T>& ctx) {
+    detail::require(ctx.stack_ == this, "moe::Stack::backward: the StackContext was not recorded by this stack");
+    detail::require(dy.rows() == ctx.n_tokens_ && dy.cols() == d_model() && dx.rows() == dy.rows() &&
+                        dx.cols() == d_model(),
+                    "moe::Stack::backward: dy is (", dy.rows(), ", ", dy.cols(), ") and dx (", dx.rows(), ", ",
+                    dx.cols(), "), expected (", ctx.n_tokens_, ", ", d_model(), ")");
+    const Index n = dy.rows(), d = d_model();
+    ctx.dh_ = detail::eigen(dy);  // dL/dh_{l+1}, from the top down
+    ctx.pending_.setZero(n, d);
+    ctx.dlayer_.resize(n, d);
+    ctx.drouter_.resize(n, d);
+    for (std::size_t l = layers_.size(); l-- > 0;) {
+      const bool routed_early = options_.pre_gating && l > 0;
+      if constexpr (residual) {
+        if (l > 0) ctx.dlogits_[l - 1].setZero();
+        residual_of(l)->bind_backward(previous(ctx, l), l + 1 < layers_.size() ? view(ctx.dlogits_[l]) : MatrixView<T>(),
+                                      l > 0 ? view(ctx.dlogits_[l - 1]) : MatrixView<T>());
+      }
+      layers_[l].backward(ctx.dh_, ctx.dlayer_, ctx.layers_[l], routed_early ? view(ctx.drouter_) : MatrixView<T>());
+      // h_{l+1} = h_l + MoE_l(h_l): dL/dh_l = dL/dh_{l+1} + the layer's dx + layer l+1's router gradient.
+      ctx.dh_ += ctx.dlayer_ + ctx.pending_;
+      if (routed_early) {
+        ctx.pending_ = ctx.drouter_;
+      } else {
+        ctx.pending_.setZero();
+      }
+      if constexpr (residual) residual_of(l)->bind_backward({}, {}, {});
+    }
+    for (Index t = 0; t < n; ++t)
+      for (Index j = 0; j < d; ++j) dx(t, j) = ctx.dh_(t, j);
+  }
+
+  /// f(name, Parameter&) for every parameter: "layer<l>.<the layer's name>".
+  template <class F>
+  void visit_parameters(F&& f) {
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      layers_[l].visit_parameters([&](const std::string& name, auto& p) { f("layer" + std::to_string(l) + "." + name, p); });
+  }
+  /// Sets every gradient to zero.
+  void zero_grad() {
+    for (auto& layer : layers_) layer.zero_grad();
+  }
+
+ private:
+  static constexpr bool residual =
+      !std::is_same_v<decltype(detail::gating_residual_of(std::declval<typename Layer::RouterType&>())), std::nullptr_t>;
+
+  auto residual_of(std::size_t l) { return detail::gating_residual_of(layers_[l].router()); }
+  static MatrixView<T> view(RowMatrix<T>& m) { return MatrixView<T>(m.data(), m.rows(), m.cols()); }
+  static ConstMatrixView<T> previous(StackContext<T>& ctx, std::size_t l) {
+    return l > 0 ? ConstMatrixView<T>(ctx.logits_[l - 1].data(), ctx.logits_[l - 1].rows(), ctx.logits_[l - 1].cols())
+                 : ConstMatrixView<T>();
+  }
+
+  double run(ConstMatrixView<T> x, MatrixView<T> y, StackContext<T>* training, std::span<const Index> sequence_starts) {
+    detail::require(x.cols() == d_model() && y.rows() == x.rows() && y.cols() == d_model(), "moe::Stack::forward: x is (",
+                    x.rows(), ", ", x.cols(), ") and y (", y.rows(), ", ", y.cols(), "), expected (n, ", d_model(), ")");
+    StackContext<T>& ctx = training != nullptr ? *training : inference_;
+    const Index n = x.rows(), d = d_model();
+    const std::size_t L = layers_.size();
+    ctx.stack_ = this;
+    ctx.n_tokens_ = n;
+    ctx.layers_.resize(L);
+    ctx.results_.assign(L, {});
+    ctx.h_.resize(L + 1);
+    ctx.h_[0].resize(n, d);
+    for (Index t = 0; t < n; ++t)
+      for (Index j = 0; j < d; ++j) ctx.h_[0](t, j) = x(t, j);
+    if constexpr (residual) {
+      ctx.logits_.resize(L);
+      ctx.dlogits_.resize(L);
+      for (std::size_t l = 0; l < L; ++l) {
+        ctx.logits_[l].resize(n, layers_[l].n_experts());
+        ctx.dlogits_[l].resize(n, layers_[l].n_experts());
+      }
+    }
+    ctx.out_.resize(n, d);
+    double aux = 0;
+    if (options_.pre_gating && prefetch_) prefetch_(0, layers_[0].route(ctx.h_[0], prefetch_ws_));
+    for (std::size_t l = 0; l < L; ++l) {
+      const bool routed_early = options_.pre_gating && l > 0;
+      if (options_.pre_gating && prefetch_ && l + 1 < L) prefetch_(l + 1, layers_[l + 1].route(ctx.h_[l], prefetch_ws_));
+      if constexpr (residual) residual_of(l)->bind_forward(previous(ctx, l), view(ctx.logits_[l]));
+      const ConstMatrixView<T> router_input = routed_early ? ConstMatrixView<T>(ctx.h_[l - 1]) : ConstMatrixView<T>();
+      const ForwardResult<T> res =
+          training != nullptr ? layers_[l].forward(ctx.h_[l], ctx.out_, ctx.layers_[l], sequence_starts, router_input)
+                              : layers_[l].forward(ctx.h_[l], ctx.out_, ws_, sequence_starts, router_input);
+      if constexpr (residual) residual_of(l)->bind_forward({}, {});
+      if (training != nullptr) ctx.results_[l] = res;
+      aux += res.aux_loss;
+      ctx.h_[l + 1] = ctx.h_[l] + ctx.out_;
+    }
+    for (Index t = 0; t < n; ++t)
+      for (Index j = 0; j < d; ++j) y(t, j) = ctx.h_[L](t, j);
+    return aux;
+  }
+
+  std::vector<Layer> layers_;
+  StackOptions options_;
+  std::function<void(std::size_t, const ForwardResult<T>&)> prefetch_;
+  StackContext<T> inference_;  // buffers of the inference forward
+  Workspace ws_, prefetch_ws_;
+};
+
+}  // namespace moe
