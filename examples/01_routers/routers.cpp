@@ -1,7 +1,8 @@
 // 01_routers: what each router of moe::routers chooses for one batch.
 //
 // Teaches: building every router (TopKRouter presets, capacity limits, null experts, the dense-to-sparse
-// gate, expert choice) and reading its (expert id, weight) slots; id -1 is a slot that runs nothing.
+// gate, expert choice, MoE++ gating residuals) and reading its (expert id, weight) slots; id -1 is a slot that
+// runs nothing. (Pre-gating is a moe::Stack option: docs/routers.md.)
 // Usage: routers            (prints one table per router; exits non-zero if a routing breaks its invariants)
 
 #include <cmath>
@@ -85,6 +86,12 @@ int main() {
   ok &= show("EvoMoE dense-to-sparse gate, step 100 (tau = 0.1)", late, x);
   ok &= show("Expert choice (capacity factor 2: each expert takes 2 of the 6 tokens)",
              make(r::ExpertChoiceRouter<float>(shape, {.capacity_factor = 2.0})), x);
+  // MoE++ gating residual: the previous layer's raw logits (here: random ones), mapped by gate_map, are added.
+  auto residual = make(r::GatingResidual<r::TopKRouter<float>>(r::TopKRouter<float>(shape)));
+  moe::RowMatrix<float> previous_logits(k_tokens, k_experts);
+  for (moe::Index i = 0; i < previous_logits.size(); ++i) previous_logits.data()[i] = static_cast<float>(3.0 * rng.normal());
+  residual.bind_forward(previous_logits, {});
+  ok &= show("Mixtral + MoE++ gating residual (previous layer's logits added through gate_map)", residual, x);
   if (!ok) std::printf("FAILED: a router broke its invariants\n");
   return ok ? 0 : 1;
 }

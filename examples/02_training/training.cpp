@@ -10,7 +10,6 @@
 /// Prints a progress line on stderr and ends with
 ///   RESULT training PASS|FAIL ratio=<MoE loss / dense loss> (criterion: ratio < 0.5)
 
-#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -52,7 +51,7 @@ double train(const char* name, Layer& layer, const moe::examples::Regimes& data,
   moe::TrainingContext<double> ctx;
   moe::RowMatrix<double> y(data.x.rows(), data.x.cols()), dx(data.x.rows(), data.x.cols()), dy;
   double loss = 0;
-  const auto start = std::chrono::steady_clock::now();
+  moe::ProgressLine progress(name, steps);
   for (int s = 1; s <= steps; ++s) {
     layer.zero_grad();
     layer.forward(data.x, y, ctx);
@@ -61,13 +60,9 @@ double train(const char* name, Layer& layer, const moe::examples::Regimes& data,
     moe::optim::clip_grad_norm(layer, 10.0);
     adam.step(layer);
     csv << name << ',' << s << ',' << loss << '\n';
-    if (s % 50 == 0 || s == steps) {
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      std::fprintf(stderr, "\r%-6s step %4d/%d  loss %.4f  %.0f tokens/s   ", name, s, steps, loss,
-                   double(s) * double(data.x.rows()) / secs);
-    }
+    progress.update(s, {loss, 0.0, data.x.rows()});
   }
-  std::fprintf(stderr, "\n");
+  progress.finish();
   return loss;
 }
 
