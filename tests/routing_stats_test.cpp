@@ -13,8 +13,9 @@ using moe::Index;
 
 namespace {
 
-moe::ForwardResult<float> result(Index n_tokens, Index k, const std::vector<Index>& ids, const std::vector<float>& w) {
-  return {n_tokens, k, ids, w, {}, {}, 0};
+moe::ForwardResult<float> result(Index n_tokens, Index k, const std::vector<Index>& ids, const std::vector<float>& w,
+                                 Index dropped = 0) {
+  return {n_tokens, k, ids, w, {}, {}, dropped};
 }
 
 }  // namespace
@@ -25,11 +26,12 @@ TEST_CASE("RoutingStats counts by hand", "[stats]") {
   const std::vector<Index> ids = {0, 3, 1, 0, 3, -1};
   const std::vector<float> w = {0.75f, 0.25f, 0.5f, 0.5f, 1.0f, 0.0f};
   const std::vector<int> domain = {7, 7, 9};
-  stats.record(result(3, 2, ids, w), domain);
+  stats.record(result(3, 2, ids, w, 1), domain);
   REQUIRE(stats.n_tokens() == 3);
   REQUIRE(stats.tokens_per_expert() == std::vector<long>{2, 1, 0, 2});
   REQUIRE(stats.weight_mass() == std::vector<double>{1.25, 0.5, 0.0, 1.25});
   REQUIRE(stats.unused_slots() == 1);
+  REQUIRE(stats.dropped_slots() == 1);
   REQUIRE(stats.real_experts_per_token() == std::vector<long>{1, 1, 1});  // 1, 2 and 0 real experts
   REQUIRE(stats.zero_computation_per_token() == std::vector<long>{1, 2});
   CHECK(stats.mean_real_experts_per_token() == Approx(1.0));
@@ -44,10 +46,11 @@ TEST_CASE("RoutingStats counts by hand", "[stats]") {
   std::ostringstream csv;
   stats.write_csv(csv);
   REQUIRE(csv.str().rfind("expert,zero_computation,tokens,weight_mass,group_7,group_9\n0,0,2,1.25,2,0\n", 0) == 0);
-  REQUIRE(csv.str().find("# tokens=3 unused_slots=1") != std::string::npos);
+  REQUIRE(csv.str().find("# tokens=3 unused_slots=1 dropped_slots=1") != std::string::npos);
 
   stats.reset();
   REQUIRE(stats.n_tokens() == 0);
+  REQUIRE(stats.dropped_slots() == 0);
   REQUIRE(stats.max_violation() == 0);
   REQUIRE(stats.tokens_per_group().empty());
 }

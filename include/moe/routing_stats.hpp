@@ -2,7 +2,7 @@
 /// @file routing_stats.hpp
 /// @brief RoutingStats: a sink for what the router did over many forwards (one per layer): tokens and
 /// combine-weight mass per expert, experts per token split into real and zero-computation experts,
-/// dropped/unused slots, load entropy, MaxVio, coefficient of variation and per-group (e.g. per-domain)
+/// unused slots and the dropped ones among them, load entropy, MaxVio, coefficient of variation and per-group (e.g. per-domain)
 /// counts; written as CSV for plotting.
 
 #include <algorithm>
@@ -57,6 +57,7 @@ class RoutingStats {
       bump(zc_per_token_, zc);
     }
     n_tokens_ += r.n_tokens;
+    dropped_slots_ += r.dropped_slots;
   }
 
   /// Forgets everything recorded.
@@ -66,7 +67,7 @@ class RoutingStats {
     real_per_token_.clear();
     zc_per_token_.clear();
     groups_.clear();
-    n_tokens_ = unused_slots_ = 0;
+    n_tokens_ = unused_slots_ = dropped_slots_ = 0;
   }
 
   Index n_experts() const { return static_cast<Index>(tokens_.size()); }  ///< experts tracked
@@ -74,6 +75,7 @@ class RoutingStats {
   const std::vector<long>& tokens_per_expert() const { return tokens_; } ///< slots routed to each expert
   const std::vector<double>& weight_mass() const { return mass_; }       ///< sum of combine weights per expert
   long unused_slots() const { return unused_slots_; }  ///< slots with no expert (dropped, null, below threshold)
+  long dropped_slots() const { return dropped_slots_; }  ///< of those, slots a capacity limit dropped
   /// histogram[n] = tokens that used n real (non-zero-computation) experts.
   const std::vector<long>& real_experts_per_token() const { return real_per_token_; }
   /// histogram[n] = tokens that used n zero-computation experts.
@@ -117,7 +119,7 @@ class RoutingStats {
       for (const auto& [label, counts] : groups_) out << ',' << counts[e];
       out << '\n';
     }
-    out << "# tokens=" << n_tokens_ << " unused_slots=" << unused_slots_
+    out << "# tokens=" << n_tokens_ << " unused_slots=" << unused_slots_ << " dropped_slots=" << dropped_slots_
         << " mean_real_experts_per_token=" << mean_real_experts_per_token() << " load_entropy=" << load_entropy()
         << " max_violation=" << max_violation() << " cv=" << coefficient_of_variation() << '\n';
   }
@@ -152,6 +154,7 @@ class RoutingStats {
   std::map<int, std::vector<long>> groups_;
   long n_tokens_ = 0;
   long unused_slots_ = 0;
+  long dropped_slots_ = 0;
 };
 
 }  // namespace moe

@@ -122,7 +122,7 @@ TEST_CASE("DenseToSparseGate: invariants over shapes, reproducible noise, non-fi
       DenseToSparseGate<float> router(shape(d, E, k), {.seed = 3});
       router.init(rng);
       const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 130, d, 2.0);
-      for (Index T = 0; T <= 130; T += 13) {
+      for (Index T = 0; T <= 130; ++T) {
         INFO("E=" << E << " k=" << k << " T=" << T);
         const auto r = moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T));
         moe::test::check_invariants(r, E, {.sums_to_one = false, .unused_allowed = true});

@@ -47,7 +47,7 @@ TEST_CASE("ExpertChoiceRouter: perfect balance, ties to the lower token, and it 
       ExpertChoiceRouter<float> router(shape(d, E), {.capacity_factor = cf});
       router.init(rng);
       const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 130, d, 2.0);
-      for (Index T = 0; T <= 130; T += 13) {
+      for (Index T = 0; T <= 130; ++T) {
         INFO("E=" << E << " cf=" << cf << " T=" << T);
         const auto r = moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T));
         moe::test::check_invariants(r, E, {.sums_to_one = false, .unused_allowed = true});

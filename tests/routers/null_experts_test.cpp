@@ -88,7 +88,7 @@ TEST_CASE("NullExpertRouter routing invariants, ties and non-finite input", "[ro
         NullExpertRouter<float> router(shape(d, n, k), {.n_null_experts = m});
         router.init(rng);
         const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 130, d, 3.0);
-        for (Index T = 0; T <= 130; T += 13) {
+        for (Index T = 0; T <= 130; ++T) {
           const auto r = moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T));
           moe::test::check_invariants(r, n, {.unused_allowed = true});
           for (Index i : r.ids) (i >= 0 ? true_slots : null_slots) += 1;

@@ -226,14 +226,15 @@ TEST_CASE("TopKRouter routing invariants over T in 0..130 and many shapes", "[ro
   for (const auto& v : variants()) {
     for (Index E : {1, 2, 3, 8, 64, 256}) {
       if (E < v.min_experts) continue;
-      for (Index k = 1; k <= std::min<Index>(E, 8); ++k) {
+      for (Index k : {1, 2, 3, 8}) {
+        if (k > E) continue;
         INFO(v.name << " E=" << E << " k=" << k);
         TopKRouter<float> router(shape(d, E, k), v.options);
         router.init(rng);
         if (!router.bias().empty())
           for (auto& b : router.bias()) b = static_cast<float>(0.1 * rng.normal());
         const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 130, d, 3.0);
-        for (Index T = 0; T <= 130; T += (k == 1 || E == 8 ? 1 : 13))
+        for (Index T = 0; T <= 130; ++T)
           moe::test::check_invariants(moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T)), E, v.rule);
       }
     }

@@ -369,3 +369,66 @@ TEST_CASE("WithLosses: forward, aux loss and gradients are bitwise equal for 1-4
     }
   });
 }
+
+TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each with a balance loss", "[losses][grad]") {
+  SECTION("dense-to-sparse gate (training: Gumbel noise, active experts above the threshold)") {
+    const MoEConfig cfg{.d_model = 5, .d_ff = 4, .n_experts = 4, .top_k = 4};
+    using Router = routers::WithLosses<routers::DenseToSparseGate<double>, losses::SwitchLoss>;
+    moe::MoELayer<Router, experts::SwiGLU<double>> layer(
+        Router(routers::DenseToSparseGate<double>(cfg, {.min_temperature = 0.05, .decay_steps = 100, .seed = 3}), losses::SwitchLoss{.coeff = 0.3}),
+        experts::SwiGLU<double>(cfg));
+    layer.init(37);
+    layer.router().router().set_step(100);  // τ = 0.05: few experts active
+    RowMatrix<double> x = tokens(10, 5, 12);
+    const RowMatrix<double> r = tokens(10, 5, 13);
+    RowMatrix<double> y(10, 5);
+    moe::TrainingContext<double> ctx;
+    const auto res = layer.forward(x, y, ctx);
+    const auto chosen = chosen_ids(res);
+    std::size_t active = 0;
+    for (const auto& c : chosen) active += c.size();
+    REQUIRE(active < 40);  // sparse: not every expert active
+    CHECK(res.aux_loss == Approx(switch_reference(probabilities(x, layer.router().router().gate()), chosen, 0.3)).epsilon(1e-12));
+    CHECK(check_layer_gradients(layer, ctx, x, r) > 1e-3);
+  }
+  SECTION("LoRA experts on a frozen base (LLaVA-MoLE)") {
+    const MoEConfig cfg{.d_model = 6, .d_ff = 5, .n_experts = 3, .top_k = 1};
+    using Router = routers::WithLosses<routers::TopKRouter<double>, losses::SwitchLoss>;
+    moe::MoELayer<Router, experts::LoRASwiGLU<double>> layer(
+        Router(routers::TopKRouter<double>(cfg, {.renormalize = false}), losses::SwitchLoss{.coeff = 0.5}),
+        experts::LoRASwiGLU<double>(cfg, {.rank = 2}));
+    layer.init(39);
+    // B starts at zero (LoRA's init): give it values so every adapter weight has a gradient to check.
+    moe::test::Rng rng(40);
+    layer.visit_parameters([&](const std::string& name, moe::Parameter<double>& p) {
+      if (name.find("lora_b") != std::string::npos)
+        for (Index i = 0; i < p.rows() * p.cols(); ++i) p.data()[i] = 0.3 * rng.normal();
+    });
+    RowMatrix<double> x = tokens(8, 6, 14);
+    const RowMatrix<double> r = tokens(8, 6, 15);
+    require_gaps(x, layer.router().router().gate(), 1);
+    RowMatrix<double> y(8, 6);
+    moe::TrainingContext<double> ctx;
+    CHECK(layer.forward(x, y, ctx).aux_loss > 0);
+    CHECK(check_layer_gradients(layer, ctx, x, r) > 1e-3);
+  }
+  SECTION("GRU experts carrying state along the sequences of a packed batch (Hecto)") {
+    const MoEConfig cfg{.d_model = 5, .d_ff = 1, .n_experts = 2, .top_k = 1};
+    using Router = routers::WithLosses<routers::TopKRouter<double>, losses::SequenceBalanceLoss>;
+    moe::MoELayer<Router, experts::GRU<double>> layer(
+        Router(routers::TopKRouter<double>(cfg, {.renormalize = false}), losses::SequenceBalanceLoss{.coeff = 0.5}),
+        experts::GRU<double>(cfg));
+    layer.init(41);
+    RowMatrix<double> x = tokens(9, 5, 16);
+    const RowMatrix<double> r = tokens(9, 5, 17);
+    require_gaps(x, layer.router().router().gate(), 1);
+    const std::vector<Index> starts{0, 4};
+    RowMatrix<double> y(9, 5);
+    moe::TrainingContext<double> ctx;
+    CHECK(layer.forward(x, y, ctx, starts).aux_loss > 0);
+    moe::Workspace ws;
+    CHECK(check_layer_gradients(layer, ctx, x, r, [&](const RowMatrix<double>& in, RowMatrix<double>& out) {
+            return layer.forward(in, out, ws, starts).aux_loss;
+          }) > 1e-3);
+  }
+}

@@ -175,6 +175,39 @@ class DenseToSparseGate {
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, n_experts_), dx);
   }
 
+  /// @name Balance protocol (routers::BalanceRouter): columns = experts, p = softmax(z) without noise (EvoMoE's
+  /// `me`), chosen columns = the active experts. With losses::SwitchLoss, f is the share of the *active* slots
+  /// (Σf = 1); EvoMoE's E²·mean(me·ce) uses ce = the mean mask (Σ = active experts per token): it equals the
+  /// Switch value times the mean active count.
+  /// @{
+  Index balance_width() const { return n_experts_; }  ///< columns: the experts
+  /// z (n_tokens, n_experts) = W_g x, the logits before noise and τ.
+  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+    if (arena.measuring() || x.rows() == 0) return;
+    detail::for_each_token_chunk(x.rows(), double(n_experts_) * double(d_model_), [&](Index, Index t0, Index t1) {
+      gate_.logits(x.middle_rows(t0, t1 - t0), z.middle_rows(t0, t1 - t0));
+    });
+  }
+  /// One token: s = p = softmax(z).
+  void balance_probabilities(const T* z, T* s, T* p) const {
+    kernels::softmax_row(Arch{}, z, s, n_experts_);
+    std::copy_n(s, n_experts_, p);
+  }
+  /// One token: g = dL/dp on entry (clobbered); ADDS dL/dz to dz.
+  void balance_probabilities_backward(const T* s, const T* /*p*/, T* g, T* dz) const {
+    detail::score_backward(ScoreFunction::softmax, s, g, n_experts_);
+    for (Index e = 0; e < n_experts_; ++e) dz[e] += g[e];
+  }
+  /// The column of each slot: its expert (inactive slots hold -1).
+  void balance_choice(const T* /*saved*/, const Index* ids, Index n_tokens, Index* cols) const {
+    std::copy_n(ids, n_tokens * top_k_, cols);
+  }
+  /// From dz (n_tokens, n_experts): accumulates dL/dW_g and ADDS dL/dx to dx.
+  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena&) {
+    if (x.rows() > 0 && dz.data() != nullptr) gate_.backward(x, dz, dx);
+  }
+  /// @}
+
  private:
   static const DenseToSparseOptions& validated(const DenseToSparseOptions& o) {
     constexpr const char* who = "moe::routers::DenseToSparseGate";
