@@ -56,6 +56,13 @@ TEST_CASE("GlobalBatchLoss: f over every micro-batch since reset(), P from the c
   CHECK(loss.micro_batches() == 2);
   CHECK(loss.counts()[1] == 4.0);
 
+  // A recomputation of b (activation checkpointing) reproduces its value and counts nothing.
+  loss.set_recomputing(true);
+  CHECK(moe::test::evaluate(loss, b, dp, dz) == second);
+  CHECK(loss.micro_batches() == 2);
+  CHECK(loss.counts()[1] == 4.0);
+  loss.set_recomputing(false);
+
   // reset(): the next micro-batch starts a new global batch (the micro-batch loss again).
   loss.reset();
   CHECK(loss.micro_batches() == 0);

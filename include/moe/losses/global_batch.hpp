@@ -15,7 +15,10 @@ namespace moe::losses {
 /// the slots routed to c over all micro-batches since the last reset(), this one included. Each *training*
 /// forward adds its slot counts to a persistent buffer (after the optional all-reduce hook, so the buffer
 /// holds the counts of every process); an inference forward reads the buffer plus its own counts and changes
-/// nothing. Backward never touches the buffer. Call reset() once per optimizer step.
+/// nothing. Backward never touches the buffer. Call reset() once per optimizer step. A forward that recomputes
+/// a micro-batch already counted (activation checkpointing) runs inside set_recomputing(true): it neither
+/// counts nor communicates, and reads f from the buffer as it is, so it reproduces the original value
+/// (torchtitan PR #4772's double-count trap).
 ///
 /// Not for concurrent training forwards: the buffer is shared state (the layer's other paths stay const-safe).
 class GlobalBatchLoss {
@@ -34,6 +37,10 @@ class GlobalBatchLoss {
     std::fill(counts_.begin(), counts_.end(), 0.0);
     micro_batches_ = 0;
   }
+  /// While on, training forwards are recomputations of counted micro-batches: see the class comment.
+  void set_recomputing(bool on) { recomputing_ = on; }
+  bool recomputing() const { return recomputing_; }  ///< whether forwards are recomputations
+
   /// Slots per column accumulated since reset() (empty before the first forward).
   std::span<const double> counts() const { return counts_; }
   /// Training forwards since reset().
@@ -49,11 +56,13 @@ class GlobalBatchLoss {
     if (counts_.size() != static_cast<std::size_t>(b.width)) counts_.assign(static_cast<std::size_t>(b.width), 0.0);
     std::fill_n(f, b.width, 0.0);
     count_columns(b, 0, b.n_tokens, f);
-    if (b.training) {
+    if (b.training && !recomputing_) {
       if (all_reduce_) all_reduce_(std::span<double>(f, static_cast<std::size_t>(b.width)));
       for (Index c = 0; c < b.width; ++c) counts_[static_cast<std::size_t>(c)] += f[c];
       ++micro_batches_;
-      std::copy(counts_.begin(), counts_.end(), f);
+    }
+    if (b.training) {  // f = the buffer (this micro-batch included)
+      for (Index c = 0; c < b.width; ++c) f[c] = counts_[static_cast<std::size_t>(c)];
     } else {
       for (Index c = 0; c < b.width; ++c) f[c] += counts_[static_cast<std::size_t>(c)];
     }
@@ -66,6 +75,7 @@ class GlobalBatchLoss {
   std::function<void(std::span<double>)> all_reduce_;
   mutable std::vector<double> counts_;  // the persistent buffer (mutable: forward is const)
   mutable long micro_batches_ = 0;
+  bool recomputing_ = false;
 };
 
 }  // namespace moe::losses
