@@ -21,7 +21,7 @@
 /// and its task loss <= the micro arm's. Run with --seed=1, 2, 3: the paper's claim holds if all three pass.
 ///
 /// Usage: global_batch_balance [--quick] [--seed=S] [--out=DIR]
-///   --quick  300 optimizer steps instead of 1500 (the ctest smoke test and scripts/demo.sh)
+///   --quick  200 optimizer steps instead of 1500 (the ctest smoke test and scripts/demo.sh)
 /// Writes to DIR: global_batch_balance_loss.csv (model,step,loss: training MSE per optimizer step),
 /// global_batch_balance_specialization.csv (model,step,normalized_mi,max_violation on the held-out tokens
 /// during training) and global_batch_balance_expert_load_{micro,global}.csv (RoutingStats, one group per
@@ -179,7 +179,7 @@ double mean(const std::vector<double>& v) {
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "global_batch_balance [--quick] [--seed=S] [--out=DIR]");
-  const long steps = cli.quick ? 300 : 1500;
+  const long steps = cli.quick ? 200 : 1500;
   const auto task = moe::examples::make_domain_task(k_domains, k_d, k_hidden, k_mean_norm, k_target_scale, cli.seed);
   std::vector<int> eval_domains;
   for (int d = 0; d < k_domains; ++d) eval_domains.insert(eval_domains.end(), k_eval_sequences, d);

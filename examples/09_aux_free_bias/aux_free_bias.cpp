@@ -21,7 +21,7 @@
 /// loss <= the aux_1e-2 arm's, and the none arm has the largest final MaxVio. Run with --seed=1, 2, 3.
 ///
 /// Usage: aux_free_bias [--quick] [--seed=S] [--out=DIR]
-///   --quick  300 steps instead of 2000 (the ctest smoke test)
+///   --quick  200 steps instead of 2000 (the ctest smoke test)
 /// Writes to DIR: aux_free_bias_max_violation.csv (model,step,max_violation per training batch),
 /// aux_free_bias_loss.csv (model,step,loss: training MSE) and aux_free_bias_expert_load_<arm>.csv (RoutingStats
 /// of the held-out tokens, one group per domain); scripts/plot.py DIR plots them. Prints a table of the final
@@ -133,7 +133,7 @@ Outcome run(const Arm& arm, const moe::examples::DomainTask& task, const moe::ex
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "aux_free_bias [--quick] [--seed=S] [--out=DIR]");
-  const long steps = cli.quick ? 300 : 2000;
+  const long steps = cli.quick ? 200 : 2000;
   const auto task = moe::examples::make_domain_task(k_domains, k_d, k_hidden, k_mean_norm, k_target_scale, cli.seed);
   moe::Rng eval_rng(cli.seed + 1000);
   const auto held_out = skewed_batch(task, k_eval_sequences, eval_rng);
