@@ -138,7 +138,7 @@ Eval train(const char* name, Layer<Loss>& layer, const moe::examples::DomainTask
     layer.zero_grad();
     double loss = 0, aux = 0;
     // Gradient accumulation: backward adds every micro-batch's task and balance gradients. Their sums keep
-    // the ratio of the per-step means, and AdamW is invariant to the common factor.
+    // the ratio of the per-step means, and AdamW is (up to its ε) invariant to the common factor.
     for (int m = 0; m < k_micro_batches; ++m) {
       const int domain = static_cast<int>(rng.below(k_domains));
       const auto batch = moe::examples::sample_sequences(task, {&domain, 1}, k_length, rng);
