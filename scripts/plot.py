@@ -6,7 +6,12 @@ Usage: scripts/plot.py DIR     (run with Debian's /usr/bin/python3, which has py
 Known files:
   *_loss.csv         columns model,step,loss          -> *_loss.png (loss curves, log scale)
   *_expert_load.csv  RoutingStats::write_csv output   -> *_expert_load.png (share of each group's tokens
-                                                         per expert, as a heatmap)
+  (or *_expert_load_<arm>.csv)                           per expert, as a heatmap)
+  *_specialization.csv  model,step,normalized_mi,max_violation
+                                                      -> *_specialization.png (MI(domain; expert) / H(domain)
+                                                         and MaxVio over training, one line per model)
+  *_max_violation.csv   model,step,max_violation      -> *_max_violation.png (MaxVio per step, moving average
+                                                         over 25 steps, one line per model)
 """
 import csv
 import pathlib
@@ -72,6 +77,45 @@ def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
     return save(fig, ax, path)
 
 
+def read_series(path: pathlib.Path, columns):
+    """{model: (steps, {column: values})} from a model,step,<columns> CSV."""
+    series = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            steps, values = series.setdefault(row["model"], ([], {c: [] for c in columns}))
+            steps.append(int(row["step"]))
+            for c in columns:
+                values[c].append(float(row[c]))
+    return series
+
+
+def plot_specialization(path: pathlib.Path) -> pathlib.Path:
+    series = read_series(path, ["normalized_mi", "max_violation"])
+    fig, (mi_ax, vio_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, (steps, values) in series.items():
+        mi_ax.plot(steps, values["normalized_mi"], label=name)
+        vio_ax.plot(steps, values["max_violation"], label=name)
+    mi_ax.set_ylabel("I(domain; expert) / H(domain)")
+    vio_ax.set_ylabel("MaxVio")
+    for ax in (mi_ax, vio_ax):
+        ax.set_xlabel("step")
+        ax.legend()
+    return save(fig, mi_ax, path)
+
+
+def plot_max_violation(path: pathlib.Path, window: int = 25) -> pathlib.Path:
+    series = read_series(path, ["max_violation"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (steps, values) in series.items():
+        v = values["max_violation"]
+        smooth = [sum(v[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
+        ax.plot(steps, smooth, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"MaxVio (mean of {window} steps)")
+    ax.legend()
+    return save(fig, ax, path)
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -80,8 +124,12 @@ def main() -> int:
     made = []
     for path in sorted(folder.glob("*_loss.csv")):
         made.append(plot_loss(path))
-    for path in sorted(folder.glob("*_expert_load.csv")):
+    for path in sorted(folder.glob("*_expert_load*.csv")):
         made.append(plot_expert_load(path))
+    for path in sorted(folder.glob("*_specialization.csv")):
+        made.append(plot_specialization(path))
+    for path in sorted(folder.glob("*_max_violation.csv")):
+        made.append(plot_max_violation(path))
     if not made:
         print(f"no known CSV files in {folder}", file=sys.stderr)
         return 1
