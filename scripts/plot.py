@@ -68,7 +68,7 @@ def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
         for i, line in enumerate(share):
             for j, v in enumerate(line):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-        fig.colorbar(im, ax=ax, label="share of the group's tokens")
+        fig.colorbar(im, ax=ax, label="share of the group's routed slots")
     else:
         ax.bar(experts, [float(r["tokens"]) for r in rows])
         ax.set_ylabel("tokens")
