@@ -220,12 +220,12 @@ void convert(From& from, To& to) {
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "null_experts [--quick] [--seed=S] [--out=DIR]");
-  const Run run{.batch = 512, .eval_every = cli.quick ? 50 : 100, .seed = cli.seed};
+  const Run run{.batch = 512, .eval_every = cli.quick ? 20 : 100, .seed = cli.seed};
   // Pretraining the top-2 layer, then fine-tuning it and its AdaMoE conversion on the same batches, with the
   // paper's "tight to loose" balance coefficient (Sec. 4.2.1: 0.02, then 1e-4).
-  const Phase pretrain{.steps = cli.quick ? 60 : 2000, .lr = 3e-3, .alpha_tight = 1e-2, .alpha_loose = 1e-2};
+  const Phase pretrain{.steps = cli.quick ? 40 : 2000, .lr = 3e-3, .alpha_tight = 1e-2, .alpha_loose = 1e-2};
   const Phase tune{
-      .steps = cli.quick ? 60 : 1000, .first_step = pretrain.steps, .lr = 1e-3, .alpha_tight = 2e-2, .alpha_loose = 1e-4};
+      .steps = cli.quick ? 40 : 1000, .first_step = pretrain.steps, .lr = 1e-3, .alpha_tight = 2e-2, .alpha_loose = 1e-4};
   moe::Rng rng(cli.seed);
   const Generator gen(rng);
   const Tokens test = gen.sample(cli.quick ? 1024 : 4096, rng);
