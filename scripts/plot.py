@@ -12,6 +12,12 @@ Known files:
                                                          and MaxVio over training, one line per model)
   *_max_violation.csv   model,step,max_violation      -> *_max_violation.png (MaxVio per step, moving average
                                                          over 25 steps, one line per model)
+  *_experts_per_token.csv  model,step,all,easy,hard   -> *_experts_per_token.png (true experts per token over
+                                                         training: all solid, easy dashed, hard dotted)
+  *_drops.csv        capacity_factor,z_coeff,drop_fraction -> *_drops.png (dropped share vs capacity factor,
+                                                         one bar per z-loss coefficient)
+  *_logits.csv       model,step,lse2,max_abs_z        -> *_logits.png (mean logsumexp(z)^2 and max |z| of the
+                                                         router over training)
 """
 import csv
 import pathlib
@@ -112,7 +118,65 @@ def plot_max_violation(path: pathlib.Path, window: int = 25) -> pathlib.Path:
         ax.plot(steps, smooth, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(f"MaxVio (mean of {window} steps)")
+def plot_experts_per_token(path: pathlib.Path) -> pathlib.Path:
+    series = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            cols = series.setdefault(row["model"], {"step": [], "all": [], "easy": [], "hard": []})
+            for key in cols:
+                cols[key].append(float(row[key]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, cols) in enumerate(series.items()):
+        color = f"C{i}"
+        ax.plot(cols["step"], cols["all"], color=color, label=f"{name} all")
+        ax.plot(cols["step"], cols["easy"], color=color, linestyle="--", label=f"{name} easy")
+        ax.plot(cols["step"], cols["hard"], color=color, linestyle=":", label=f"{name} hard")
+    ax.set_xlabel("step")
+    ax.set_ylabel("true experts per token")
+    ax.legend(fontsize=7)
+    return save(fig, ax, path)
+
+
+def plot_drops(path: pathlib.Path) -> pathlib.Path:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    factors = sorted({float(r["capacity_factor"]) for r in rows})
+    coeffs = sorted({float(r["z_coeff"]) for r in rows})
+    width = 0.8 / len(coeffs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, c in enumerate(coeffs):
+        share = {float(r["capacity_factor"]): float(r["drop_fraction"]) for r in rows if float(r["z_coeff"]) == c}
+        xs = [i + (j - (len(coeffs) - 1) / 2) * width for i in range(len(factors))]
+        ax.bar(xs, [100 * share.get(f, 0.0) for f in factors], width, label=f"z-loss {c:g}")
+    ax.set_xticks(range(len(factors)), [f"{f:g}" for f in factors])
+    ax.set_xlabel("capacity factor")
+    ax.set_ylabel("dropped slots (%)")
     ax.legend()
+    return save(fig, ax, path)
+
+
+def plot_logits(path: pathlib.Path) -> pathlib.Path:
+    series = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            cols = series.setdefault(row["model"], ([], [], []))
+            cols[0].append(int(row["step"]))
+            cols[1].append(float(row["lse2"]))
+            cols[2].append(float(row["max_abs_z"]))
+    fig, (ax, ax_max) = plt.subplots(1, 2, figsize=(10, 4))
+    # Models named "<arm>_z<coeff>": one colour per arm, one line style per z-loss coefficient.
+    arms = list(dict.fromkeys(name.rsplit("_z", 1)[0] for name in series))
+    styles = list(dict.fromkeys(name.rsplit("_z", 1)[-1] for name in series))
+    for name, (steps, lse2, max_abs) in series.items():
+        arm, z = name.rsplit("_z", 1)[0], name.rsplit("_z", 1)[-1]
+        look = {"color": f"C{arms.index(arm) % 10}", "linestyle": ["-", "--", ":", "-."][styles.index(z) % 4]}
+        ax.plot(steps, lse2, label=name, **look)
+        ax_max.plot(steps, max_abs, label=name, **look)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean logsumexp(z)^2")
+    ax_max.set_xlabel("step")
+    ax_max.set_ylabel("max |z|")
+    ax.legend(fontsize=7)
     return save(fig, ax, path)
 
 
@@ -130,6 +194,12 @@ def main() -> int:
         made.append(plot_specialization(path))
     for path in sorted(folder.glob("*_max_violation.csv")):
         made.append(plot_max_violation(path))
+    for path in sorted(folder.glob("*_experts_per_token.csv")):
+        made.append(plot_experts_per_token(path))
+    for path in sorted(folder.glob("*_drops.csv")):
+        made.append(plot_drops(path))
+    for path in sorted(folder.glob("*_logits.csv")):
+        made.append(plot_logits(path))
     if not made:
         print(f"no known CSV files in {folder}", file=sys.stderr)
         return 1
