@@ -3,6 +3,8 @@
 // vector mu_d and its own target maps. A sequence is `seq_len` tokens from one domain, x = mu_d + N(0, I).
 // A difficulty knob makes a share of tokens easy (a linear target) and the rest hard (a nonlinear target):
 //   easy: target = x + x A_d            hard: target = x + tanh(x U_d) V_d
+// The last input coordinate carries the difficulty (+k_difficulty_flag hard, -k_difficulty_flag easy, plus
+// the noise), so which target applies can be learned from x rather than being irreducible noise.
 // The residual "x +" is what an MoE stack (h_{l+1} = h_l + MoE_l(h_l)) gets for free; the experts learn the
 // rest. Batches are drawn fresh from an Rng, so training never sees the same batch twice.
 
@@ -22,6 +24,8 @@ struct DomainBatch {
 
 class DomainMixture {
  public:
+  static constexpr float k_difficulty_flag = 2.0f;
+
   /// @param mean_scale size of each domain mean's entries next to the unit noise (how separable domains are)
   DomainMixture(Index d_model, int n_domains, std::uint64_t seed, double mean_scale = 1.0)
       : d_(d_model), n_domains_(n_domains) {
@@ -55,6 +59,7 @@ class DomainMixture {
       for (Index t = s * seq_len; t < (s + 1) * seq_len; ++t) {
         for (Index j = 0; j < d_; ++j) b.x(t, j) = mean_[dk](0, j) + static_cast<float>(rng.normal());
         const bool hard = rng.uniform() >= easy_fraction;
+        b.x(t, d_ - 1) = (hard ? k_difficulty_flag : -k_difficulty_flag) + static_cast<float>(rng.normal());
         b.domain[std::size_t(t)] = k;
         b.hard[std::size_t(t)] = hard ? 1 : 0;
         const auto x = b.x.row(t);
