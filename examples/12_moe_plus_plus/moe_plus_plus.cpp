@@ -25,7 +25,7 @@
 ///     the τ sweep. (Also reported, not judged: the variance within each layer of the chosen slots' scores.)
 ///
 /// Usage: moe_plus_plus [--quick] [--seed=S] [--out=DIR]
-///   --quick  τ ∈ {0.1, 1.0}, 40 steps, timing at d = 64 (the ctest smoke test)
+///   --quick  τ ∈ {0.1, 1.0}, 30 steps, timing at d = 64 (the ctest smoke test)
 /// Writes moe_plus_plus_loss.csv, moe_plus_plus_shares.csv and moe_plus_plus_throughput.csv into DIR
 /// (scripts/plot.py DIR plots them); prints a table per τ and ends with
 ///   RESULT moe_plus_plus PASS|FAIL ffn_per_token=... gain=... predicted_gain=... monotone=... xvar_res=... xvar_plain=...
@@ -321,7 +321,7 @@ void write_shares(std::ofstream& csv, const char* arm, double tau, const Outcome
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "moe_plus_plus [--quick] [--seed=S] [--out=DIR]");
-  const Sizes s = cli.quick ? Sizes{16, 32, 64, 128, 40, 4, 8, 2} : Sizes{32, 64, 256, 512, 600, 8, 64, 11};
+  const Sizes s = cli.quick ? Sizes{16, 32, 64, 128, 30, 2, 8, 2} : Sizes{32, 64, 256, 512, 600, 8, 64, 11};
   const std::vector<double> taus = cli.quick ? std::vector<double>{0.1, 1.0}
                                              : std::vector<double>{0.1, 0.25, 0.5, 0.75, 1.0};
   const double default_tau = cli.quick ? 1.0 : 0.75;  // MoE++'s default (Sec. 4.3)
