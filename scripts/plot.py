@@ -18,6 +18,11 @@ Known files:
                                                          one bar per z-loss coefficient)
   *_logits.csv       model,step,lse2,max_abs_z        -> *_logits.png (mean logsumexp(z)^2 and max |z| of the
                                                          router over training)
+  *_shares.csv       arm,tau,layer,zero,copy,constant,ffn_per_token,...  -> *_shares.png (MoE++: share of
+                                                         zero-computation slots and FFN experts per token vs tau)
+  *_throughput.csv   tau,layer,...,gain,predicted_gain -> *_throughput.png (measured vs predicted speed-up bars)
+  *_hit_rate.csv     predictor,P,layer,hit_rate,random -> *_hit_rate.png (prefetch hit-rate bars per predictor
+                                                         and P, with the random P/E baseline)
 """
 import csv
 import pathlib
@@ -151,6 +156,48 @@ def plot_drops(path: pathlib.Path) -> pathlib.Path:
     ax.set_xticks(range(len(factors)), [f"{f:g}" for f in factors])
     ax.set_xlabel("capacity factor")
     ax.set_ylabel("dropped slots (%)")
+def read_rows(path: pathlib.Path) -> list:
+    with path.open() as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def plot_shares(path: pathlib.Path) -> pathlib.Path:
+    """Per arm, means over layers against tau: zero-computation share (and its kinds), FFN experts per token."""
+    per = {}
+    for r in read_rows(path):
+        if r["arm"] == "vanilla":
+            continue
+        d = per.setdefault(r["arm"], {}).setdefault(float(r["tau"]), [])
+        d.append(r)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, by_tau in per.items():
+        taus = sorted(by_tau)
+        mean = lambda key, t: sum(float(r[key]) for r in by_tau[t]) / len(by_tau[t])  # noqa: E731
+        zc = [mean("zero", t) + mean("copy", t) + mean("constant", t) for t in taus]
+        line = ax.plot(taus, zc, marker="o", label=f"{arm}: zero+copy+constant")[0]
+        for key, style in (("zero", "--"), ("constant", ":"), ("copy", "-.")):
+            ax.plot(taus, [mean(key, t) for t in taus], style, color=line.get_color(), label=f"{arm}: {key}")
+        ax2.plot(taus, [mean("ffn_per_token", t) for t in taus], marker="o", label=arm)
+    ax.set_xlabel("tau (loss weight of zero-computation experts)")
+    ax.set_ylabel("share of (token, slot) pairs")
+    ax.legend(fontsize=7)
+    ax2.axhline(2, color="gray", linestyle="--", label="vanilla top-2")
+    ax2.set_xlabel("tau")
+    ax2.set_ylabel("FFN experts per token")
+    ax2.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
+def plot_throughput(path: pathlib.Path) -> pathlib.Path:
+    """Measured expert-forward speed-up over vanilla top-2 against 2 / FFN experts per token, per tau."""
+    rows = [r for r in read_rows(path) if r["layer"] == "all"]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([i - 0.2 for i in x], [float(r["gain"]) for r in rows], width=0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], [float(r["predicted_gain"]) for r in rows], width=0.4, label="2 / FFN per token")
+    ax.axhline(1, color="gray", linewidth=0.8)
+    ax.set_xticks(list(x), [f"tau={float(r['tau']):g}" for r in rows])
+    ax.set_ylabel("throughput vs vanilla (x)")
     ax.legend()
     return save(fig, ax, path)
 
@@ -177,7 +224,43 @@ def plot_logits(path: pathlib.Path) -> pathlib.Path:
     ax_max.set_xlabel("step")
     ax_max.set_ylabel("max |z|")
     ax.legend(fontsize=7)
+def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
+    """Bars of the prefetch hit rate (mean over layers) per predictor and prefetch size P."""
+    rows = [r for r in read_rows(path) if r["layer"] == "all"]
+    predictors = list(dict.fromkeys(r["predictor"] for r in rows))
+    sizes = sorted({int(r["P"]) for r in rows})
+    width = 0.8 / len(sizes)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, p in enumerate(sizes):
+        hits = {r["predictor"]: float(r["hit_rate"]) for r in rows if int(r["P"]) == p}
+        xs = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(predictors))]
+        bars = ax.bar(xs, [hits[n] for n in predictors], width=width, label=f"P={p}")
+        random = next(float(r["random"]) for r in rows if int(r["P"]) == p)
+        ax.hlines([random] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black",
+                  linestyles=":", zorder=3, label="random P/E" if j == 0 else None)
+        for x, bar in zip(xs, bars):
+            ax.text(x, bar.get_height() + 0.01, f"{bar.get_height():.2f}", ha="center", fontsize=7)
+    ax.axhline(0.8, color="red", linewidth=0.8, label="criterion 0.8")
+    ax.set_xticks(range(len(predictors)), predictors)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("hit rate")
+    ax.legend(fontsize=7, loc="lower right")
     return save(fig, ax, path)
+
+
+PLOTS = [
+    ("*_loss.csv", plot_loss),
+    ("*_expert_load*.csv", plot_expert_load),
+    ("*_specialization.csv", plot_specialization),
+    ("*_max_violation.csv", plot_max_violation),
+    ("*_experts_per_token.csv", plot_experts_per_token),
+    ("*_drops.csv", plot_drops),
+    ("*_logits.csv", plot_logits),
+    ("*_shares.csv", plot_shares),
+    ("*_throughput.csv", plot_throughput),
+    ("*_hit_rate.csv", plot_hit_rate),
+]
+"""(file pattern, plot function): every CSV kind the examples write."""
 
 
 def main() -> int:
@@ -185,21 +268,7 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     folder = pathlib.Path(sys.argv[1])
-    made = []
-    for path in sorted(folder.glob("*_loss.csv")):
-        made.append(plot_loss(path))
-    for path in sorted(folder.glob("*_expert_load*.csv")):
-        made.append(plot_expert_load(path))
-    for path in sorted(folder.glob("*_specialization.csv")):
-        made.append(plot_specialization(path))
-    for path in sorted(folder.glob("*_max_violation.csv")):
-        made.append(plot_max_violation(path))
-    for path in sorted(folder.glob("*_experts_per_token.csv")):
-        made.append(plot_experts_per_token(path))
-    for path in sorted(folder.glob("*_drops.csv")):
-        made.append(plot_drops(path))
-    for path in sorted(folder.glob("*_logits.csv")):
-        made.append(plot_logits(path))
+    made = [plot(path) for pattern, plot in PLOTS for path in sorted(folder.glob(pattern))]
     if not made:
         print(f"no known CSV files in {folder}", file=sys.stderr)
         return 1
