@@ -57,6 +57,10 @@ class StackContext {
   /// Layer l's routing in the recorded forward (views valid until this context's next forward).
   const ForwardResult<T>& result(std::size_t l) const { return results_.at(l); }
   std::size_t n_layers() const { return results_.size(); }  ///< layers recorded
+  /// h_l, the input of layer l (l = n_layers(): the stack's output), (n_tokens, d_model).
+  ConstMatrixView<T> hidden(std::size_t l) const { return h_.at(l); }
+  /// Layer l's raw router logits (n_tokens, n_experts), with gating residuals only (empty otherwise).
+  ConstMatrixView<T> logits(std::size_t l) const { return l < logits_.size() ? ConstMatrixView<T>(logits_[l]) : ConstMatrixView<T>(); }
 
  private:
   template <class Layer>
