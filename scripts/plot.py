@@ -18,6 +18,10 @@ Known files:
                                                          one bar per z-loss coefficient)
   *_logits.csv       model,step,lse2,max_abs_z        -> *_logits.png (mean logsumexp(z)^2 and max |z| of the
                                                          router over training)
+  *_routing.csv      columns model,step,<share>...    -> *_routing.png (each routing share against step,
+                                                         per model, as a moving average over 25 steps)
+  *_domain_eval.csv  columns model,domain,loss,...    -> *_domain_eval.png (held-out loss per domain and
+                                                         model, grouped bars, log scale)
 """
 import csv
 import pathlib
@@ -180,6 +184,51 @@ def plot_logits(path: pathlib.Path) -> pathlib.Path:
     return save(fig, ax, path)
 
 
+def plot_routing(path: pathlib.Path, window: int = 25) -> pathlib.Path:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    shares = [c for c in rows[0].keys() if c not in ("model", "step")]
+    series = {}
+    for row in rows:
+        for share in shares:
+            steps, values = series.setdefault((row["model"], share), ([], []))
+            steps.append(int(row["step"]))
+            values.append(float(row[share]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, share), (steps, values) in series.items():
+        # One training batch holds few sequences: smooth, or the noise hides the trend.
+        smooth = []
+        for i in range(len(values)):
+            first = max(0, i - window + 1)
+            smooth.append(sum(values[first : i + 1]) / (i + 1 - first))
+        ax.plot(steps, smooth, label=f"{model}: {share.replace('_', ' ')}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"share (moving average of {window} steps)")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
+def plot_domain_eval(path: pathlib.Path) -> pathlib.Path:
+    loss = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            loss.setdefault(row["model"], {})[row["domain"]] = float(row["loss"])
+    models = list(loss)
+    domains = sorted({d for per_domain in loss.values() for d in per_domain}, key=int)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains), 4))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [loss[model].get(d, float("nan")) for d in domains], width, label=model)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_xlabel("domain")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -200,6 +249,10 @@ def main() -> int:
         made.append(plot_drops(path))
     for path in sorted(folder.glob("*_logits.csv")):
         made.append(plot_logits(path))
+    for path in sorted(folder.glob("*_routing.csv")):
+        made.append(plot_routing(path))
+    for path in sorted(folder.glob("*_domain_eval.csv")):
+        made.append(plot_domain_eval(path))
     if not made:
         print(f"no known CSV files in {folder}", file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@
 ///   lora   one LoRA of rank 2 (a LoRA bank with one expert);
 ///   mole   3 LoRA experts of rank 2 on the same base, top-1 softmax router, weight p (Switch style: the
 ///          router trains through it) and Switch's balance loss (coefficient 1e-2);
-///   alone  one LoRA of rank 2 per domain, trained on that domain only (the no-conflict floor).
+///   alone  one LoRA of rank 2 per domain, trained on that domain only (the no-conflict floor);
+///   lora_wide  a control outside the criterion: one LoRA of rank 6, as many trainable weights as mole.
 /// Metrics on a held-out batch: per-domain MSE of each arm, its gap to `alone` (the conflict cost), and for
 /// mole the per-domain expert load and the normalised mutual information I(domain; expert) / H(domain).
 ///
@@ -48,7 +49,9 @@ using Layer = moe::MoELayer<moe::routers::TopKRouter<T>, Bank>;
 constexpr moe::Index k_d = 16, k_ff = 32, k_rank = 2, k_domains = 3, k_batch = 192;
 constexpr double k_code = 2.0;     // the domain feature
 constexpr double k_balance = 1e-2;  // Switch's balance-loss coefficient
-const moe::experts::LoRAOptions k_lora{.rank = k_rank, .alpha = 2.0 * k_rank};  // alpha / r = 2, as LLaVA-1.5
+
+// Adapters of rank r with alpha / r = 2, as LLaVA-1.5's recipe (r = 128, alpha = 256).
+moe::experts::LoRAOptions lora_options(moe::Index rank) { return {.rank = rank, .alpha = 2.0 * double(rank)}; }
 
 moe::MoEConfig shape(moe::Index n_experts) { return {.d_model = k_d, .d_ff = k_ff, .n_experts = n_experts, .top_k = 1}; }
 
@@ -65,7 +68,9 @@ void copy(moe::ConstMatrixView<T> from, moe::MatrixView<T> to, T sign = 1) {
 
 // The base and the three domain teachers: expert d of this bank is domain d's target function.
 Bank make_teacher(std::uint64_t seed) {
-  Bank teacher(shape(k_domains), {.rank = k_rank, .alpha = k_lora.alpha, .b_init = moe::experts::Normal{.std = 0.5}});
+  moe::experts::LoRAOptions options = lora_options(k_rank);
+  options.b_init = moe::experts::Normal{.std = 0.5};
+  Bank teacher(shape(k_domains), options);
   moe::Rng rng(seed);
   teacher.init(rng);
   for (auto* lora : {&teacher.w1_lora(), &teacher.w3_lora(), &teacher.w2_lora()}) {
@@ -98,9 +103,10 @@ Batch sample(moe::Rng& rng, const Bank& teacher, const std::array<moe::Index, k_
   return b;
 }
 
-// A layer of n_experts LoRA experts on the teacher's (frozen) base.
-Layer make_student(const Bank& teacher, moe::Index n_experts, std::uint64_t seed) {
-  Layer layer(moe::routers::TopKRouter<T>(shape(n_experts), {.renormalize = false}), Bank(shape(n_experts), k_lora));
+// A layer of n_experts LoRA experts of the given rank on the teacher's (frozen) base.
+Layer make_student(const Bank& teacher, moe::Index n_experts, std::uint64_t seed, moe::Index rank = k_rank) {
+  Layer layer(moe::routers::TopKRouter<T>(shape(n_experts), {.renormalize = false}),
+              Bank(shape(n_experts), lora_options(rank)));
   layer.init(seed);
   Bank& bank = layer.bank<0>();
   copy(teacher.w1(), bank.w1());
@@ -194,6 +200,11 @@ int main(int argc, char** argv) {
   train("lora", lora, teacher, {k_mixed, k_mixed, k_mixed}, steps, cli.seed + 2, loss_csv);
   const auto lora_loss = domain_losses(lora, eval);
 
+  // Control: one LoRA with as many trainable weights as mole (rank E r), to tell routing from capacity.
+  Layer wide = make_student(teacher, 1, cli.seed + 1, k_domains * k_rank);
+  train("lora_wide", wide, teacher, {k_mixed, k_mixed, k_mixed}, steps, cli.seed + 2, loss_csv);
+  const auto wide_loss = domain_losses(wide, eval);
+
   Layer mole = make_student(teacher, k_domains, cli.seed + 1);
   train("mole", mole, teacher, {k_mixed, k_mixed, k_mixed}, steps, cli.seed + 2, loss_csv);
   moe::RoutingStats stats(mole);
@@ -214,13 +225,14 @@ int main(int argc, char** argv) {
   auto eval_csv = moe::examples::open_csv(cli, "lora_experts_domain_eval.csv");
   eval_csv << "model,domain,loss,conflict\n";
   std::printf("held-out MSE per domain (conflict cost = loss - alone)\n");
-  std::printf("%-6s %10s %10s %10s %10s %10s %10s\n", "domain", "base", "alone", "lora", "mole", "lora-alone",
-              "mole-alone");
+  std::printf("%-6s %10s %10s %10s %10s %10s %10s %10s\n", "domain", "base", "alone", "lora", "lora_wide", "mole",
+              "lora-alone", "mole-alone");
   for (std::size_t d = 0; d < k_domains; ++d) {
-    std::printf("%-6zu %10.5f %10.5f %10.5f %10.5f %10.5f %10.5f\n", d, base_loss[d], alone_loss[d], lora_loss[d],
-                mole_loss[d], lora_loss[d] - alone_loss[d], mole_loss[d] - alone_loss[d]);
+    std::printf("%-6zu %10.5f %10.5f %10.5f %10.5f %10.5f %10.5f %10.5f\n", d, base_loss[d], alone_loss[d],
+                lora_loss[d], wide_loss[d], mole_loss[d], lora_loss[d] - alone_loss[d], mole_loss[d] - alone_loss[d]);
     for (const auto& [model, loss] : {std::pair{"base", base_loss}, std::pair{"alone", alone_loss},
-                                      std::pair{"lora", lora_loss}, std::pair{"mole", mole_loss}})
+                                      std::pair{"lora", lora_loss}, std::pair{"lora_wide", wide_loss},
+                                      std::pair{"mole", mole_loss}})
       eval_csv << model << ',' << d << ',' << loss[d] << ',' << loss[d] - alone_loss[d] << '\n';
   }
   std::printf("mole: share of each domain's tokens per expert\n");
@@ -239,6 +251,7 @@ int main(int argc, char** argv) {
                          {"mole_loss", mean(mole_loss)},
                          {"lora_loss", mean(lora_loss)},
                          {"alone_loss", mean(alone_loss)},
+                         {"lora_wide_loss", mean(wide_loss)},
                          {"base_loss", mean(base_loss)}});
   return 0;
 }
