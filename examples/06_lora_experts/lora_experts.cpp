@@ -20,7 +20,7 @@
 /// NMI >= 0.5.
 ///
 /// Usage: lora_experts [--quick] [--seed=S] [--out=DIR]
-///   --quick  200 steps instead of 2000 (the ctest smoke test)
+///   --quick  120 steps instead of 2000 (the ctest smoke test)
 /// Writes DIR/lora_experts_loss.csv (model,step,loss: training loss of every arm),
 /// DIR/lora_experts_expert_load.csv (mole's tokens per expert and domain, RoutingStats) and
 /// DIR/lora_experts_domain_eval.csv (model,domain,loss,conflict: held-out loss per arm and domain);
@@ -185,7 +185,7 @@ double mean(const std::array<double, k_domains>& v) {
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "lora_experts [--quick] [--seed=S] [--out=DIR]");
-  const long steps = cli.quick ? 200 : 2000;
+  const long steps = cli.quick ? 120 : 2000;
   const Bank teacher = make_teacher(cli.seed);
   moe::Rng eval_rng(cli.seed + 1000);
   const Batch eval = sample(eval_rng, teacher, {k_batch, k_batch, k_batch});

@@ -24,7 +24,7 @@
 /// <= ffn_only's. hecto_greedy is reported beside it, outside the criterion.
 ///
 /// Usage: hecto [--quick] [--seed=S] [--out=DIR]
-///   --quick  150 steps instead of 1500 (the ctest smoke test)
+///   --quick  100 steps instead of 1500 (the ctest smoke test)
 /// Writes DIR/hecto_loss.csv (model,step,loss), DIR/hecto_routing.csv (model,step,temporal_to_gru,
 /// static_to_ffn per training batch of hecto and hecto_greedy) and DIR/hecto_expert_load.csv (hecto's held-out tokens per expert; group 0 = temporal,
 /// group 1 = static); scripts/plot.py DIR plots them. Progress on stderr; ends with
@@ -218,7 +218,7 @@ double eval_loss(const L& layer, const Batch& eval) {
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "hecto [--quick] [--seed=S] [--out=DIR]");
-  const long steps = cli.quick ? 150 : 1500;
+  const long steps = cli.quick ? 100 : 1500;
   const Teacher teacher = make_teacher(cli.seed);
   moe::Rng eval_rng(cli.seed + 1000);
   const Batch eval = sample(eval_rng, teacher);
