@@ -7,7 +7,7 @@
 /// distribution (15 N(0, 1) features) and differ only by a domain code (one of the first 3 features set to 2).
 /// Each domain's target is the base corrected by its own rank-2 LoRA teacher: domains 0 and 1 ask for
 /// opposite corrections (B_1 = -B_0, A_1 = A_0), domain 2 for an unrelated one. Fine-tuned on the mixture with
-/// the same steps, batches and AdamW:
+/// the same steps, batches and AdamW (lr 1e-2, cosine decay):
 ///   lora   one LoRA of rank 2 (a LoRA bank with one expert);
 ///   mole   3 LoRA experts of rank 2 on the same base, top-1 softmax router, weight p (Switch style: the
 ///          router trains through it) and Switch's balance loss (coefficient 1e-2);
@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <numbers>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,8 @@ void train(const char* name, Layer& layer, const Bank& teacher, const std::array
   moe::Parameter<T>& gate = moe::examples::gate_of(layer.router());
   moe::RowMatrix<T> y, dx, dy;
   moe::train_loop({.steps = steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {
+    // Cosine decay: at a constant rate Adam's steps stay lr-sized near an exact fit and the loss bounces back.
+    adam.set_lr(1e-2 * 0.5 * (1 + std::cos(std::numbers::pi * double(step) / double(steps))));
     const Batch b = sample(rng, teacher, mix);
     y.resize(b.x.rows(), k_d);
     dx.resize(b.x.rows(), k_d);
