@@ -10,7 +10,7 @@
 /// the same steps, batches and AdamW (lr 1e-2, cosine decay):
 ///   lora   one LoRA of rank 2 (a LoRA bank with one expert);
 ///   mole   3 LoRA experts of rank 2 on the same base, top-1 softmax router, weight p (Switch style: the
-///          router trains through it) and Switch's balance loss (coefficient 1e-2);
+///          router trains through it) and Switch's balance loss (coefficient 1e-2, routers::WithLosses);
 ///   alone  one LoRA of rank 2 per domain, trained on that domain only (the no-conflict floor);
 ///   lora_wide  a control outside the criterion: one LoRA of rank 6, as many trainable weights as mole.
 /// Metrics on a held-out batch: per-domain MSE of each arm, its gap to `alone` (the conflict cost), and for
@@ -37,7 +37,6 @@
 
 #include <moe/moe.hpp>
 
-#include "common/balance.hpp"
 #include "common/cli.hpp"
 #include "common/regimes.hpp"
 
@@ -45,7 +44,8 @@ namespace {
 
 using T = double;
 using Bank = moe::experts::LoRASwiGLU<T>;
-using Layer = moe::MoELayer<moe::routers::TopKRouter<T>, Bank>;
+using Router = moe::routers::WithLosses<moe::routers::TopKRouter<T>, moe::losses::SwitchLoss>;
+using Layer = moe::MoELayer<Router, Bank>;
 
 constexpr moe::Index k_d = 16, k_ff = 32, k_rank = 2, k_domains = 3, k_batch = 192;
 constexpr double k_code = 2.0;     // the domain feature
@@ -106,7 +106,8 @@ Batch sample(moe::Rng& rng, const Bank& teacher, const std::array<moe::Index, k_
 
 // A layer of n_experts LoRA experts of the given rank on the teacher's (frozen) base.
 Layer make_student(const Bank& teacher, moe::Index n_experts, std::uint64_t seed, moe::Index rank = k_rank) {
-  Layer layer(moe::routers::TopKRouter<T>(shape(n_experts), {.renormalize = false}),
+  Layer layer(Router(moe::routers::TopKRouter<T>(shape(n_experts), {.renormalize = false}),
+                     moe::losses::SwitchLoss{.coeff = k_balance}),
               Bank(shape(n_experts), lora_options(rank)));
   layer.init(seed);
   Bank& bank = layer.bank<0>();
@@ -121,7 +122,6 @@ void train(const char* name, Layer& layer, const Bank& teacher, const std::array
            long steps, std::uint64_t seed, std::ofstream& csv) {
   moe::optim::AdamW<T> adam({.lr = 1e-2, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
-  moe::Parameter<T>& gate = moe::examples::gate_of(layer.router());
   moe::RowMatrix<T> y, dx, dy;
   moe::train_loop({.steps = steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {
     // Cosine decay: at a constant rate Adam's steps stay lr-sized near an exact fit and the loss bounces back.
@@ -132,14 +132,10 @@ void train(const char* name, Layer& layer, const Bank& teacher, const std::array
     layer.zero_grad();
     const auto routed = layer.forward(b.x, y, ctx);
     const double loss = moe::examples::mse(y, b.target, dy);
-    layer.backward(dy, dx, ctx);
-    // One expert: f = P = 1, the balance loss is a constant.
-    const double aux = layer.n_experts() > 1
-                           ? moe::examples::switch_balance_loss(b.x, routed.expert_ids, gate, k_balance)
-                           : 0.0;
+    layer.backward(dy, dx, ctx);  // adds the balance loss's gradient (a constant with one expert)
     adam.step(layer);
     csv << name << ',' << step + 1 << ',' << loss << '\n';
-    return moe::StepReport{loss, aux, b.x.rows()};
+    return moe::StepReport{loss, routed.aux_loss, b.x.rows()};
   });
 }
 

@@ -9,7 +9,7 @@
 ///   temporal  y_t = 0.75 y_{t-1} + 0.25 tanh(U x_t), y_{-1} = 0: a moving average over the earlier tokens;
 ///   static    y_t = a fixed random SwiGLU of x_t alone (output std about 1).
 /// Layers (Hecto's sequence-level routing: routers::SequenceLevel over a top-1 softmax router on the mean
-/// token, weight p as in Switch, Switch's balance loss 1e-2 over sequences, and Gumbel noise on the choice
+/// token, weight p as in Switch, Switch's balance loss 1e-2 over sequences (routers::WithLosses), and Gumbel noise on the choice
 /// in training so that the router explores both experts; forward with sequence_starts, so a GRU expert runs
 /// each sequence as one chain from a zero state), trained end to end with the same batches and AdamW:
 ///   hecto         experts::GRU (1 expert, id 0) + experts::SwiGLU (1 expert, d_ff 16, id 1);
@@ -38,14 +38,15 @@
 
 #include <moe/moe.hpp>
 
-#include "common/balance.hpp"
 #include "common/cli.hpp"
 #include "common/regimes.hpp"
 
 namespace {
 
 using T = double;
-using Router = moe::routers::SequenceLevel<moe::routers::TopKRouter<T>>;
+using TokenRouter = moe::routers::TopKRouter<T>;
+using Balanced = moe::routers::WithLosses<TokenRouter, moe::losses::SwitchLoss>;
+using Router = moe::routers::SequenceLevel<Balanced>;
 using GRU = moe::experts::GRU<T>;
 using FFN = moe::experts::SwiGLU<T>;
 
@@ -59,7 +60,8 @@ moe::MoEConfig shape(moe::Index n_experts) { return {.d_model = k_d, .d_ff = k_f
 // Top-1 of a softmax over 2 experts on the sequence's mean token, weight p (not renormalised, so the gate
 // trains through it); `explore`: Gumbel noise on the choice in training (the weights stay clean).
 Router make_router(bool explore, std::uint64_t seed) {
-  return Router(moe::routers::TopKRouter<T>(shape(2), {.renormalize = false, .gumbel_noise = explore, .seed = seed}));
+  return Router(Balanced(TokenRouter(shape(2), {.renormalize = false, .gumbel_noise = explore, .seed = seed}),
+                         moe::losses::SwitchLoss{.coeff = k_balance}));
 }
 
 // The two target functions: U for the temporal kind, a SwiGLU for the static kind.
@@ -129,16 +131,6 @@ Batch sample(moe::Rng& rng, const Teacher& teacher) {
   return b;
 }
 
-// Mean token of each sequence: what the sequence-level router routes.
-moe::RowMatrix<T> sequence_means(const Batch& b) {
-  moe::RowMatrix<T> means(k_sequences, k_d);
-  for (std::size_t q = 0; q < b.starts.size(); ++q) {
-    const moe::Index end = q + 1 < b.starts.size() ? b.starts[q + 1] : b.x.rows();
-    means.row(static_cast<moe::Index>(q)) = b.x.middleRows(b.starts[q], end - b.starts[q]).colwise().mean();
-  }
-  return means;
-}
-
 // Expert of each sequence (all its tokens share it).
 std::vector<moe::Index> sequence_experts(const Batch& b, std::span<const moe::Index> token_experts) {
   std::vector<moe::Index> experts;
@@ -170,11 +162,11 @@ void train(const char* name, L& layer, const Teacher& teacher, long steps, std::
            std::ofstream* routing_csv = nullptr) {
   moe::optim::AdamW<T> adam({.lr = 1e-2, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
-  moe::Parameter<T>& gate = moe::examples::gate_of(layer.router().inner());
+  TokenRouter& router = layer.router().inner().router();
   moe::RowMatrix<T> y, dx, dy;
-  layer.router().inner().set_training(true);
+  router.set_training(true);
   moe::train_loop({.steps = steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {
-    layer.router().inner().set_step(std::uint64_t(step));
+    router.set_step(std::uint64_t(step));
     const Batch b = sample(rng, teacher);
     y.resize(b.x.rows(), k_d);
     dx.resize(b.x.rows(), k_d);
@@ -183,16 +175,15 @@ void train(const char* name, L& layer, const Teacher& teacher, long steps, std::
     const double loss = moe::examples::mse(y, b.target, dy);
     layer.backward(dy, dx, ctx);
     const auto experts = sequence_experts(b, routed.expert_ids);
-    const double aux = moe::examples::switch_balance_loss(sequence_means(b), experts, gate, k_balance);
     adam.step(layer);
     loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
     if (routing_csv != nullptr) {
       const Shares s = routing_shares(b, experts);
       *routing_csv << name << ',' << step + 1 << ',' << s.temporal_to_gru << ',' << s.static_to_ffn << '\n';
     }
-    return moe::StepReport{loss, aux, b.x.rows()};
+    return moe::StepReport{loss, routed.aux_loss, b.x.rows()};
   });
-  layer.router().inner().set_training(false);
+  router.set_training(false);
 }
 
 // Held-out routing shares of a GRU + FFN layer; records the routing into stats when given.
