@@ -21,6 +21,8 @@
 ///
 /// Usage: lora_experts [--quick] [--seed=S] [--out=DIR]
 ///   --quick  300 steps of 96 tokens instead of 2000 of 192 (the ctest smoke test)
+/// On a host whose cores are busy, OMP_NUM_THREADS=1 finishes the full run in about 10 s: the layers are tiny,
+/// and with two threads every parallel region waits for a descheduled thread.
 /// Writes DIR/lora_experts_loss.csv (model,step,loss: training loss of every arm),
 /// DIR/lora_experts_expert_load.csv (mole's tokens per expert and domain, RoutingStats) and
 /// DIR/lora_experts_domain_eval.csv (model,domain,loss,conflict: held-out loss per arm and domain);

@@ -25,6 +25,8 @@
 ///
 /// Usage: hecto [--quick] [--seed=S] [--out=DIR]
 ///   --quick  100 steps of 16 sequences instead of 1500 of 32 (the ctest smoke test)
+/// On a host whose cores are busy, OMP_NUM_THREADS=1 finishes the full run in about 10 s: the layers are tiny,
+/// and with two threads every parallel region waits for a descheduled thread.
 /// Writes DIR/hecto_loss.csv (model,step,loss), DIR/hecto_routing.csv (model,step,temporal_to_gru,
 /// static_to_ffn per training batch of hecto and hecto_greedy) and DIR/hecto_expert_load.csv (hecto's held-out tokens per expert; group 0 = temporal,
 /// group 1 = static); scripts/plot.py DIR plots them. Progress on stderr; ends with
