@@ -56,7 +56,9 @@ constexpr double k_balance = 1e-2;  // Switch's balance-loss coefficient
 // Adapters of rank r with alpha / r = 2, as LLaVA-1.5's recipe (r = 128, alpha = 256).
 moe::experts::LoRAOptions lora_options(moe::Index rank) { return {.rank = rank, .alpha = 2.0 * double(rank)}; }
 
-moe::MoEConfig shape(moe::Index n_experts) { return {.d_model = k_d, .d_ff = k_ff, .n_experts = n_experts, .top_k = 1}; }
+moe::MoEConfig shape(moe::Index n_experts) {
+  return {.d_model = k_d, .d_ff = k_ff, .n_experts = n_experts, .top_k = 1};
+}
 
 struct Batch {
   moe::RowMatrix<T> x, target;  // (n, d_model), rows grouped by domain

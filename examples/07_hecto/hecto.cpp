@@ -7,11 +7,12 @@
 /// token has 7 N(0, 1) features and a kind feature (+1 temporal, -1 static; the router sees the sequence's
 /// mean token, so this is what tells the kinds apart). Targets per token:
 ///   temporal  y_t = 0.75 y_{t-1} + 0.25 tanh(U x_t), y_{-1} = 0: a moving average over the earlier tokens;
-///   static    y_t = a fixed random SwiGLU of x_t alone (output std about 1).
+///   static    y_t = a fixed random SwiGLU of x_t alone (output std about 0.4, as the temporal targets).
 /// Layers (Hecto's sequence-level routing: routers::SequenceLevel over a top-1 softmax router on the mean
-/// token, weight p as in Switch, Switch's balance loss 1e-2 over sequences (routers::WithLosses), and Gumbel noise on the choice
-/// in training so that the router explores both experts; forward with sequence_starts, so a GRU expert runs
-/// each sequence as one chain from a zero state), trained end to end with the same batches and AdamW:
+/// token, weight p as in Switch, Switch's balance loss 1e-2 over sequences (routers::WithLosses), and Gumbel
+/// noise on the choice in training so that the router explores both experts; forward with sequence_starts, so
+/// a GRU expert runs each sequence as one chain from a zero state), trained end to end with the same batches
+/// and AdamW:
 ///   hecto         experts::GRU (1 expert, id 0) + experts::SwiGLU (1 expert, d_ff 16, id 1);
 ///   hecto_greedy  the same without the exploration noise (the choice is the plain argmax from step 1);
 ///   ffn_only      2 SwiGLU experts (d_ff 16: 384 weights each, a GRU expert has 432);
@@ -28,8 +29,9 @@
 /// On a host whose cores are busy, OMP_NUM_THREADS=1 finishes the full run in about 10 s: the layers are tiny,
 /// and with two threads every parallel region waits for a descheduled thread.
 /// Writes DIR/hecto_loss.csv (model,step,loss), DIR/hecto_routing.csv (model,step,temporal_to_gru,
-/// static_to_ffn per training batch of hecto and hecto_greedy) and DIR/hecto_expert_load.csv (hecto's held-out tokens per expert; group 0 = temporal,
-/// group 1 = static); scripts/plot.py DIR plots them. Progress on stderr; ends with
+/// static_to_ffn per training batch of hecto and hecto_greedy) and DIR/hecto_expert_load.csv (hecto's held-out
+/// tokens per expert; group 0 = temporal, group 1 = static); scripts/plot.py DIR plots them. Progress on stderr;
+/// ends with
 ///   RESULT hecto PASS|FAIL temporal_to_gru=<share> static_to_ffn=<share> loss_ratio=<hecto/ffn_only> ...
 
 #include <cmath>
@@ -57,7 +59,9 @@ constexpr double k_decay = 0.75;    // of the temporal targets' moving average
 constexpr double k_balance = 1e-2;  // Switch's balance-loss coefficient
 constexpr int k_temporal = 0, k_static = 1;
 
-moe::MoEConfig shape(moe::Index n_experts) { return {.d_model = k_d, .d_ff = k_ff, .n_experts = n_experts, .top_k = 1}; }
+moe::MoEConfig shape(moe::Index n_experts) {
+  return {.d_model = k_d, .d_ff = k_ff, .n_experts = n_experts, .top_k = 1};
+}
 
 // Top-1 of a softmax over 2 experts on the sequence's mean token, weight p (not renormalised, so the gate
 // trains through it); `explore`: Gumbel noise on the choice in training (the weights stay clean).

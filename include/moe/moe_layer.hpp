@@ -353,7 +353,8 @@ class MoELayer {
       rec.stats.training = training;
       if constexpr (requires { router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token,
                                              rec.n_sequences, &rec.stats); }) {
-        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences, &rec.stats);
+        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences,
+                      &rec.stats);
       } else {
         router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
       }

@@ -104,8 +104,8 @@ TEST_CASE("SequenceLevel over WithLosses returns the losses of the sequence mean
   using Balanced = moe::routers::WithLosses<moe::routers::TopKRouter<double>, moe::losses::SwitchLoss>;
   const moe::MoEConfig cfg{.d_model = 6, .d_ff = 5, .n_experts = 4, .top_k = 1};
   moe::MoELayer<moe::routers::SequenceLevel<Balanced>, moe::experts::SwiGLU<double>> layer{
-      moe::routers::SequenceLevel<Balanced>(
-          Balanced(moe::routers::TopKRouter<double>(cfg, {.renormalize = false}), moe::losses::SwitchLoss{.coeff = 0.1})),
+      moe::routers::SequenceLevel<Balanced>(Balanced(moe::routers::TopKRouter<double>(cfg, {.renormalize = false}),
+                                                     moe::losses::SwitchLoss{.coeff = 0.1})),
       moe::experts::SwiGLU<double>(cfg)};
   layer.init(6);
   moe::Rng rng(7);
