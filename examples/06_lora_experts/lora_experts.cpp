@@ -20,7 +20,7 @@
 /// NMI >= 0.5.
 ///
 /// Usage: lora_experts [--quick] [--seed=S] [--out=DIR]
-///   --quick  300 steps of 96 tokens instead of 2000 of 192 (the ctest smoke test)
+///   --quick  200 steps of 96 tokens instead of 2000 of 192 (the ctest smoke test)
 /// On a host whose cores are busy, OMP_NUM_THREADS=1 finishes the full run in about 10 s: the layers are tiny,
 /// and with two threads every parallel region waits for a descheduled thread.
 /// Writes DIR/lora_experts_loss.csv (model,step,loss: training loss of every arm),
@@ -188,7 +188,7 @@ double mean(const std::array<double, k_domains>& v) {
 
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "lora_experts [--quick] [--seed=S] [--out=DIR]");
-  const long steps = cli.quick ? 300 : 2000;
+  const long steps = cli.quick ? 200 : 2000;
   // The quick batch stays below the library's threshold for parallel regions: on a loaded host each region
   // waits for a descheduled thread, which would make the smoke test slow rather than the training.
   const moe::Index batch = cli.quick ? 96 : k_batch;
