@@ -23,6 +23,10 @@ Known files:
   *_throughput.csv   tau,layer,...,gain,predicted_gain -> *_throughput.png (measured vs predicted speed-up bars)
   *_hit_rate.csv     predictor,P,layer,hit_rate,random -> *_hit_rate.png (prefetch hit-rate bars per predictor
                                                          and P, with the random P/E baseline)
+  *_routing.csv      columns model,step,<share>...    -> *_routing.png (each routing share against step,
+                                                         per model, as a moving average over 25 steps)
+  *_domain_eval.csv  columns model,domain,loss,...    -> *_domain_eval.png (held-out loss per domain and
+                                                         model, grouped bars, log scale)
 """
 import csv
 import pathlib
@@ -32,6 +36,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def moving_average(values: list, window: int) -> list:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def save(fig, ax, path: pathlib.Path) -> pathlib.Path:
@@ -118,11 +127,13 @@ def plot_max_violation(path: pathlib.Path, window: int = 25) -> pathlib.Path:
     series = read_series(path, ["max_violation"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (steps, values) in series.items():
-        v = values["max_violation"]
-        smooth = [sum(v[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
-        ax.plot(steps, smooth, label=name)
+        ax.plot(steps, moving_average(values["max_violation"], window), label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(f"MaxVio (mean of {window} steps)")
+    ax.legend()
+    return save(fig, ax, path)
+
+
 def plot_experts_per_token(path: pathlib.Path) -> pathlib.Path:
     series = {}
     with path.open() as f:
@@ -248,6 +259,47 @@ def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
     return save(fig, ax, path)
 
 
+def plot_routing(path: pathlib.Path, window: int = 25) -> pathlib.Path:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    shares = [c for c in rows[0].keys() if c not in ("model", "step")]
+    series = {}
+    for row in rows:
+        for share in shares:
+            steps, values = series.setdefault((row["model"], share), ([], []))
+            steps.append(int(row["step"]))
+            values.append(float(row[share]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, share), (steps, values) in series.items():
+        # One training batch holds few sequences: smooth, or the noise hides the trend.
+        ax.plot(steps, moving_average(values, window), label=f"{model}: {share.replace('_', ' ')}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"share (moving average of {window} steps)")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
+def plot_domain_eval(path: pathlib.Path) -> pathlib.Path:
+    loss = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            loss.setdefault(row["model"], {})[row["domain"]] = float(row["loss"])
+    models = list(loss)
+    domains = sorted({d for per_domain in loss.values() for d in per_domain}, key=int)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains), 4))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [loss[model].get(d, float("nan")) for d in domains], width, label=model)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_xlabel("domain")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
 PLOTS = [
     ("*_loss.csv", plot_loss),
     ("*_expert_load*.csv", plot_expert_load),
@@ -259,6 +311,8 @@ PLOTS = [
     ("*_shares.csv", plot_shares),
     ("*_throughput.csv", plot_throughput),
     ("*_hit_rate.csv", plot_hit_rate),
+    ("*_routing.csv", plot_routing),
+    ("*_domain_eval.csv", plot_domain_eval),
 ]
 """(file pattern, plot function): every CSV kind the examples write."""
 

@@ -350,7 +350,14 @@ class MoELayer {
   // and the batch's sequences, and return dropped slots and loss values.
   void route_tokens(ConstMatrixView<Scalar> x, Record& rec, Arena& arena, bool training) const {
     if constexpr (SequenceRouter<R>) {
-      router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
+      rec.stats.training = training;
+      if constexpr (requires { router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token,
+                                             rec.n_sequences, &rec.stats); }) {
+        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences,
+                      &rec.stats);
+      } else {
+        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
+      }
     } else if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
       rec.stats.training = training;
       rec.stats.sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr;

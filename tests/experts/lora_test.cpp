@@ -1,8 +1,10 @@
 // experts::LoRA (LLaVA-MoLE): forward against a naive double loop over the merged weights W + s B A,
 // gradients of A, B, the input (and the base only when asked) against finite differences with B != 0,
-// B = 0 equal to the frozen base FFN bit for bit, and the zero-token expert's exact zero gradient.
+// B = 0 equal to the frozen base FFN bit for bit, the zero-token expert's exact zero gradient, and a small
+// bank opening no OpenMP parallel region.
 
 #include <algorithm>
+#include <atomic>
 #include <string_view>
 #include <vector>
 
@@ -12,6 +14,7 @@
 
 #include "support/banks.hpp"
 #include "support/nmse.hpp"
+#include "support/threads.hpp"
 
 using moe::Index;
 using moe::RowMatrix;
@@ -136,6 +139,65 @@ TEST_CASE("LoRA bank: an expert without rows keeps exactly zero adapter gradient
           "[expert][grad]") {
   moe::experts::LoRASwiGLU<float> bank({.d_model = 16, .d_ff = 24, .n_experts = 3, .top_k = 1}, k_nonzero_b);
   moe::test::check_empty_expert_gradient(bank);
+}
+
+namespace {
+
+// SiLU that records whether it ever ran inside an active OpenMP parallel region.
+struct ParallelProbe : moe::kernels::SiLU {
+  static inline std::atomic<bool> in_parallel{false};
+  template <class V>
+  static V apply(const V& x) {
+    note();
+    return SiLU::apply(x);
+  }
+  template <class T>
+  static T derivative(T x) {
+    note();
+    return SiLU::derivative(x);
+  }
+  static void note() {
+#if defined(_OPENMP)
+    if (omp_in_parallel()) in_parallel = true;
+#endif
+  }
+};
+
+// Whether forward + backward over `rows` rows ran anything in a parallel region, for each thread count.
+bool lora_went_parallel(Index d_model, Index d_ff, Index rows) {
+  moe::experts::LoRA<double, ParallelProbe> bank({.d_model = d_model, .d_ff = d_ff, .n_experts = 3, .top_k = 1},
+                                                 k_nonzero_b);
+  moe::Rng rng(5);
+  bank.init(rng);
+  const std::vector<Index> offsets = {0, rows / 3, rows / 2, rows};
+  const RowMatrix<double> xs = moe::test::normal_matrix<double>(rng, rows, d_model);
+  const RowMatrix<double> dys = moe::test::normal_matrix<double>(rng, rows, d_model);
+  RowMatrix<double> dxs(rows, d_model);
+  ParallelProbe::in_parallel = false;
+  moe::test::for_each_thread_count([&](int) {
+    moe::test::bank_forward(bank, xs, offsets);
+    moe::Arena measure;
+    bank.backward(moe::ConstMatrixView<double>::shape_only(rows, d_model), offsets.data(),
+                  moe::ConstMatrixView<double>::shape_only(rows, d_model),
+                  moe::MatrixView<double>::shape_only(rows, d_model), measure);
+    moe::Workspace ws;
+    ws.reserve(measure.peak());
+    moe::Arena arena(ws);
+    bank.backward(xs, offsets.data(), dys, dxs, arena);
+  });
+  return ParallelProbe::in_parallel;
+}
+
+}  // namespace
+
+TEST_CASE("LoRA bank: below k_parallel_min_work forward and backward stay on the calling thread", "[expert]") {
+  // A parallel region costs microseconds, and milliseconds when another process holds a core (the team waits
+  // for a descheduled thread): a small bank must not open one, whatever the thread count.
+  REQUIRE_FALSE(lora_went_parallel(4, 8, 9));
+#if defined(_OPENMP)
+  // The probe does see a region when the work is large enough (1 << 16 multiply-adds and more).
+  REQUIRE(lora_went_parallel(16, 64, 96));
+#endif
 }
 
 TEST_CASE("LoRA options are validated", "[expert]") {

@@ -97,3 +97,34 @@ TEST_CASE("SequenceLevel backward through the mean token matches finite differen
   });
   REQUIRE(gate > 1e-4);  // the routing path carries gradient (top-2, renormalised)
 }
+
+TEST_CASE("SequenceLevel over WithLosses returns the losses of the sequence means from the layer's forward",
+          "[router]") {
+  // The loss gradient was always applied; its value (and the training flag) must reach ForwardResult too.
+  using Balanced = moe::routers::WithLosses<moe::routers::TopKRouter<double>, moe::losses::SwitchLoss>;
+  const moe::MoEConfig cfg{.d_model = 6, .d_ff = 5, .n_experts = 4, .top_k = 1};
+  moe::MoELayer<moe::routers::SequenceLevel<Balanced>, moe::experts::SwiGLU<double>> layer{
+      moe::routers::SequenceLevel<Balanced>(Balanced(moe::routers::TopKRouter<double>(cfg, {.renormalize = false}),
+                                                     moe::losses::SwitchLoss{.coeff = 0.1})),
+      moe::experts::SwiGLU<double>(cfg)};
+  layer.init(6);
+  moe::Rng rng(7);
+  const RowMatrix<double> x = moe::test::normal_matrix<double>(rng, 12, 6);
+  const std::vector<Index> starts = {0, 2, 7, 8};
+  RowMatrix<double> means(4, 6), y(12, 6);
+  for (Index q = 0; q < 4; ++q) {
+    const Index b = starts[static_cast<std::size_t>(q)], e = q + 1 < 4 ? starts[static_cast<std::size_t>(q + 1)] : 12;
+    means.row(q) = x.middleRows(b, e - b).colwise().mean();
+  }
+  // The inner router alone on the means, as a token layer.
+  moe::MoELayer<Balanced, moe::experts::SwiGLU<double>> on_means{layer.router().inner(), layer.bank<0>()};
+  RowMatrix<double> y_means(4, 6);
+  moe::Workspace ws;
+  const double expected = on_means.forward(means, y_means, ws).aux_loss;
+  REQUIRE(expected > 0);
+  const auto res = layer.forward(x, y, ws, starts);
+  REQUIRE(res.n_aux_losses == 1);
+  REQUIRE(res.aux_loss == expected);
+  moe::TrainingContext<double> ctx;
+  REQUIRE(layer.forward(x, y, ctx, starts).aux_loss == expected);
+}

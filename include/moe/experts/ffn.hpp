@@ -321,7 +321,8 @@ class FFN {
     if (!stale()) return;
     std::lock_guard<std::mutex> guard(pack_state_.lock);
     if (!stale()) return;
-    MOE_OMP(omp parallel for schedule(dynamic))
+    MOE_OMP(omp parallel for schedule(dynamic)
+                if(double(n_experts_) * double(d_ff_) * double(d_model_) >= detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       hidden_panels_.pack(e, hidden_sources(e).data());
       const ConstMatrixView<T> down = w2(e);

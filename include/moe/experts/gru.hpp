@@ -112,7 +112,8 @@ class GRU {
     T* hgates = arena.take<T>(n_rows * 3 * d_);  // (rows, 3 d) W_hh h + b_hh
     if (arena.measuring() || n_rows == 0) return;
     check_prev_rows(offsets, prev_rows);
-    MOE_OMP(omp parallel for schedule(dynamic))
+    MOE_OMP(omp parallel for schedule(dynamic)
+                if(double(n_rows) * double(3 * d_) * double(d_) >= moe::detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       const Index r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -146,7 +147,8 @@ class GRU {
     const MatrixView<T> dw_ih = w_ih_.grad(), dw_hh = w_hh_.grad(), db_ih = b_ih_.grad(), db_hh = b_hh_.grad();
     const GRU& self = *this;
 
-    MOE_OMP(omp parallel for schedule(dynamic))
+    MOE_OMP(omp parallel for schedule(dynamic)
+                if(double(n_rows) * double(g3) * double(d_) >= moe::detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       const Index r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;

@@ -192,7 +192,8 @@ class LoRA {
     T* tmp = arena.take<T>(n_rows * wide);               // (rows, max(d_ff, d_model)) B (s A x)
     if (arena.measuring() || n_rows == 0) return;
 
-    MOE_OMP(omp parallel for schedule(dynamic))
+    MOE_OMP(omp parallel for schedule(dynamic)
+                if(double(n_rows) * double(d_ff_) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       const Index r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -229,7 +230,8 @@ class LoRA {
     const auto g3 = Gated ? lora3_.grads() : typename LoRAAdapter<T, Arch>::Grads{};
     const LoRA& self = *this;
 
-    MOE_OMP(omp parallel for schedule(dynamic))
+    MOE_OMP(omp parallel for schedule(dynamic)
+                if(double(n_rows) * double(d_ff_) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
       const Index r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;

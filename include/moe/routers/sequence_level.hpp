@@ -12,6 +12,7 @@
 #include "../config.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
+#include "gating.hpp"
 
 namespace moe::routers {
 
@@ -46,9 +47,11 @@ class SequenceLevel {
 
   /// Routes the mean token of each of the n_sequences sequences (sequence_of_token: (n_tokens), values in
   /// [0, n_sequences)) and copies its ids and weights to every token of the sequence. saved's first
-  /// n_sequences rows hold the inner router's record for the means.
+  /// n_sequences rows hold the inner router's record for the means. `stats` (optional): a reporting inner
+  /// router (routers::WithLosses) learns stats->training and returns its loss values there, computed over the
+  /// means, each mean its own sequence.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, const Index* sequence_of_token,
-             Index n_sequences) const {
+             Index n_sequences, RouteStats* stats = nullptr) const {
     const Index n_tokens = x.rows(), k = top_k();
     Scratch s = take(arena, n_tokens);
     if (arena.measuring()) {
@@ -57,7 +60,7 @@ class SequenceLevel {
     }
     if (n_tokens == 0) return;
     pool(x, sequence_of_token, n_sequences, s);
-    inner_.route(ConstMatrixView<T>(s.pooled, n_sequences, d_model()), s.ids, s.weights, saved, arena);
+    inner_route(ConstMatrixView<T>(s.pooled, n_sequences, d_model()), s.ids, s.weights, saved, arena, stats);
     for (Index t = 0; t < n_tokens; ++t) {
       std::copy_n(s.ids + sequence_of_token[t] * k, k, ids + t * k);
       std::copy_n(s.weights + sequence_of_token[t] * k, k, weights + t * k);
@@ -114,6 +117,21 @@ class SequenceLevel {
     return {arena.take<T>(n_tokens * d_model()), arena.take<T>(n_tokens), arena.take<Index>(n_tokens * top_k()),
             arena.take<T>(n_tokens * top_k())};
   }
+  // The inner router on the means; one that reports (loss policies) fills stats' losses. Dropped slots are
+  // not passed on: they would count sequences, not the layer's token slots.
+  void inner_route(ConstMatrixView<T> pooled, Index* ids, T* weights, T* saved, Arena& arena, RouteStats* stats) const {
+    if constexpr (requires(RouteStats& st) { inner_.route(pooled, ids, weights, saved, arena, st); }) {
+      if (stats != nullptr) {
+        RouteStats inner{.training = stats->training};
+        inner_.route(pooled, ids, weights, saved, arena, inner);
+        stats->losses = inner.losses;
+        stats->n_losses = inner.n_losses;
+        return;
+      }
+    }
+    inner_.route(pooled, ids, weights, saved, arena);
+  }
+
   void pool(ConstMatrixView<T> x, const Index* sequence_of_token, Index n_sequences, const Scratch& s) const {
     const Index d = d_model();
     std::fill_n(s.pooled, n_sequences * d, T(0));
