@@ -23,8 +23,13 @@ Known files:
   *_throughput.csv   tau,layer,...,gain,predicted_gain -> *_throughput.png (measured vs predicted speed-up bars)
   *_hit_rate.csv     predictor,P,layer,hit_rate,random -> *_hit_rate.png (prefetch hit-rate bars per predictor
                                                          and P, with the random P/E baseline)
+  *_active.csv       columns step,active_experts,tau  -> *_active.png (mean active experts per token over
+                                                         training, temperature on a second axis)
+  *_error.csv        columns n,setting,replicate,     -> *_error.png (geometric mean error over replicates
+                     density_error,parameter_error       against n, log-log, with least-squares slopes)
 """
 import csv
+import math
 import pathlib
 import sys
 
@@ -248,6 +253,56 @@ def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
     return save(fig, ax, path)
 
 
+def plot_active(path: pathlib.Path) -> pathlib.Path:
+    steps, active, tau = [], [], []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            steps.append(int(row["step"]))
+            active.append(float(row["active_experts"]))
+            tau.append(float(row["tau"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, active, color="tab:blue", label="active experts per token")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean active experts per token", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.plot(steps, tau, color="tab:red", linestyle="--", label="temperature τ")
+    twin.set_ylabel("temperature τ", color="tab:red")
+    twin.set_ylim(bottom=0)
+    return save(fig, ax, path)
+
+
+def log_log_slope(xs, ys) -> float:
+    """Least-squares slope of log(y) against log(x)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def plot_error(path: pathlib.Path) -> pathlib.Path:
+    logs = {}  # (metric, setting) -> {n: [log error per replicate]}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            for metric in ("density_error", "parameter_error"):
+                per_n = logs.setdefault((metric, row["setting"]), {})
+                per_n.setdefault(int(row["n"]), []).append(math.log(float(row[metric])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {}  # one colour per setting, one line style per metric
+    for (metric, setting), per_n in logs.items():
+        ns = sorted(per_n)
+        means = [math.exp(sum(per_n[n]) / len(per_n[n])) for n in ns]
+        style = "-o" if metric == "density_error" else "--s"
+        color = colors.setdefault(setting, f"C{len(colors)}")
+        label = f"{metric.removesuffix('_error')}, {setting} (slope {log_log_slope(ns, means):.2f})"
+        ax.plot(ns, means, style, color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("n")
+    ax.set_ylabel("error (geometric mean over replicates)")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
 PLOTS = [
     ("*_loss.csv", plot_loss),
     ("*_expert_load*.csv", plot_expert_load),
@@ -259,6 +314,8 @@ PLOTS = [
     ("*_shares.csv", plot_shares),
     ("*_throughput.csv", plot_throughput),
     ("*_hit_rate.csv", plot_hit_rate),
+    ("*_active.csv", plot_active),
+    ("*_error.csv", plot_error),
 ]
 """(file pattern, plot function): every CSV kind the examples write."""
 
