@@ -57,9 +57,14 @@ void draw_batch(const moe::examples::Regimes& train, moe::Rng& rng, moe::RowMatr
   }
 }
 
-// One AdamW step of `layer` on a batch; returns the batch MSE and the routing result of the forward.
+struct StepResult {
+  double loss;    // batch MSE
+  double active;  // mean experts per token the forward used
+};
+
+// One AdamW step of `layer` on a batch.
 template <class Layer>
-std::pair<double, double> train_step(Layer& layer, moe::optim::AdamW<T>& adam, moe::TrainingContext<T>& ctx,
+StepResult train_step(Layer& layer, moe::optim::AdamW<T>& adam, moe::TrainingContext<T>& ctx,
                                      const moe::RowMatrix<T>& x, const moe::RowMatrix<T>& target) {
   moe::RowMatrix<T> y(x.rows(), x.cols()), dx(x.rows(), x.cols()), dy;
   layer.zero_grad();
@@ -157,7 +162,7 @@ int main(int argc, char** argv) {
   moe::train_loop({.steps = budget.dense_steps, .seed = cli.seed + 2, .label = "evomoe dense"},
                   [&](long step, moe::Rng& rng) {
                     draw_batch(train, rng, x, target);
-                    const double loss = train_step(dense, dense_adam, ctx, x, target).first;
+                    const double loss = train_step(dense, dense_adam, ctx, x, target).loss;
                     loss_csv << "evomoe," << step + 1 << ',' << loss << '\n';
                     return moe::StepReport{.loss = loss, .tokens = k_batch};
                   });
@@ -202,7 +207,7 @@ int main(int argc, char** argv) {
   moe::train_loop({.steps = budget.total(), .seed = cli.seed + 6, .label = "switch top-1"}, [&](long step, moe::Rng& rng) {
     switch_top1.router().set_step(static_cast<std::uint64_t>(step));
     draw_batch(train, rng, x, target);
-    const double loss = train_step(switch_top1, switch_adam, ctx, x, target).first;
+    const double loss = train_step(switch_top1, switch_adam, ctx, x, target).loss;
     loss_csv << "switch_top1," << step + 1 << ',' << loss << '\n';
     return moe::StepReport{.loss = loss, .tokens = k_batch};
   });
