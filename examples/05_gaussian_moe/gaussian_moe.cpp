@@ -10,8 +10,10 @@
 ///   exact (k = 2, top-1): every x has a single expert, so EM's E-step is trivial and the MLE is computed
 ///     exactly: for each boundary between consecutive sorted x, both experts are closed-form least squares.
 ///   over-specified (k = 3, top-2): EM from the exact fit with one expert split in two (both splits tried, the
-///     higher likelihood kept); E-step exact, expert M-step weighted least squares, gate M-step a few
-///     gradient-ascent steps on the log-likelihood (backtracking: every accepted step raises it).
+///     higher likelihood kept); E-step exact, expert M-step weighted least squares, gate M-step one
+///     gradient-ascent step on the log-likelihood per iteration (backtracking: every accepted step raises it).
+///     A top-2 gate reproduces the true top-1 gate only in the limit of infinitely steep logits (the partner
+///     of the unsplit expert must get weight 0), so the fit starts with steep gate lines (slope 10 n).
 /// The gate uses the library's kernels (moe::kernels::top_k, moe::kernels::softmax_row) on each x's logits.
 /// Metrics: the Hellinger distance between the fitted and the true conditional densities, averaged over x
 /// (adaptive Simpson in x between the gates' switch points, trapezoid in y), and the Voronoi loss of the
