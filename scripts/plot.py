@@ -229,6 +229,9 @@ def plot_logits(path: pathlib.Path) -> pathlib.Path:
     ax_max.set_xlabel("step")
     ax_max.set_ylabel("max |z|")
     ax.legend(fontsize=7)
+    return save(fig, ax, path)
+
+
 def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
     """Bars of the prefetch hit rate (mean over layers) per predictor and prefetch size P."""
     rows = [r for r in read_rows(path) if r["layer"] == "all"]
