@@ -27,8 +27,13 @@ Known files:
                                                          per model, as a moving average over 25 steps)
   *_domain_eval.csv  columns model,domain,loss,...    -> *_domain_eval.png (held-out loss per domain and
                                                          model, grouped bars, log scale)
+  *_active.csv       columns step,active_experts,tau  -> *_active.png (mean active experts per token over
+                                                         training, temperature on a second axis)
+  *_error.csv        columns n,setting,replicate,     -> *_error.png (geometric mean error over replicates
+                     density_error,parameter_error       against n, log-log, with least-squares slopes)
 """
 import csv
+import math
 import pathlib
 import sys
 
@@ -167,6 +172,10 @@ def plot_drops(path: pathlib.Path) -> pathlib.Path:
     ax.set_xticks(range(len(factors)), [f"{f:g}" for f in factors])
     ax.set_xlabel("capacity factor")
     ax.set_ylabel("dropped slots (%)")
+    ax.legend()
+    return save(fig, ax, path)
+
+
 def read_rows(path: pathlib.Path) -> list:
     with path.open() as f:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
@@ -235,6 +244,9 @@ def plot_logits(path: pathlib.Path) -> pathlib.Path:
     ax_max.set_xlabel("step")
     ax_max.set_ylabel("max |z|")
     ax.legend(fontsize=7)
+    return save(fig, ax, path)
+
+
 def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
     """Bars of the prefetch hit rate (mean over layers) per predictor and prefetch size P."""
     rows = [r for r in read_rows(path) if r["layer"] == "all"]
@@ -300,6 +312,56 @@ def plot_domain_eval(path: pathlib.Path) -> pathlib.Path:
     return save(fig, ax, path)
 
 
+def plot_active(path: pathlib.Path) -> pathlib.Path:
+    steps, active, tau = [], [], []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            steps.append(int(row["step"]))
+            active.append(float(row["active_experts"]))
+            tau.append(float(row["tau"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, active, color="tab:blue", label="active experts per token")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean active experts per token", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.plot(steps, tau, color="tab:red", linestyle="--", label="temperature τ")
+    twin.set_ylabel("temperature τ", color="tab:red")
+    twin.set_ylim(bottom=0)
+    return save(fig, ax, path)
+
+
+def log_log_slope(xs, ys) -> float:
+    """Least-squares slope of log(y) against log(x)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def plot_error(path: pathlib.Path) -> pathlib.Path:
+    logs = {}  # (metric, setting) -> {n: [log error per replicate]}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            for metric in ("density_error", "parameter_error"):
+                per_n = logs.setdefault((metric, row["setting"]), {})
+                per_n.setdefault(int(row["n"]), []).append(math.log(float(row[metric])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {}  # one colour per setting, one line style per metric
+    for (metric, setting), per_n in logs.items():
+        ns = sorted(per_n)
+        means = [math.exp(sum(per_n[n]) / len(per_n[n])) for n in ns]
+        style = "-o" if metric == "density_error" else "--s"
+        color = colors.setdefault(setting, f"C{len(colors)}")
+        label = f"{metric.removesuffix('_error')}, {setting} (slope {log_log_slope(ns, means):.2f})"
+        ax.plot(ns, means, style, color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("n")
+    ax.set_ylabel("error (geometric mean over replicates)")
+    ax.legend(fontsize=8)
+    return save(fig, ax, path)
+
+
 PLOTS = [
     ("*_loss.csv", plot_loss),
     ("*_expert_load*.csv", plot_expert_load),
@@ -313,6 +375,8 @@ PLOTS = [
     ("*_hit_rate.csv", plot_hit_rate),
     ("*_routing.csv", plot_routing),
     ("*_domain_eval.csv", plot_domain_eval),
+    ("*_active.csv", plot_active),
+    ("*_error.csv", plot_error),
 ]
 """(file pattern, plot function): every CSV kind the examples write."""
 
