@@ -55,6 +55,28 @@ TEST_CASE("RoutingStats counts by hand", "[stats]") {
   REQUIRE(stats.tokens_per_group().empty());
 }
 
+TEST_CASE("RoutingStats::group_specialization is I(group; expert) / H(group)", "[stats]") {
+  moe::RoutingStats stats(std::vector<bool>(4, false));
+  // Two groups, top-1. Perfect specialisation: group 0 only on expert 0, group 1 only on expert 1.
+  stats.record(result(4, 1, {0, 0, 1, 1}, {1, 1, 1, 1}), std::vector<int>{0, 0, 1, 1});
+  CHECK(stats.group_specialization() == Approx(1.0).epsilon(1e-14));
+  // No specialisation: both groups spread the same way over experts 0 and 1.
+  stats.reset();
+  stats.record(result(4, 1, {0, 1, 0, 1}, {1, 1, 1, 1}), std::vector<int>{0, 0, 1, 1});
+  CHECK(stats.group_specialization() == Approx(0.0).margin(1e-15));
+  // By hand: group 0 -> experts (0, 0, 1), group 1 -> (1); p(g, e) = 2/4, 1/4 | 0, 1/4.
+  stats.reset();
+  stats.record(result(4, 1, {0, 0, 1, 1}, {1, 1, 1, 1}), std::vector<int>{0, 0, 0, 1});
+  const double mi = 0.5 * std::log(0.5 / (0.75 * 0.5)) + 0.25 * std::log(0.25 / (0.75 * 0.5)) +
+                    0.25 * std::log(0.25 / (0.25 * 0.5));
+  const double h = -(0.75 * std::log(0.75) + 0.25 * std::log(0.25));
+  CHECK(stats.group_specialization() == Approx(mi / h).epsilon(1e-13));
+  // Without group labels there is nothing to measure.
+  stats.reset();
+  stats.record(result(4, 1, {0, 0, 1, 1}, {1, 1, 1, 1}));
+  CHECK(stats.group_specialization() == 0.0);
+}
+
 TEST_CASE("RoutingStats: even load has entropy 1 and no violation", "[stats]") {
   moe::RoutingStats stats(std::vector<bool>(4, false));
   stats.record(result(2, 2, {0, 1, 2, 3}, {0.5f, 0.5f, 0.5f, 0.5f}));

@@ -158,26 +158,6 @@ std::array<double, k_domains> domain_losses(Layer& layer, const Batch& eval, moe
   return sum;
 }
 
-// I(domain; expert) / H(domain) from the per-domain expert counts.
-double normalized_mutual_information(const moe::RoutingStats& stats) {
-  double total = 0;
-  std::vector<double> expert(static_cast<std::size_t>(stats.n_experts()), 0.0);
-  for (const auto& [domain, counts] : stats.tokens_per_group())
-    for (std::size_t e = 0; e < counts.size(); ++e) {
-      expert[e] += double(counts[e]);
-      total += double(counts[e]);
-    }
-  double mi = 0, h_domain = 0;
-  for (const auto& [domain, counts] : stats.tokens_per_group()) {
-    double n_domain = 0;
-    for (long c : counts) n_domain += double(c);
-    h_domain -= n_domain / total * std::log(n_domain / total);
-    for (std::size_t e = 0; e < counts.size(); ++e)
-      if (counts[e] > 0) mi += double(counts[e]) / total * std::log(double(counts[e]) * total / (n_domain * expert[e]));
-  }
-  return h_domain > 0 ? mi / h_domain : 0.0;
-}
-
 double mean(const std::array<double, k_domains>& v) {
   double s = 0;
   for (double x : v) s += x;
@@ -250,7 +230,7 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
 
-  const double ratio = mean(mole_loss) / mean(lora_loss), nmi = normalized_mutual_information(stats);
+  const double ratio = mean(mole_loss) / mean(lora_loss), nmi = stats.group_specialization();
   moe::examples::report("lora_experts", ratio <= 0.8 && nmi >= 0.5,
                         {{"loss_ratio", ratio},
                          {"nmi", nmi},

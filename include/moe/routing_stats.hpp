@@ -108,6 +108,31 @@ class RoutingStats {
     return std::sqrt(var / double(tokens_.size())) / m;
   }
 
+  /// Specialisation of experts by group: the mutual information I(group; expert) of the routed slots recorded
+  /// with group labels, divided by H(group); 0 when every group spreads like the whole, 1 when the expert
+  /// determines the group. 0 with fewer than two groups.
+  double group_specialization() const {
+    double total = 0;
+    std::vector<double> per_expert(tokens_.size(), 0.0);
+    for (const auto& [label, counts] : groups_)
+      for (std::size_t e = 0; e < counts.size(); ++e) {
+        per_expert[e] += double(counts[e]);
+        total += double(counts[e]);
+      }
+    double mi = 0, h_group = 0;
+    for (const auto& [label, counts] : groups_) {
+      double p_group = 0;
+      for (long c : counts) p_group += double(c) / total;
+      if (p_group > 0) h_group -= p_group * std::log(p_group);
+      for (std::size_t e = 0; e < counts.size(); ++e)
+        if (counts[e] > 0) {
+          const double p = double(counts[e]) / total;
+          mi += p * std::log(p / (p_group * per_expert[e] / total));
+        }
+    }
+    return h_group > 0 ? mi / h_group : 0.0;
+  }
+
   /// One row per expert: expert,zero_computation,tokens,weight_mass, then one column per group label
   /// (group_<label>). The summary metrics follow as comment lines starting with '#'.
   void write_csv(std::ostream& out) const {
@@ -121,6 +146,7 @@ class RoutingStats {
     }
     out << "# tokens=" << n_tokens_ << " unused_slots=" << unused_slots_ << " dropped_slots=" << dropped_slots_
         << " mean_real_experts_per_token=" << mean_real_experts_per_token() << " load_entropy=" << load_entropy()
+        << " group_specialization=" << group_specialization()
         << " max_violation=" << max_violation() << " cv=" << coefficient_of_variation() << '\n';
   }
 
