@@ -42,7 +42,7 @@
 
 #include "common/cli.hpp"
 #include "common/domains.hpp"
-#include "common/regimes.hpp"
+#include "common/loss.hpp"
 
 namespace {
 
@@ -56,11 +56,12 @@ constexpr moe::Index k_length = 32;      // tokens per sequence = per micro-batc
 constexpr int k_micro_batches = 16;      // per optimizer step
 constexpr int k_eval_sequences = 32;     // per domain
 constexpr double k_coeff = 1e-2;         // balance coefficient of both arms
-constexpr double k_mean_norm = 4.0;      // |μ_d|: how far apart the domains lie
-// Targets of std ≈ 0.16: a task loss (MSE) whose gradient leaves a 1e-2 balance loss a say, as the papers' LLM
-// losses do (the micro arm then balances every sequence). With targets 2-4x larger the task's pull towards
-// specialisation outweighs a 1e-2 loss in both arms (docs/experiments.md, D.1).
-constexpr double k_target_scale = 0.25;
+// |μ_d| = 4: domains a linear router tells apart. Targets of std ≈ 0.16 (target_scale 0.25): a task loss (MSE)
+// whose gradient leaves a 1e-2 balance loss a say, as the papers' LLM losses do (the micro arm then balances
+// every sequence). With targets 2-4x larger the task's pull towards specialisation outweighs a 1e-2 loss in
+// both arms (docs/experiments.md, D.1).
+const moe::examples::DomainOptions k_data{
+    .n_domains = k_domains, .d_model = k_d, .hidden = k_hidden, .mean_norm = 4.0, .target_scale = 0.25};
 
 const moe::MoEConfig k_shape{.d_model = k_d, .d_ff = k_ff, .n_experts = k_experts, .top_k = k_top_k};
 
@@ -105,7 +106,7 @@ double normalized_mi(const moe::RoutingStats& stats) {
 }
 
 template <class L>
-Eval evaluate(const L& layer, const moe::examples::DomainBatch& data) {
+Eval evaluate(const L& layer, const moe::examples::DomainBatch<T>& data) {
   moe::Workspace ws;
   moe::RowMatrix<T> y(data.x.rows(), k_d), dy;
   Eval e;
@@ -126,8 +127,8 @@ double lr(long step, long steps) { return 1.5e-3 * (1 + std::cos(3.1415926535897
 
 // Trains one arm; appends its training loss and held-out specialisation over training to the CSVs.
 template <class Loss>
-Eval train(const char* name, Layer<Loss>& layer, const moe::examples::DomainTask& task,
-           const moe::examples::DomainBatch& held_out, long steps, std::uint64_t seed, std::ofstream& loss_csv,
+Eval train(const char* name, Layer<Loss>& layer, const moe::examples::DomainGenerator<T>& data,
+           const moe::examples::DomainBatch<T>& held_out, long steps, std::uint64_t seed, std::ofstream& loss_csv,
            std::ofstream& spec_csv) {
   moe::optim::AdamW<T> adam({.lr = 3e-3, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
@@ -140,8 +141,7 @@ Eval train(const char* name, Layer<Loss>& layer, const moe::examples::DomainTask
     // Gradient accumulation: backward adds every micro-batch's task and balance gradients. Their sums keep
     // the ratio of the per-step means, and AdamW is (up to its ε) invariant to the common factor.
     for (int m = 0; m < k_micro_batches; ++m) {
-      const int domain = static_cast<int>(rng.below(k_domains));
-      const auto batch = moe::examples::sample_sequences(task, {&domain, 1}, k_length, rng);
+      const auto batch = data.sample(1, k_length, rng);
       aux += layer.forward(batch.x, y, ctx).aux_loss;
       loss += moe::examples::mse(y, batch.target, dy);
       layer.backward(dy, dx, ctx);
@@ -180,11 +180,11 @@ double mean(const std::vector<double>& v) {
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "global_batch_balance [--quick] [--seed=S] [--out=DIR]");
   const long steps = cli.quick ? 200 : 1500;
-  const auto task = moe::examples::make_domain_task(k_domains, k_d, k_hidden, k_mean_norm, k_target_scale, cli.seed);
+  const moe::examples::DomainGenerator<T> data(k_data, cli.seed);
   std::vector<int> eval_domains;
   for (int d = 0; d < k_domains; ++d) eval_domains.insert(eval_domains.end(), k_eval_sequences, d);
   moe::Rng eval_rng(cli.seed + 1000);
-  const auto held_out = moe::examples::sample_sequences(task, eval_domains, k_length, eval_rng);
+  const auto held_out = data.sample(eval_domains, k_length, eval_rng);
 
   std::printf("global_batch_balance: %d domains, %td experts top-%td, balance coefficient %g; an optimizer step = %d "
               "micro-batches of one %td-token sequence; %ld steps, seed %llu\n",
@@ -197,8 +197,8 @@ int main(int argc, char** argv) {
 
   auto micro_layer = make_layer(moe::losses::SwitchLoss{.coeff = k_coeff}, cli.seed + 1);
   auto global_layer = make_layer(moe::losses::GlobalBatchLoss(k_coeff), cli.seed + 1);
-  const Eval micro = train("micro", micro_layer, task, held_out, steps, cli.seed + 2, loss_csv, spec_csv);
-  const Eval global = train("global", global_layer, task, held_out, steps, cli.seed + 2, loss_csv, spec_csv);
+  const Eval micro = train("micro", micro_layer, data, held_out, steps, cli.seed + 2, loss_csv, spec_csv);
+  const Eval global = train("global", global_layer, data, held_out, steps, cli.seed + 2, loss_csv, spec_csv);
   for (const auto& [arm, e] : {std::pair{"micro", &micro}, std::pair{"global", &global}}) {
     auto csv = moe::examples::open_csv(cli, std::string("global_batch_balance_expert_load_") + arm + ".csv");
     e->stats.write_csv(csv);

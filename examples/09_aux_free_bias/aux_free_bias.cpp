@@ -39,7 +39,7 @@
 
 #include "common/cli.hpp"
 #include "common/domains.hpp"
-#include "common/regimes.hpp"
+#include "common/loss.hpp"
 
 namespace {
 
@@ -48,13 +48,17 @@ using T = double;
 using Router = moe::routers::WithLosses<moe::routers::TopKRouter<T>, moe::losses::SwitchLoss>;
 using Layer = moe::MoELayer<Router, moe::experts::SwiGLU<T>>;
 
-constexpr int k_domains = 4;
-constexpr double k_domain_weights[k_domains] = {3, 1, 1, 1};  // domain 0: half of the sequences
-constexpr moe::Index k_d = 16, k_ff = 32, k_experts = 8, k_top_k = 2, k_hidden = 32;
+constexpr moe::Index k_d = 16, k_ff = 32, k_experts = 8, k_top_k = 2;
 constexpr moe::Index k_length = 32, k_sequences = 16;  // a batch: 16 sequences of 32 tokens
 constexpr moe::Index k_eval_sequences = 128;
-// As examples/08_global_batch_balance: targets of std ≈ 0.16, where a 1e-2 balance loss is felt by the task.
-constexpr double k_mean_norm = 4.0, k_target_scale = 0.25;
+// As examples/08_global_batch_balance (targets of std ≈ 0.16, where a 1e-2 balance loss is felt by the task),
+// skewed: domain 0 draws half of the sequences.
+const moe::examples::DomainOptions k_data{.n_domains = 4,
+                                          .d_model = k_d,
+                                          .hidden = 32,
+                                          .mean_norm = 4.0,
+                                          .target_scale = 0.25,
+                                          .domain_weights = {3, 1, 1, 1}};
 constexpr double k_gamma = 1e-3;                            // bias update speed
 
 const moe::MoEConfig k_shape{.d_model = k_d, .d_ff = k_ff, .n_experts = k_experts, .top_k = k_top_k};
@@ -72,12 +76,6 @@ struct Outcome {
   double loss = 0;                // held-out MSE
 };
 
-moe::examples::DomainBatch skewed_batch(const moe::examples::DomainTask& task, moe::Index n_sequences, moe::Rng& rng) {
-  std::vector<int> domains;
-  for (moe::Index s = 0; s < n_sequences; ++s) domains.push_back(moe::examples::draw_domain(k_domain_weights, rng));
-  return moe::examples::sample_sequences(task, domains, k_length, rng);
-}
-
 double max_violation(std::span<const moe::Index> load) {
   double total = 0;
   for (moe::Index c : load) total += double(c);
@@ -87,8 +85,9 @@ double max_violation(std::span<const moe::Index> load) {
 // AdamW's learning rate at `step`: cosine decay from 3e-3 to 0, so that the routing settles before the end.
 double lr(long step, long steps) { return 1.5e-3 * (1 + std::cos(3.141592653589793 * double(step) / double(steps))); }
 
-Outcome run(const Arm& arm, const moe::examples::DomainTask& task, const moe::examples::DomainBatch& held_out,
-            long steps, std::uint64_t seed, std::ofstream& vio_csv, std::ofstream& loss_csv, const moe::examples::Cli& cli) {
+Outcome run(const Arm& arm, const moe::examples::DomainGenerator<T>& data,
+            const moe::examples::DomainBatch<T>& held_out, long steps, std::uint64_t seed, std::ofstream& vio_csv,
+            std::ofstream& loss_csv, const moe::examples::Cli& cli) {
   Layer layer(Router(moe::routers::TopKRouter<T>(
                          k_shape, {.score = moe::routers::ScoreFunction::sigmoid, .selection_bias = arm.bias}),
                      moe::losses::SwitchLoss{.coeff = arm.alpha}),
@@ -101,7 +100,7 @@ Outcome run(const Arm& arm, const moe::examples::DomainTask& task, const moe::ex
   const long late = steps - steps / 10;
   Outcome out;
   moe::train_loop({.steps = steps, .seed = seed + 2, .label = arm.name}, [&](long step, moe::Rng& rng) {
-    const auto batch = skewed_batch(task, k_sequences, rng);
+    const auto batch = data.sample(k_sequences, k_length, rng);
     adam.set_lr(lr(step, steps));
     layer.zero_grad();
     const auto res = layer.forward(batch.x, y, ctx);
@@ -134,19 +133,20 @@ Outcome run(const Arm& arm, const moe::examples::DomainTask& task, const moe::ex
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "aux_free_bias [--quick] [--seed=S] [--out=DIR]");
   const long steps = cli.quick ? 200 : 2000;
-  const auto task = moe::examples::make_domain_task(k_domains, k_d, k_hidden, k_mean_norm, k_target_scale, cli.seed);
+  const moe::examples::DomainGenerator<T> data(k_data, cli.seed);
   moe::Rng eval_rng(cli.seed + 1000);
-  const auto held_out = skewed_batch(task, k_eval_sequences, eval_rng);
+  const auto held_out = data.sample(k_eval_sequences, k_length, eval_rng);
   std::printf("aux_free_bias: %d domains (domain 0: half of the sequences), %td experts, top-%td of sigmoid scores; "
               "%ld steps of %td tokens, seed %llu\n",
-              k_domains, k_experts, k_top_k, steps, k_sequences * k_length, static_cast<unsigned long long>(cli.seed));
+              k_data.n_domains, k_experts, k_top_k, steps, k_sequences * k_length,
+              static_cast<unsigned long long>(cli.seed));
   auto vio_csv = moe::examples::open_csv(cli, "aux_free_bias_max_violation.csv");
   auto loss_csv = moe::examples::open_csv(cli, "aux_free_bias_loss.csv");
   vio_csv << "model,step,max_violation\n";
   loss_csv << "model,step,loss\n";
 
   std::vector<Outcome> out;
-  for (const Arm& arm : k_arms) out.push_back(run(arm, task, held_out, steps, cli.seed, vio_csv, loss_csv, cli));
+  for (const Arm& arm : k_arms) out.push_back(run(arm, data, held_out, steps, cli.seed, vio_csv, loss_csv, cli));
 
   std::printf("\n%-10s %22s %26s %18s\n", "arm", "MaxVio (held-out)", "MaxVio (last 10% batches)", "task loss (MSE)");
   for (std::size_t a = 0; a < out.size(); ++a)

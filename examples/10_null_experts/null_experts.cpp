@@ -3,10 +3,11 @@
 /// experts (zero output, zero FLOPs) and raising top-k makes the number of TRUE experts per token adaptive
 /// and lowers its mean, at equal quality.
 ///
-/// Setup: the difficulty-mixed domain generator (4 domains, tokens x = μ_d + N(0, I); half of the tokens
-/// are easy, with a linear target x A_d, half hard, with a nonlinear target tanh(x U_d) V_d; a token's
-/// difficulty shifts it along a fixed direction, so a linear router can see it). Single MoE layers of 8
-/// SwiGLU experts (d_model 32, d_ff 64), AdamW on fresh batches of 512 tokens, held-out MSE on 4096 tokens.
+/// Setup: the difficulty-mixed domain generator (examples/common/domains.hpp: 4 domains, tokens x = μ_d +
+/// N(0, I); half of the tokens are easy, with a linear target x A_d, half hard, with a nonlinear target
+/// tanh(x U_d) V_d; a token's difficulty sets its last coordinate to ±2 + noise, so a linear router can see it).
+/// Single MoE layers of 8 SwiGLU experts (d_model 32, d_ff 64), AdamW on fresh batches of 512 tokens, held-out
+/// MSE on 4096 tokens.
 ///   - baseline: TopKRouter (Mixtral: softmax, top-2, renormalised) + SwitchLoss over the 8 experts,
 ///     pretrained 2000 steps, then fine-tuned 1000 more;
 ///   - AdaMoE: NullExpertRouter, 8 true + 8 null experts, top-4, weights renormalised among the chosen true
@@ -33,13 +34,15 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
-#include <string>
 #include <numbers>
+#include <string>
 #include <vector>
 
 #include <moe/moe.hpp>
 
 #include "common/cli.hpp"
+#include "common/domains.hpp"
+#include "common/loss.hpp"
 
 namespace {
 
@@ -47,64 +50,22 @@ using T = float;
 using moe::Index;
 using moe::RowMatrix;
 
-constexpr Index k_d_model = 32, k_d_ff = 64, k_experts = 8, k_domains = 4, k_hidden = 64;
+constexpr Index k_d_model = 32, k_d_ff = 64, k_experts = 8;
+using Batch = moe::examples::DomainBatch<T>;
+using Generator = moe::examples::DomainGenerator<T>;
 
-
-// Tokens of the difficulty-mixed generator (PAPERS.md D, shared by D.1-D.3 there; here 50% easy tokens).
-struct Tokens {
-  RowMatrix<T> x;          // (n_tokens, d_model)
-  RowMatrix<T> target;     // (n_tokens, d_model)
-  std::vector<int> easy;   // (n_tokens) 1 for an easy (linear-target) token
-};
-
-// One draw of the generator's parameters: per domain a mean, a linear map (easy) and a one-hidden-layer tanh
-// map (hard), and the direction along which difficulty shifts a token.
-struct Generator {
-  std::vector<RowMatrix<double>> mean, linear, u, v;
-  RowMatrix<double> difficulty;  // (1, d_model)
-
-  explicit Generator(moe::Rng& rng) {
-    const auto normal = [&](Index r, Index c, double scale) {
-      RowMatrix<double> m(r, c);
-      for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
-      return m;
-    };
-    const double d = double(k_d_model);
-    for (Index i = 0; i < k_domains; ++i) {
-      mean.push_back(normal(1, k_d_model, 1.0));
-      linear.push_back(normal(k_d_model, k_d_model, 1.0 / std::sqrt(2.0 * d)));
-      // Gain 2.5/sqrt(|x|²) puts the tanh well into its nonlinear range.
-      u.push_back(normal(k_d_model, k_hidden, 2.5 / std::sqrt(2.0 * d)));
-      v.push_back(normal(k_hidden, k_d_model, 1.4 / std::sqrt(double(k_hidden))));
-    }
-    difficulty = normal(1, k_d_model, 1.0);
-    difficulty /= difficulty.norm() / 2.0;  // easy tokens at +2, hard at -2 along it
-  }
-
-  Tokens sample(Index n_tokens, moe::Rng& rng) const {
-    Tokens out{RowMatrix<T>(n_tokens, k_d_model), RowMatrix<T>(n_tokens, k_d_model),
-               std::vector<int>(static_cast<std::size_t>(n_tokens))};
-    RowMatrix<double> x(1, k_d_model);
-    for (Index t = 0; t < n_tokens; ++t) {
-      const auto d = static_cast<std::size_t>(rng.below(k_domains));
-      const bool easy = rng.uniform() < 0.5;
-      for (Index j = 0; j < k_d_model; ++j) x(0, j) = rng.normal();
-      x += mean[d] + (easy ? 1.0 : -1.0) * difficulty;
-      const RowMatrix<double> y = easy ? RowMatrix<double>(x * linear[d])
-                                       : RowMatrix<double>((x * u[d]).array().tanh().matrix() * v[d]);
-      out.x.row(t) = x.cast<T>();
-      out.target.row(t) = y.cast<T>();
-      out.easy[static_cast<std::size_t>(t)] = easy;
-    }
-    return out;
-  }
-};
-
-double mse(const RowMatrix<T>& y, const RowMatrix<T>& target, RowMatrix<T>* dy = nullptr) {
-  const RowMatrix<T> diff = y - target;
-  if (dy) *dy = diff * (T(2) / T(diff.size()));
-  return double(diff.squaredNorm()) / double(diff.size());
-}
+// The difficulty-mixed domain data (PAPERS.md D, shared by D.1-D.3 there; here 50% easy tokens), one token per
+// sequence. Means of entries N(0, 1), so |x|² ≈ 2 d_model and the tanh gain gives its inputs a std of 2.5: well
+// into the nonlinear range. Easy tokens sit at -2, hard ones at +2 along the last coordinate.
+const moe::examples::DomainOptions k_data{.n_domains = 4,
+                                          .d_model = k_d_model,
+                                          .hidden = 64,
+                                          .mean_norm = std::sqrt(double(k_d_model)),
+                                          .tanh_gain = 2.5 / std::numbers::sqrt2,
+                                          .target_scale = 1.4,
+                                          .linear_scale = 1 / std::numbers::sqrt2,
+                                          .easy_fraction = 0.5,
+                                          .difficulty_shift = 2.0};
 
 // What one evaluation on the held-out tokens measures.
 struct Eval {
@@ -113,15 +74,15 @@ struct Eval {
 };
 
 template <class Layer>
-Eval evaluate(const Layer& layer, const Tokens& data, moe::Workspace& ws) {
-  RowMatrix<T> y(data.x.rows(), k_d_model);
+Eval evaluate(const Layer& layer, const Batch& data, moe::Workspace& ws) {
+  RowMatrix<T> y(data.x.rows(), k_d_model), dy;
   const auto r = layer.forward(data.x, y, ws);
   Eval e;
-  e.loss = mse(y, data.target);
+  e.loss = moe::examples::mse(y, data.target, dy);
   double n_easy = 0;
   for (Index t = 0; t < r.n_tokens; ++t) {
     const double n = double(r.experts_per_token[static_cast<std::size_t>(t)]);
-    const bool easy = data.easy[static_cast<std::size_t>(t)];
+    const bool easy = !data.hard[static_cast<std::size_t>(t)];
     e.all += n;
     (easy ? e.easy : e.hard) += n;
     n_easy += easy;
@@ -139,7 +100,7 @@ struct Timing {
 };
 
 template <class Layer>
-void time_layer(const Layer& layer, const Tokens& data, int reps, Timing& best) {
+void time_layer(const Layer& layer, const Batch& data, int reps, Timing& best) {
   moe::Workspace ws;
   RowMatrix<T> y(data.x.rows(), k_d_model);
   layer.forward(data.x, y, ws);  // sizes the workspace
@@ -172,8 +133,8 @@ struct Run {
 // Trains `layer` on fresh batches from `gen` (the same sequence for every model with the same seed) over one
 // phase, evaluating on `test` every eval_every steps; appends to both CSVs and returns the final evaluation.
 template <class Layer>
-Eval train(const char* name, Layer& layer, const Generator& gen, const Tokens& test, const Run& run,
-           const Phase& phase, std::ofstream& loss_csv, std::ofstream& experts_csv) {
+Eval train(const char* name, Layer& layer, const Generator& gen, const Batch& test, const Run& run, const Phase& phase,
+           std::ofstream& loss_csv, std::ofstream& experts_csv) {
   moe::optim::AdamW<T> adam({.lr = phase.lr, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
   moe::Workspace ws;
@@ -186,13 +147,13 @@ Eval train(const char* name, Layer& layer, const Generator& gen, const Tokens& t
   };
   record(0);
   moe::train_loop({.steps = phase.steps, .seed = run.seed, .label = name}, [&](long step, moe::Rng& rng) {
-    const Tokens batch = gen.sample(run.batch, rng);
+    const Batch batch = gen.sample(run.batch, 1, rng);
     // Cosine decay to 10%: the final losses compare converged models, not the last batches' noise.
     adam.set_lr(phase.lr * (0.1 + 0.45 * (1 + std::cos(std::numbers::pi * double(step) / double(phase.steps)))));
     layer.router().template loss<0>().coeff = step < phase.steps / 2 ? phase.alpha_tight : phase.alpha_loose;
     layer.zero_grad();
     const auto r = layer.forward(batch.x, y, ctx);
-    const double loss = mse(y, batch.target, &dy);
+    const double loss = moe::examples::mse(y, batch.target, dy);
     layer.backward(dy, dx, ctx);
     adam.step(layer);
     if ((step + 1) % run.eval_every == 0) record(step + 1);
@@ -226,9 +187,9 @@ int main(int argc, char** argv) {
   const Phase pretrain{.steps = cli.quick ? 40 : 2000, .lr = 3e-3, .alpha_tight = 1e-2, .alpha_loose = 1e-2};
   const Phase tune{
       .steps = cli.quick ? 40 : 1000, .first_step = pretrain.steps, .lr = 1e-3, .alpha_tight = 2e-2, .alpha_loose = 1e-4};
-  moe::Rng rng(cli.seed);
-  const Generator gen(rng);
-  const Tokens test = gen.sample(cli.quick ? 1024 : 4096, rng);
+  const Generator gen(k_data, cli.seed);
+  moe::Rng test_rng(cli.seed + 1000);
+  const Batch test = gen.sample(cli.quick ? 1024 : 4096, 1, test_rng);
 
   namespace r = moe::routers;
   using Baseline = moe::MoELayer<r::WithLosses<r::TopKRouter<T>, moe::losses::SwitchLoss>, moe::experts::SwiGLU<T>>;

@@ -32,6 +32,8 @@
 #include <moe/moe.hpp>
 
 #include "common/cli.hpp"
+#include "common/domains.hpp"
+#include "common/loss.hpp"
 
 namespace {
 
@@ -39,52 +41,22 @@ using T = float;
 using moe::Index;
 using moe::RowMatrix;
 
-constexpr Index k_d_model = 32, k_d_ff = 64, k_experts = 8, k_domains = 8, k_hidden = 32;
+constexpr Index k_d_model = 32, k_d_ff = 64, k_experts = 8;
+using Batch = moe::examples::DomainBatch<T>;
+using Generator = moe::examples::DomainGenerator<T>;
 // Balance coefficient: Switch's 1e-2 leaves the 50% domain on too few experts here (about 3% of the slots
 // still dropped at CF = 2), so "balanced routing" needs a stronger pull.
 constexpr double k_alpha = 0.1;
 
-struct Tokens {
-  RowMatrix<T> x;       // (n_tokens, d_model)
-  RowMatrix<T> target;  // (n_tokens, d_model)
-};
-
-// The skewed domain generator: domain 0 draws half of the tokens, the other 7 share the rest.
-struct Generator {
-  std::vector<RowMatrix<double>> mean, u, v;
-
-  explicit Generator(moe::Rng& rng) {
-    const auto normal = [&](Index r, Index c, double scale) {
-      RowMatrix<double> m(r, c);
-      for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
-      return m;
-    };
-    for (Index i = 0; i < k_domains; ++i) {
-      mean.push_back(normal(1, k_d_model, 1.0));
-      u.push_back(normal(k_d_model, k_hidden, 2.0 / std::sqrt(2.0 * double(k_d_model))));
-      v.push_back(normal(k_hidden, k_d_model, 1.4 / std::sqrt(double(k_hidden))));
-    }
-  }
-
-  Tokens sample(Index n_tokens, moe::Rng& rng) const {
-    Tokens out{RowMatrix<T>(n_tokens, k_d_model), RowMatrix<T>(n_tokens, k_d_model)};
-    RowMatrix<double> x(1, k_d_model);
-    for (Index t = 0; t < n_tokens; ++t) {
-      const auto d = static_cast<std::size_t>(rng.uniform() < 0.5 ? 0 : 1 + rng.below(k_domains - 1));
-      for (Index j = 0; j < k_d_model; ++j) x(0, j) = rng.normal();
-      x += mean[d];
-      out.x.row(t) = x.cast<T>();
-      out.target.row(t) = ((x * u[d]).array().tanh().matrix() * v[d]).cast<T>();
-    }
-    return out;
-  }
-};
-
-double mse(const RowMatrix<T>& y, const RowMatrix<T>& target, RowMatrix<T>* dy = nullptr) {
-  const RowMatrix<T> diff = y - target;
-  if (dy) *dy = diff * (T(2) / T(diff.size()));
-  return double(diff.squaredNorm()) / double(diff.size());
-}
+// The skewed domain data (PAPERS.md D), one token per sequence: domain 0 draws half of the tokens, the other 7
+// share the rest. Means of entries N(0, 1), so |x|² ≈ 2 d_model and the tanh inputs have a std of 2.
+const moe::examples::DomainOptions k_data{.n_domains = 8,
+                                          .d_model = k_d_model,
+                                          .hidden = 32,
+                                          .mean_norm = std::sqrt(double(k_d_model)),
+                                          .tanh_gain = std::numbers::sqrt2,
+                                          .target_scale = 1.4,
+                                          .domain_weights = {7, 1, 1, 1, 1, 1, 1, 1}};
 
 // Size of the router logits z = x W_gᵀ over the tokens of x.
 struct LogitSize {
@@ -129,7 +101,7 @@ struct Run {
   std::uint64_t seed = 0;
 };
 
-Outcome train(double capacity_factor, double z_coeff, const Generator& gen, const Tokens& test, const Run& run,
+Outcome train(double capacity_factor, double z_coeff, const Generator& gen, const Batch& test, const Run& run,
               std::ofstream& loss_csv, std::ofstream& logits_csv) {
   namespace r = moe::routers;
   const moe::MoEConfig shape{.d_model = k_d_model, .d_ff = k_d_ff, .n_experts = k_experts, .top_k = 1};
@@ -145,11 +117,11 @@ Outcome train(double capacity_factor, double z_coeff, const Generator& gen, cons
   moe::optim::AdamW<T> adam({.lr = lr, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
   moe::Workspace ws;
-  RowMatrix<T> y(run.batch, k_d_model), dy, dx(run.batch, k_d_model), y_test(test.x.rows(), k_d_model);
+  RowMatrix<T> y(run.batch, k_d_model), dy, dx(run.batch, k_d_model), y_test(test.x.rows(), k_d_model), dy_test;
   Outcome out;
   const auto record = [&](long step) {
     layer.forward(test.x, y_test, ws);
-    out.loss = mse(y_test, test.target);
+    out.loss = moe::examples::mse(y_test, test.target, dy_test);
     out.logits = logit_size(layer.router().router().router().gate(), test.x);
     loss_csv << name << ',' << step << ',' << out.loss << '\n';
     logits_csv << name << ',' << step << ',' << out.logits.lse2 << ',' << out.logits.max_abs_z << '\n';
@@ -157,11 +129,11 @@ Outcome train(double capacity_factor, double z_coeff, const Generator& gen, cons
   record(0);
   double dropped = 0, slots = 0;
   moe::train_loop({.steps = run.steps, .seed = run.seed + 2, .label = name}, [&](long step, moe::Rng& rng) {
-    const Tokens batch = gen.sample(run.batch, rng);
+    const Batch batch = gen.sample(run.batch, 1, rng);
     adam.set_lr(lr * (0.1 + 0.45 * (1 + std::cos(std::numbers::pi * double(step) / double(run.steps)))));
     layer.zero_grad();
     const auto res = layer.forward(batch.x, y, ctx);
-    const double loss = mse(y, batch.target, &dy);
+    const double loss = moe::examples::mse(y, batch.target, dy);
     layer.backward(dy, dx, ctx);
     adam.step(layer);
     if (step >= run.steps - run.steps / 4) {
@@ -182,9 +154,9 @@ Outcome train(double capacity_factor, double z_coeff, const Generator& gen, cons
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "capacity_zloss [--quick] [--seed=S] [--out=DIR]");
   const Run run{.steps = cli.quick ? 40 : 2000, .batch = 512, .eval_every = cli.quick ? 20 : 50, .seed = cli.seed};
-  moe::Rng rng(cli.seed);
-  const Generator gen(rng);
-  const Tokens test = gen.sample(cli.quick ? 512 : 4096, rng);
+  const Generator gen(k_data, cli.seed);
+  moe::Rng test_rng(cli.seed + 1000);
+  const Batch test = gen.sample(cli.quick ? 512 : 4096, 1, test_rng);
 
   auto loss_csv = moe::examples::open_csv(cli, "capacity_zloss_loss.csv");
   auto drops_csv = moe::examples::open_csv(cli, "capacity_zloss_drops.csv");

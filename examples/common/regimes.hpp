@@ -8,6 +8,8 @@
 
 #include <moe/moe.hpp>
 
+#include "loss.hpp"
+
 namespace moe::examples {
 
 struct Regimes {
@@ -35,14 +37,6 @@ inline Regimes make_regimes(Index n_tokens, Index d_model, int n_regimes, std::u
     data.target.row(t) = data.x.row(t) * maps[static_cast<std::size_t>(r)];
   }
   return data;
-}
-
-/// Mean squared error of y against target and its gradient 2 (y - target) / size, written to dy.
-inline double mse(const RowMatrix<double>& y, const RowMatrix<double>& target, RowMatrix<double>& dy) {
-  dy = y - target;
-  const double loss = dy.squaredNorm() / double(dy.size());
-  dy *= 2.0 / double(dy.size());
-  return loss;
 }
 
 }  // namespace moe::examples
