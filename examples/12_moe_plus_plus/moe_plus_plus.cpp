@@ -7,7 +7,7 @@
 ///
 /// Setup: a 3-layer moe::Stack, each layer 8 SwiGLU + 2 constant + 1 copy + 1 zero experts (MoE++'s order),
 /// top-2 over the 12 with unrenormalised softmax weights (Eq. 1), trained on the domain mixture
-/// (examples/common/domain_mixture.hpp: 4 domains, half the tokens easy) with SwitchLoss{coeff 1e-2, τ},
+/// (examples/common/domains.hpp: 4 domains, half the tokens easy) with SwitchLoss{coeff 1e-2, τ},
 /// τ ∈ {0.1, 0.25, 0.5, 0.75, 1.0}, once with gating residuals (WithLosses<GatingResidual<TopKRouter>>) and
 /// once without (WithLosses<TopKRouter>: the same router with no residual at all), plus a vanilla 8-FFN
 /// top-2 stack for the loss and the timing baseline.
@@ -42,7 +42,9 @@
 #include <moe/moe.hpp>
 
 #include "common/cli.hpp"
-#include "common/domain_mixture.hpp"
+#include "common/domains.hpp"
+#include "common/loss.hpp"
+#include "common/stack_training.hpp"
 
 namespace {
 
@@ -201,28 +203,22 @@ double cross_layer_variance(const std::vector<moe::RowMatrix<double>>& scores) {
   return var / double(mean.size());
 }
 
-template <class Layer>
-Outcome train(moe::Stack<Layer>& stack, const moe::examples::DomainMixture& data, const Sizes& s,
-              const std::string& name, std::uint64_t seed, std::ofstream& loss_csv) {
-  moe::optim::AdamW<T> adam({.lr = 3e-3, .weight_decay = 0});
-  moe::StackContext<T> ctx;
-  moe::RowMatrix<T> y, dx, dy;
-  moe::train_loop({.steps = s.steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {
-    const auto batch = data.sample(s.batch_sequences, k_seq_len, 0.5, rng);
-    y.resize(batch.x.rows(), batch.x.cols());
-    dx.resizeLike(y);
-    stack.zero_grad();
-    const double aux = stack.forward(batch.x, y, ctx);
-    const double loss = moe::examples::mse(y, batch.target, dy);
-    stack.backward(dy, dx, ctx);
-    moe::optim::clip_grad_norm(stack, 1.0);
-    adam.step(stack);
-    if ((step + 1) % 10 == 0) loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
-    return moe::StepReport{loss, aux, batch.x.rows()};
-  });
+// The domain mixture of PAPERS.md D (examples/common/domains.hpp): |μ_d| = sqrt(d), tanh targets of width d
+// on top of the residual x, the difficulty flagged as ±2 on the last coordinate.
+moe::examples::DomainOptions domain_options(Index d, double easy_fraction) {
+  return {.n_domains = 4, .d_model = d, .hidden = d, .mean_norm = std::sqrt(double(d)), .tanh_gain = 2,
+          .target_scale = 1, .linear_scale = 0.5, .easy_fraction = easy_fraction, .difficulty_shift = 2,
+          .residual = true};
+}
 
+template <class Layer>
+Outcome train(moe::Stack<Layer>& stack, const moe::examples::DomainGenerator<T>& data, const Sizes& s,
+              const std::string& name, std::uint64_t seed, std::ofstream& loss_csv) {
+  moe::examples::train_stack(stack, data, s.steps, s.batch_sequences, k_seq_len, name, seed, loss_csv);
+  moe::StackContext<T> ctx;
+  moe::RowMatrix<T> y, dy;
   moe::Rng eval_rng(seed ^ 0x5eedULL);  // the same evaluation batch for every arm of a seed
-  const auto eval = data.sample(s.eval_sequences, k_seq_len, 0.5, eval_rng);
+  const auto eval = data.sample(s.eval_sequences, k_seq_len, eval_rng);
   y.resize(eval.x.rows(), eval.x.cols());
   stack.forward(eval.x, y, ctx);
   Outcome out;
@@ -325,7 +321,7 @@ int main(int argc, char** argv) {
   const std::vector<double> taus = cli.quick ? std::vector<double>{0.1, 1.0}
                                              : std::vector<double>{0.1, 0.25, 0.5, 0.75, 1.0};
   const double default_tau = cli.quick ? 1.0 : 0.75;  // MoE++'s default (Sec. 4.3)
-  const moe::examples::DomainMixture data(s.d, 4, cli.seed);
+  const moe::examples::DomainGenerator<T> data(domain_options(s.d, 0.5), cli.seed);
 
   auto loss_csv = moe::examples::open_csv(cli, "moe_plus_plus_loss.csv");
   loss_csv << "model,step,loss\n";

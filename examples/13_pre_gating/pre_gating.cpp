@@ -3,7 +3,7 @@
 /// arXiv 2308.14352; PAPERS.md D.8, mechanisms in A.9): can the experts layer l+1 will use be known early
 /// enough to fetch their weights while layer l computes?
 ///
-/// Setup: the domain mixture of D.1 (examples/common/domain_mixture.hpp: 4 domains, sequences of 32 tokens
+/// Setup: the domain mixture of D.1 (examples/common/domains.hpp: 4 domains, sequences of 32 tokens
 /// from one domain, nonlinear targets); two 4-layer moe::Stacks of E = 8 SwiGLU experts, top-2, SwitchLoss
 /// (coeff 1e-2), trained on the same batches from the same initialisation:
 ///   - pre-gated (StackOptions{.pre_gating = true}): layer l+1 routes on h_l, the input of layer l;
@@ -40,7 +40,9 @@
 #include <moe/moe.hpp>
 
 #include "common/cli.hpp"
-#include "common/domain_mixture.hpp"
+#include "common/domains.hpp"
+#include "common/loss.hpp"
+#include "common/stack_training.hpp"
 
 namespace {
 
@@ -58,6 +60,14 @@ struct Sizes {
   Index batch_sequences, eval_sequences, profile_sequences;
 };
 
+// The domain mixture of PAPERS.md D (examples/common/domains.hpp): |μ_d| = sqrt(d), tanh targets of width d
+// on top of the residual x, the difficulty flagged as ±2 on the last coordinate.
+moe::examples::DomainOptions domain_options(Index d, double easy_fraction) {
+  return {.n_domains = 4, .d_model = d, .hidden = d, .mean_norm = std::sqrt(double(d)), .tanh_gain = 2,
+          .target_scale = 1, .linear_scale = 0.5, .easy_fraction = easy_fraction, .difficulty_shift = 2,
+          .residual = true};
+}
+
 moe::Stack<Layer> make_stack(const Sizes& s, bool pre_gating, std::uint64_t seed) {
   const moe::MoEConfig cfg{.d_model = s.d, .d_ff = s.ff, .n_experts = k_experts, .top_k = k_top_k};
   std::vector<Layer> layers;
@@ -67,26 +77,6 @@ moe::Stack<Layer> make_stack(const Sizes& s, bool pre_gating, std::uint64_t seed
   moe::Stack<Layer> stack(std::move(layers), {.pre_gating = pre_gating});
   stack.init(seed);
   return stack;
-}
-
-void train(moe::Stack<Layer>& stack, const moe::examples::DomainMixture& data, const Sizes& s, const char* name,
-           std::uint64_t seed, std::ofstream& loss_csv) {
-  moe::optim::AdamW<T> adam({.lr = 3e-3, .weight_decay = 0});
-  moe::StackContext<T> ctx;
-  moe::RowMatrix<T> y, dx, dy;
-  moe::train_loop({.steps = s.steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {
-    const auto batch = data.sample(s.batch_sequences, k_seq_len, 0.0, rng);
-    y.resize(batch.x.rows(), batch.x.cols());
-    dx.resizeLike(y);
-    stack.zero_grad();
-    const double aux = stack.forward(batch.x, y, ctx);
-    const double loss = moe::examples::mse(y, batch.target, dy);
-    stack.backward(dy, dx, ctx);
-    moe::optim::clip_grad_norm(stack, 1.0);
-    adam.step(stack);
-    if ((step + 1) % 10 == 0) loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
-    return moe::StepReport{loss, aux, batch.x.rows()};
-  });
 }
 
 // What one inference pass exposes to the predictors: each layer's input h_l and the experts it used.
@@ -180,18 +170,20 @@ moe::RowMatrix<double> coactivation_scores(const CoActivation& c, const Trace& t
 int main(int argc, char** argv) {
   const auto cli = moe::examples::parse_cli(argc, argv, "pre_gating [--quick] [--seed=S] [--out=DIR]");
   const Sizes s = cli.quick ? Sizes{16, 32, 40, 4, 8, 16} : Sizes{32, 64, 800, 8, 64, 128};
-  const moe::examples::DomainMixture data(s.d, 4, cli.seed);
+  const moe::examples::DomainGenerator<T> data(domain_options(s.d, 0.0), cli.seed);
 
   auto loss_csv = moe::examples::open_csv(cli, "pre_gating_loss.csv");
   loss_csv << "model,step,loss\n";
   auto pregated = make_stack(s, true, cli.seed + 1);
   auto conventional = make_stack(s, false, cli.seed + 1);
-  train(pregated, data, s, "pre-gated", cli.seed + 2, loss_csv);
-  train(conventional, data, s, "conventional", cli.seed + 2, loss_csv);
+  moe::examples::train_stack(pregated, data, s.steps, s.batch_sequences, k_seq_len, "pre-gated", cli.seed + 2,
+                             loss_csv);
+  moe::examples::train_stack(conventional, data, s.steps, s.batch_sequences, k_seq_len, "conventional", cli.seed + 2,
+                             loss_csv);
 
   moe::Rng eval_rng(cli.seed + 3), profile_rng(cli.seed + 4);
-  const auto eval = data.sample(s.eval_sequences, k_seq_len, 0.0, eval_rng);
-  const auto profiling = data.sample(s.profile_sequences, k_seq_len, 0.0, profile_rng);
+  const auto eval = data.sample(s.eval_sequences, k_seq_len, eval_rng);
+  const auto profiling = data.sample(s.profile_sequences, k_seq_len, profile_rng);
 
   // Predictor A through the library's hook: the routing of layer m, handed over before layer m-1 runs.
   std::vector<std::vector<Index>> prefetched(k_layers);
