@@ -82,29 +82,6 @@ struct Eval {
   moe::RoutingStats stats{std::vector<bool>(k_experts, false)};
 };
 
-// I(domain; expert) / H(domain) over the routed slots, from the per-domain expert counts.
-double normalized_mi(const moe::RoutingStats& stats) {
-  double total = 0;
-  std::vector<double> per_expert(static_cast<std::size_t>(k_experts), 0.0);
-  for (const auto& [d, counts] : stats.tokens_per_group())
-    for (std::size_t e = 0; e < counts.size(); ++e) {
-      per_expert[e] += double(counts[e]);
-      total += double(counts[e]);
-    }
-  double mi = 0, h_domain = 0;
-  for (const auto& [d, counts] : stats.tokens_per_group()) {
-    double p_domain = 0;
-    for (long c : counts) p_domain += double(c) / total;
-    h_domain -= p_domain * std::log(p_domain);
-    for (std::size_t e = 0; e < counts.size(); ++e)
-      if (counts[e] > 0) {
-        const double p = double(counts[e]) / total;
-        mi += p * std::log(p / (p_domain * per_expert[e] / total));
-      }
-  }
-  return h_domain > 0 ? mi / h_domain : 0;
-}
-
 template <class L>
 Eval evaluate(const L& layer, const moe::examples::DomainBatch<T>& data) {
   moe::Workspace ws;
@@ -112,7 +89,7 @@ Eval evaluate(const L& layer, const moe::examples::DomainBatch<T>& data) {
   Eval e;
   e.stats.record(layer.forward(data.x, y, ws), data.domain);
   e.loss = moe::examples::mse(y, data.target, dy);
-  e.mi = normalized_mi(e.stats);
+  e.mi = e.stats.group_specialization();
   e.max_violation = e.stats.max_violation();
   for (const auto& [d, counts] : e.stats.tokens_per_group()) {
     long slots = 0;
