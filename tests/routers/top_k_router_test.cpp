@@ -223,6 +223,7 @@ std::vector<Variant> variants() {
 TEST_CASE("TopKRouter routing invariants over T in 0..130 and many shapes", "[router]") {
   moe::test::Rng rng(7);
   const Index d = 12;
+  Index checked = 0, expected = 0;  // slots checked: every T of every shape was routed and looked at
   for (const auto& v : variants()) {
     for (Index E : {1, 2, 3, 8, 64, 256}) {
       if (E < v.min_experts) continue;
@@ -234,11 +235,16 @@ TEST_CASE("TopKRouter routing invariants over T in 0..130 and many shapes", "[ro
         if (!router.bias().empty())
           for (auto& b : router.bias()) b = static_cast<float>(0.1 * rng.normal());
         const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 130, d, 3.0);
-        for (Index T = 0; T <= 130; ++T)
-          moe::test::check_invariants(moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T)), E, v.rule);
+        for (Index T = 0; T <= 130; ++T) {
+          checked += moe::test::check_invariants(
+              moe::test::route(router, moe::ConstMatrixView<float>(x).middle_rows(0, T)), E, v.rule);
+          expected += T * k;
+        }
       }
     }
   }
+  CHECK(checked == expected);
+  CHECK(expected > 0);
 }
 
 TEST_CASE("TopKRouter non-finite logits: documented policy, in-range ids, other tokens untouched", "[router]") {

@@ -75,9 +75,10 @@ struct WeightRule {
 };
 
 /// RELIABILITY I1: ids distinct and in [0, n_experts) (or -1 with weight 0 where allowed), weights finite and
-/// in [0, scale], sums within 4·k·u of the scale (renormalised) or at most scale·(1 + E·u).
+/// in [0, scale], sums within 4·k·u of the scale (renormalised) or at most scale·(1 + E·u). Returns the slots
+/// checked, so a sweep can assert it covered what it meant to.
 template <class T>
-void check_invariants(const Routing<T>& r, Index n_experts, WeightRule rule) {
+Index check_invariants(const Routing<T>& r, Index n_experts, WeightRule rule) {
   const double u = std::numeric_limits<T>::epsilon() / 2;
   std::vector<bool> seen(static_cast<std::size_t>(n_experts));
   for (Index t = 0; t < r.n_tokens; ++t) {
@@ -111,6 +112,7 @@ void check_invariants(const Routing<T>& r, Index n_experts, WeightRule rule) {
       FAIL("token " << t << ": " << broken << ";" << row.str());
     }
   }
+  return r.n_tokens * r.slots;
 }
 
 /// Sorted (descending) copy of row t of a (rows, n) buffer.
