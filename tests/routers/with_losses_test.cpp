@@ -432,3 +432,36 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
           }) > 1e-3);
   }
 }
+
+TEST_CASE("route_logits(balance_logits(x)) is route(x), bitwise: WithLosses runs the gate once", "[losses]") {
+  const auto same = [](const auto& router, const RowMatrix<double>& x) {
+    const Index n = x.rows(), k = router.top_k(), W = router.balance_width();
+    std::vector<Index> ids_a(static_cast<std::size_t>(n * k)), ids_b(ids_a.size());
+    std::vector<double> w_a(ids_a.size()), w_b(ids_a.size()), saved_a(static_cast<std::size_t>(n * router.saved_width())),
+        saved_b(saved_a.size());
+    RowMatrix<double> z(n, W);
+    moe::Workspace ws(1 << 20);
+    moe::Arena a(ws);
+    router.route(x, ids_a.data(), w_a.data(), saved_a.data(), a);
+    moe::Arena b(ws);
+    router.balance_logits(x, z, b);
+    router.route_logits(z, ids_b.data(), w_b.data(), saved_b.data(), b);
+    CHECK(ids_a == ids_b);
+    CHECK(w_a == w_b);
+    CHECK(saved_a == saved_b);
+  };
+  const RowMatrix<double> x = tokens(40, 6, 21);
+  const MoEConfig cfg{.d_model = 6, .d_ff = 4, .n_experts = 5, .top_k = 3};
+  moe::Rng rng(22);
+  routers::NullExpertRouter<double> null_router(cfg, {.n_null_experts = 4});
+  null_router.init(rng);
+  same(null_router, x);
+  routers::DenseToSparseGate<double> dts(cfg, {.decay_steps = 10, .seed = 2});
+  dts.init(rng);
+  dts.set_step(5);
+  same(dts, x);
+  routers::TopKRouter<double> jittered(cfg, {.jitter = 0.1, .gumbel_noise = true, .seed = 3});
+  jittered.init(rng);
+  jittered.set_training(true);
+  same(jittered, x);
+}

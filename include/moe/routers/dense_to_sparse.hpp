@@ -116,42 +116,20 @@ class DenseToSparseGate {
     const Index n_tokens = x.rows(), n_chunks = (n_tokens + detail::k_token_chunk - 1) / detail::k_token_chunk;
     T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
     if (arena.measuring() || n_tokens == 0) return;
-    const T inv_tau = static_cast<T>(1.0 / temperature_);
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(saved + t0 * n_experts_, t1 - t0, n_experts_));
-      T* g = gumbel + c * n_experts_;
-      for (Index t = t0; t < t1; ++t) {
-        T* z = saved + t * n_experts_;
-        Index* id = ids + t * top_k_;
-        T* w = weights + t * top_k_;
-        std::fill_n(id, top_k_, Index{-1});
-        std::fill_n(w, top_k_, T(0));
-        if (!training_) {  // evaluation: top-1 of softmax(z), weight p
-          kernels::softmax_row(Arch{}, z, z, n_experts_);
-          kernels::top_k(Arch{}, z, n_experts_, 1, id);
-          w[0] = z[id[0]];
-          continue;
-        }
-        for (Index e = 0; e < n_experts_; ++e)
-          g[e] = (z[e] + static_cast<T>(detail::counter_gumbel(options_.seed, step_, t, e))) * inv_tau;
-        kernels::softmax_row(Arch{}, g, g, n_experts_);
-        const Index used = hard_ ? 1 : top_k_;
-        kernels::top_k(Arch{}, g, n_experts_, used, id);
-        if (options_.use_gumbel_gates) {
-          std::copy_n(g, n_experts_, z);
-        } else {
-          kernels::softmax_row(Arch{}, z, z, n_experts_);
-        }
-        for (Index s = 0; s < used; ++s) {
-          // Soft phase: active iff G > γ (the ids are by descending G, so the first inactive ends the list).
-          // Hard phase: the argmax, whatever its G.
-          if (!hard_ && !(g[id[s]] > static_cast<T>(options_.threshold))) {
-            std::fill(id + s, id + top_k_, Index{-1});
-            break;
-          }
-          w[s] = hard_ && options_.use_gumbel_gates ? T(1) : z[id[s]];
-        }
-      }
+      choose(c, t0, t1, gumbel, ids, weights, saved);
+    });
+  }
+
+  /// As route(), from logits W_g x (n_tokens, n_experts) computed elsewhere (routers::WithLosses computes them once).
+  void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+    const Index n_tokens = logits.rows(), n_chunks = (n_tokens + detail::k_token_chunk - 1) / detail::k_token_chunk;
+    T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
+    if (arena.measuring() || n_tokens == 0) return;
+    detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
+      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, saved + t * n_experts_);
+      choose(c, t0, t1, gumbel, ids, weights, saved);
     });
   }
 
@@ -209,6 +187,44 @@ class DenseToSparseGate {
   /// @}
 
  private:
+  // Tokens [t0, t1) of chunk c, whose logits are in saved (see the class comment for the rule).
+  void choose(Index c, Index t0, Index t1, T* gumbel, Index* ids, T* weights, T* saved) const {
+    const T inv_tau = static_cast<T>(1.0 / temperature_);
+    T* g = gumbel + c * n_experts_;
+    for (Index t = t0; t < t1; ++t) {
+      T* z = saved + t * n_experts_;
+      Index* id = ids + t * top_k_;
+      T* w = weights + t * top_k_;
+      std::fill_n(id, top_k_, Index{-1});
+      std::fill_n(w, top_k_, T(0));
+      if (!training_) {  // evaluation: top-1 of softmax(z), weight p
+        kernels::softmax_row(Arch{}, z, z, n_experts_);
+        kernels::top_k(Arch{}, z, n_experts_, 1, id);
+        w[0] = z[id[0]];
+        continue;
+      }
+      for (Index e = 0; e < n_experts_; ++e)
+        g[e] = (z[e] + static_cast<T>(detail::counter_gumbel(options_.seed, step_, t, e))) * inv_tau;
+      kernels::softmax_row(Arch{}, g, g, n_experts_);
+      const Index used = hard_ ? 1 : top_k_;
+      kernels::top_k(Arch{}, g, n_experts_, used, id);
+      if (options_.use_gumbel_gates) {
+        std::copy_n(g, n_experts_, z);
+      } else {
+        kernels::softmax_row(Arch{}, z, z, n_experts_);
+      }
+      for (Index s = 0; s < used; ++s) {
+        // Soft phase: active iff G > γ (the ids are by descending G, so the first inactive ends the list).
+        // Hard phase: the argmax, whatever its G.
+        if (!hard_ && !(g[id[s]] > static_cast<T>(options_.threshold))) {
+          std::fill(id + s, id + top_k_, Index{-1});
+          break;
+        }
+        w[s] = hard_ && options_.use_gumbel_gates ? T(1) : z[id[s]];
+      }
+    }
+  }
+
   static const DenseToSparseOptions& validated(const DenseToSparseOptions& o) {
     constexpr const char* who = "moe::routers::DenseToSparseGate";
     moe::detail::require(o.threshold > 0.0 && o.threshold < 1.0, who, ": options.threshold = ", o.threshold,

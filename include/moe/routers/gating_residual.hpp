@@ -65,18 +65,24 @@ class GatingResidual {
     dprevious_ = dprevious;
   }
 
-  /// z = W_g x (+ previous · W^jᵀ), written to the bound output, then the inner router's choice from z.
+  /// z = W_g x (+ previous · W^jᵀ), then route_logits(z).
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
     const Index n_tokens = x.rows(), E = n_experts();
     T* z = arena.take<T>(n_tokens * E);  // (n_tokens, n_experts)
     const auto zview = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, E) : MatrixView<T>(z, n_tokens, E);
     balance_logits(x, zview, arena);
+    route_logits(zview, ids, weights, saved, arena);
+  }
+
+  /// The residual logits z (from balance_logits) written to the bound output, then the inner router's choice.
+  void route_logits(ConstMatrixView<T> z, Index* ids, T* weights, T* saved, Arena& arena) const {
+    const Index n_tokens = z.rows(), E = n_experts();
     if (!arena.measuring() && out_.data() != nullptr) {
       moe::detail::require(out_.rows() == n_tokens && out_.cols() == E, "moe::routers::GatingResidual: the bound logits output is (",
                            out_.rows(), ", ", out_.cols(), "), expected (", n_tokens, ", ", E, ")");
-      for (Index t = 0; t < n_tokens; ++t) std::copy_n(zview.row(t), E, out_.row(t));
+      for (Index t = 0; t < n_tokens; ++t) std::copy_n(z.row(t), E, out_.row(t));
     }
-    router_.route_logits(zview, ids, weights, saved, arena);
+    router_.route_logits(z, ids, weights, saved, arena);
   }
 
   /// Backward: dz = (from the weights) + the bound dL/dz of the next layer, then through gate and map.

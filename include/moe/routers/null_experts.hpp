@@ -85,19 +85,18 @@ class NullExpertRouter {
     const Index width = saved_width();
     detail::for_each_token_chunk(x.rows(), double(saved_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(saved + t0 * width, t1 - t0, width));
-      for (Index t = t0; t < t1; ++t) {
-        T* p = saved + t * width;
-        kernels::softmax_row(Arch{}, p, p, width);
-        Index* all = chosen + t * top_k_;
-        kernels::top_k(Arch{}, p, width, top_k_, all);
-        Index* id = ids + t * top_k_;
-        T* w = weights + t * top_k_;
-        for (Index s = 0; s < top_k_; ++s) {
-          id[s] = all[s] < n_experts_ ? all[s] : -1;
-          w[s] = id[s] >= 0 ? p[id[s]] : T(0);
-        }
-        detail::normalize(w, top_k_);  // null slots hold 0: the sum is over the true experts
-      }
+      choose(t0, t1, chosen, ids, weights, saved);
+    });
+  }
+
+  /// As route(), from logits (n_tokens, n + m) computed elsewhere (routers::WithLosses computes them once).
+  void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+    Index* chosen = arena.take<Index>(logits.rows() * top_k_);  // (n_tokens, top_k) ids over n + m
+    if (arena.measuring() || logits.rows() == 0) return;
+    const Index width = saved_width();
+    detail::for_each_token_chunk(logits.rows(), double(width) * double(d_model_), [&](Index, Index t0, Index t1) {
+      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), width, saved + t * width);
+      choose(t0, t1, chosen, ids, weights, saved);
     });
   }
 
@@ -158,6 +157,25 @@ class NullExpertRouter {
   /// @}
 
  private:
+  // Tokens [t0, t1), whose logits are in saved: softmax over n + m in place, top-k, weights renormalised among
+  // the true experts.
+  void choose(Index t0, Index t1, Index* chosen, Index* ids, T* weights, T* saved) const {
+    const Index width = saved_width();
+    for (Index t = t0; t < t1; ++t) {
+      T* p = saved + t * width;
+      kernels::softmax_row(Arch{}, p, p, width);
+      Index* all = chosen + t * top_k_;
+      kernels::top_k(Arch{}, p, width, top_k_, all);
+      Index* id = ids + t * top_k_;
+      T* w = weights + t * top_k_;
+      for (Index s = 0; s < top_k_; ++s) {
+        id[s] = all[s] < n_experts_ ? all[s] : -1;
+        w[s] = id[s] >= 0 ? p[id[s]] : T(0);
+      }
+      detail::normalize(w, top_k_);  // null slots hold 0: the sum is over the true experts
+    }
+  }
+
   static const NullExpertOptions& validated(const MoEConfig& shape, const NullExpertOptions& o) {
     constexpr const char* who = "moe::routers::NullExpertRouter";
     moe::detail::require(shape.d_model >= 1, who, ": d_model = ", shape.d_model, " must be >= 1");

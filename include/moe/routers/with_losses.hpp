@@ -4,7 +4,8 @@
 /// values come back from every forward (ForwardResult::aux_loss) and their gradients flow in the layer's
 /// backward, so they cannot be forgotten (PAPERS.md C.2).
 ///
-/// The losses read the router's raw logits z, its routing probabilities p and the columns each slot chose;
+/// The losses read the router's raw logits z (computed once, and routed on), its routing probabilities p and the
+/// columns each slot chose;
 /// their gradient w.r.t. z is fixed at forward time (slot fractions are constants) and saved, and backward adds
 /// it through the gate: the value the forward returns is exactly the loss whose gradient backward applies.
 
@@ -23,8 +24,9 @@
 
 namespace moe::routers {
 
-/// A router that exposes what balance losses need (TopKRouter, NullExpertRouter): the width of its balance
-/// columns; `balance_logits(x, z, arena)`, the logits it routes on; `balance_probabilities(z, s, p)` per token
+/// A router that exposes what balance losses need (TopKRouter, NullExpertRouter, DenseToSparseGate,
+/// GatingResidual): the width of its balance columns; `balance_logits(x, z, arena)`, the logits it routes on, and
+/// `route_logits(z, ids, weights, saved, arena)`, route() from those logits (so the gate runs once); `balance_probabilities(z, s, p)` per token
 /// row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g, dz)` (g =
 /// dL/dp in, clobbered; ADDS dL/dz); `balance_choice(saved, ids, n_tokens, cols)`, the column of each slot;
 /// and `balance_logits_backward(x, dz, dx, arena)`, which accumulates the gate gradient and ADDS dL/dx.
@@ -34,6 +36,7 @@ concept BalanceRouter = TrainableRouter<R> &&
              typename R::Scalar* p, const Index* ids, Index* cols, Arena& arena) {
       { cr.balance_width() } -> std::convertible_to<Index>;
       cr.balance_logits(x, z, arena);
+      cr.route_logits(z, cols, p, p, arena);
       cr.balance_probabilities(p, p, p);
       cr.balance_probabilities_backward(p, p, p, p);
       cr.balance_choice(p, ids, Index{}, cols);
@@ -107,9 +110,6 @@ class WithLosses {
   /// Routes with the inner router and evaluates every loss: stats.losses[i] is loss i's value.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
     const Index n_tokens = x.rows(), W = router_.balance_width(), k = top_k();
-    const std::size_t mark = arena.used();
-    router_.route(x, ids, weights, saved, arena);
-    arena.rewind(mark);
     T* z = arena.take<T>(n_tokens * W);   // (n_tokens, W) logits
     T* s = arena.take<T>(n_tokens * W);   // (n_tokens, W) scores
     T* p = arena.take<T>(n_tokens * W);   // (n_tokens, W) probabilities
@@ -118,7 +118,10 @@ class WithLosses {
     const bool run = !arena.measuring() && n_tokens > 0;
     const auto zview = run ? MatrixView<T>(z, n_tokens, W) : MatrixView<T>::shape_only(n_tokens, W);
     const std::size_t inner = arena.used();
+    // The gate runs once: the losses and the choice read the same logits.
     router_.balance_logits(x, zview, arena);
+    arena.rewind(inner);
+    router_.route_logits(zview, ids, weights, saved, arena);
     arena.rewind(inner);
     T* dz = run ? saved + n_tokens * router_.saved_width() : nullptr;  // (n_tokens, W), kept for backward
     if (run) {
