@@ -48,6 +48,12 @@ def moving_average(values: list, window: int) -> list:
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
+def bar_positions(n_groups: int, n_series: int, series: int) -> tuple:
+    """x positions of series `series` of `n_series` bars side by side in each of `n_groups` groups, and the width."""
+    width = 0.8 / n_series
+    return [g + (series - (n_series - 1) / 2) * width for g in range(n_groups)], width
+
+
 def save(fig, ax, path: pathlib.Path) -> pathlib.Path:
     """Titles the plot after its CSV and writes it beside it as PNG."""
     ax.set_title(path.stem.replace("_", " "))
@@ -159,15 +165,13 @@ def plot_experts_per_token(path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_drops(path: pathlib.Path) -> pathlib.Path:
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     factors = sorted({float(r["capacity_factor"]) for r in rows})
     coeffs = sorted({float(r["z_coeff"]) for r in rows})
-    width = 0.8 / len(coeffs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for j, c in enumerate(coeffs):
         share = {float(r["capacity_factor"]): float(r["drop_fraction"]) for r in rows if float(r["z_coeff"]) == c}
-        xs = [i + (j - (len(coeffs) - 1) / 2) * width for i in range(len(factors))]
+        xs, width = bar_positions(len(factors), len(coeffs), j)
         ax.bar(xs, [100 * share.get(f, 0.0) for f in factors], width, label=f"z-loss {c:g}")
     ax.set_xticks(range(len(factors)), [f"{f:g}" for f in factors])
     ax.set_xlabel("capacity factor")
@@ -252,11 +256,10 @@ def plot_hit_rate(path: pathlib.Path) -> pathlib.Path:
     rows = [r for r in read_rows(path) if r["layer"] == "all"]
     predictors = list(dict.fromkeys(r["predictor"] for r in rows))
     sizes = sorted({int(r["P"]) for r in rows})
-    width = 0.8 / len(sizes)
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, p in enumerate(sizes):
         hits = {r["predictor"]: float(r["hit_rate"]) for r in rows if int(r["P"]) == p}
-        xs = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(predictors))]
+        xs, width = bar_positions(len(predictors), len(sizes), j)
         bars = ax.bar(xs, [hits[n] for n in predictors], width=width, label=f"P={p}")
         random = next(float(r["random"]) for r in rows if int(r["P"]) == p)
         ax.hlines([random] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black",
@@ -299,10 +302,9 @@ def plot_domain_eval(path: pathlib.Path) -> pathlib.Path:
             loss.setdefault(row["model"], {})[row["domain"]] = float(row["loss"])
     models = list(loss)
     domains = sorted({d for per_domain in loss.values() for d in per_domain}, key=int)
-    width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains), 4))
     for i, model in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
+        xs, width = bar_positions(len(domains), len(models), i)
         ax.bar(xs, [loss[model].get(d, float("nan")) for d in domains], width, label=model)
     ax.set_yscale("log")
     ax.set_xticks(range(len(domains)), domains)
