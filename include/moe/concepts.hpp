@@ -87,6 +87,17 @@ concept SequenceBank = ExpertBank<B> &&
       { b.forward(xs, offsets, prev_rows, ys, arena) } -> std::same_as<void>;
     };
 
+/// A bank that reads its grouped rows straight from the tokens (experts::FFN): besides the ExpertBank
+/// forward, `forward_tokens(x, row_token, offsets, ys, arena)` with x (n_tokens, d_model) and grouped row r
+/// = x[row_token[r]], same results. The layer then skips gathering the rows (inference) and a bank that
+/// converts its input (bf16, int8) converts each token once instead of once per routed slot.
+template <class B>
+concept TokenIndexedBank = ExpertBank<B> &&
+    requires(const B& b, ConstMatrixView<typename B::Scalar> x, const Index* row_token, const Index* offsets,
+             MatrixView<typename B::Scalar> ys, Arena& arena) {
+      { b.forward_tokens(x, row_token, offsets, ys, arena) } -> std::same_as<void>;
+    };
+
 /// True for banks that declare `static constexpr bool zero_computation = true` (no matrix product per row).
 template <class B>
 inline constexpr bool is_zero_computation = requires { requires B::zero_computation; };

@@ -336,6 +336,8 @@ class MoELayer {
   template <class B>
   static constexpr bool routed = ExpertBank<std::remove_cvref_t<B>>;
   static constexpr bool has_shared = (SharedBank<Banks> || ...);
+  // Every routed bank reads its rows from the tokens in place (no gathered copy needed for inference).
+  static constexpr bool all_token_indexed = ((TokenIndexedBank<Banks> || !ExpertBank<Banks>) && ...);
 
   // Calls f(bank) for each always-on bank, in pack order.
   template <class Self, class F>
@@ -380,7 +382,9 @@ class MoELayer {
     rec.weights = arena.take<Scalar>(n_slots);
     rec.saved = arena.take<Scalar>(n_tokens * router_.saved_width());
     rec.plan = RoutingPlan::carve(arena, n_tokens, k, n_experts());
-    rec.xs = arena.take<Scalar>(n_slots * d);
+    // The grouped copy of x: for backward, and for banks that cannot read the tokens in place.
+    const bool gather = keep_x || !all_token_indexed;
+    rec.xs = arena.take<Scalar>(gather ? n_slots * d : 0);
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
     const bool separate = router_input.data() != nullptr || (arena.measuring() && router_input.rows() > 0);
@@ -423,14 +427,15 @@ class MoELayer {
     }
     const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
     const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
-    if (!measuring) {
-      // Gather: activations are small next to the weights, and contiguous rows feed the kernels directly.
+    if (!measuring && gather) {
       MOE_OMP(omp parallel for schedule(static) if(double(n_rows) * double(d) >= detail::k_parallel_min_work))
       for (Index r = 0; r < n_rows; ++r) std::copy_n(x.row(rec.plan.row_token[r]), d, xs.row(r));
     }
     for_each_bank(rec.plan, measuring, [&](const auto& bank, const Index* offsets) {
       if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>) {
         bank.forward(xs, offsets, rec.sequences ? rec.prev_rows : nullptr, ys, arena);
+      } else if constexpr (TokenIndexedBank<std::remove_cvref_t<decltype(bank)>>) {
+        bank.forward_tokens(x, rec.plan.row_token, offsets, ys, arena);
       } else {
         bank.forward(xs, offsets, ys, arena);
       }

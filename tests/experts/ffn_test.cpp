@@ -1,6 +1,7 @@
 // experts::FFN: the bank on grouped rows against a naive double per-expert loop, for gated and plain
 // variants, and the weight layout.
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -162,4 +163,44 @@ TEST_CASE("FFN banks give the same bits for any thread count, for every storage"
   check(moe::experts::SwiGLU<float>(cfg));
   check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>(cfg));
   check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
+}
+
+TEST_CASE("FFN forward_tokens gives forward()'s bits on the gathered rows, for every storage", "[expert]") {
+  // 23 tokens, 40 grouped rows: tokens routed to several experts, to one, or to none; expert 1 gets no row.
+  const moe::MoEConfig cfg{.d_model = 70, .d_ff = 200, .n_experts = 3, .top_k = 2};
+  const Index n_tokens = 23, n_rows = 40;
+  const std::vector<Index> offsets{0, 29, 29, n_rows};
+  std::vector<Index> row_token(static_cast<std::size_t>(n_rows));
+  for (Index r = 0; r < n_rows; ++r) row_token[static_cast<std::size_t>(r)] = (r * 7) % (n_tokens - 2);
+  moe::test::Rng rng(4);
+  const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, n_tokens, cfg.d_model);
+  RowMatrix<float> xs(n_rows, cfg.d_model);
+  for (Index r = 0; r < n_rows; ++r) xs.row(r) = x.row(row_token[static_cast<std::size_t>(r)]);
+
+  auto check = [&]<class Bank>(Bank bank) {
+    INFO("storage " << Bank::StoragePolicy::name());
+    moe::Rng init(2);
+    bank.init(init);
+    const auto shape = moe::MatrixView<float>::shape_only(n_rows, cfg.d_model);
+    moe::Arena measure;
+    bank.forward(shape, nullptr, shape, measure);
+    const std::size_t grouped_bytes = measure.peak();
+    moe::Arena measure_tokens;
+    bank.forward_tokens(moe::ConstMatrixView<float>::shape_only(n_tokens, cfg.d_model), nullptr, nullptr, shape,
+                        measure_tokens);
+    moe::Workspace ws(std::max(grouped_bytes, measure_tokens.peak()));
+    RowMatrix<float> y_grouped(n_rows, cfg.d_model), y_tokens(n_rows, cfg.d_model);
+    moe::Arena a1(ws);
+    std::as_const(bank).forward(xs, offsets.data(), y_grouped, a1);
+    moe::Arena a2(ws);
+    std::as_const(bank).forward_tokens(x, row_token.data(), offsets.data(), y_tokens, a2);
+    CHECK(y_tokens == y_grouped);
+    CHECK(y_tokens.allFinite());
+  };
+  using moe::kernels::SiLU;
+  check(moe::experts::SwiGLU<float>(cfg));
+  check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>(cfg));
+  check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
+  check(moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::Int8Weights>(cfg));
+  check(moe::experts::FFN<float, moe::kernels::ReLU, false, moe::kernels::scalar, moe::kernels::BF16Weights>(cfg));
 }

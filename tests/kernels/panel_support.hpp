@@ -29,7 +29,8 @@ RowMatrix<S> panel_operand(Rng& rng, Index rows, Index cols, int range) {
 }
 
 /// y (m, n_src * n), source s column c at s * n + c: panel_gemm of x against the n_src sources (n, k),
-/// packed as matrix 1 of 2 (so panel offsets are exercised), run in two calls over halves of the panels.
+/// packed as matrix 1 of 2 (so panel offsets are exercised), run in two calls over halves of the panels: the
+/// first reads contiguous rows, the second the same rows through an index (PanelRows::index).
 /// Elements the epilogue never wrote stay NaN.
 template <class Kernel, class S>
 RowMatrix<double> run_panels(const std::vector<RowMatrix<S>>& w, const RowMatrix<S>& x) {
@@ -43,16 +44,20 @@ RowMatrix<double> run_panels(const std::vector<RowMatrix<S>>& w, const RowMatrix
   packed.pack(1, src.data());
   CHECK(packed.matches(1, src.data()));
 
+  // x twice: in order, and with its rows reversed (read back through an index, as the layer's tokens are).
   const Index kp = packed.padded_k();
-  std::vector<Input> x_in(static_cast<std::size_t>(m * kp + 1));  // (m, kp)
-  std::vector<float> x_scale(static_cast<std::size_t>(m + 1));    // (m)
-  for (Index r = 0; r < m; ++r) {
+  std::vector<Input> x_in(static_cast<std::size_t>(2 * m * kp + 1));  // (2m, kp)
+  std::vector<float> x_scale(static_cast<std::size_t>(2 * m + 1));    // (2m)
+  std::vector<Index> reversed(static_cast<std::size_t>(m));            // (m) row i of x at m + reversed[i]
+  for (Index r = 0; r < 2 * m; ++r) {
+    const auto src = x.row(r < m ? r : 2 * m - 1 - r);
     if constexpr (std::is_same_v<Input, S>) {
-      for (Index p = 0; p < kp; ++p) x_in[static_cast<std::size_t>(r * kp + p)] = p < k ? x(r, p) : S(0);
+      for (Index p = 0; p < kp; ++p) x_in[static_cast<std::size_t>(r * kp + p)] = p < k ? src(p) : S(0);
     } else {
-      x_scale[static_cast<std::size_t>(r)] = Kernel::encode_row(x.row(r).data(), k, kp, x_in.data() + r * kp);
+      x_scale[static_cast<std::size_t>(r)] = Kernel::encode_row(src.data(), k, kp, x_in.data() + r * kp);
     }
   }
+  for (Index i = 0; i < m; ++i) reversed[static_cast<std::size_t>(i)] = 2 * m - 1 - i;
 
   RowMatrix<double> y = RowMatrix<double>::Constant(m, n_src * n, std::numeric_limits<double>::quiet_NaN());
   const Index half = packed.columns_per_source();
@@ -66,8 +71,9 @@ RowMatrix<double> run_panels(const std::vector<RowMatrix<S>>& w, const RowMatrix
   };
   const float* scales = Kernel::row_scaled ? x_scale.data() : nullptr;
   const Index mid = packed.panels() / 2;
-  kernels::panel_gemm(packed, 1, 0, mid, x_in.data(), kp, scales, m, epilogue);
-  kernels::panel_gemm(packed, 1, mid, packed.panels(), x_in.data(), kp, scales, m, epilogue);
+  kernels::panel_gemm(packed, 1, 0, mid, kernels::PanelRows<Input>{x_in.data(), kp, nullptr, scales}, m, epilogue);
+  kernels::panel_gemm(packed, 1, mid, packed.panels(),
+                      kernels::PanelRows<Input>{x_in.data(), kp, reversed.data(), scales}, m, epilogue);
   return y;
 }
 

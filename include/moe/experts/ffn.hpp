@@ -158,68 +158,16 @@ class FFN {
   /// hidden tiles (gate and up in one pass, the activation in the epilogue), then the output tiles. Each
   /// element is computed by one thread in a fixed order, so results do not depend on the thread count.
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
-    const Index n_rows = xs.rows();
-    const Index kx = hidden_panels_.padded_k(), kh = out_panels_.padded_k();
-    Input* x_in = arena.take<Input>(converts_input ? n_rows * kx : 0);        // (rows, kx) xs in the kernel's input type
-    float* x_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of x_in
-    T* hidden = arena.take<T>(converts_input && !Kernel::row_scaled ? 0 : n_rows * d_ff_);  // (rows, d_ff)
-    Input* h_in = arena.take<Input>(converts_input ? n_rows * kh : 0);        // (rows, kh) hidden, kernel input type
-    float* h_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of h_in
-    if (arena.measuring() || n_rows == 0) return;
-    ensure_packed();
+    run_forward(xs, nullptr, offsets, ys, arena);
+  }
 
-    const Index h_cols = hidden_panels_.columns_per_source();
-    const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
-    const Index o_per_item = std::max<Index>(1, k_item_cols / Kernel::width);
-    const Input* x_rows = converts_input ? x_in : reinterpret_cast<const Input*>(xs.data());
-    const Index x_stride = converts_input ? kx : xs.stride();
-    const Input* h_rows = converts_input ? h_in : reinterpret_cast<const Input*>(hidden);
-    const Index h_stride = converts_input ? kh : d_ff_;
-
-    const double work = double(n_rows) * double(d_ff_) * double(d_model_);
-    MOE_OMP(omp parallel if(work >= detail::k_parallel_min_work))
-    {
-      if constexpr (converts_input) {
-        // Once per grouped row, before any expert reads it.
-        MOE_OMP(omp for schedule(static))
-        for (Index r = 0; r < n_rows; ++r) {
-          const float s = Kernel::encode_row(xs.row(r), d_model_, kx, x_in + r * kx);
-          if constexpr (Kernel::row_scaled) {
-            x_scale[r] = s;
-          } else {
-            std::fill(h_in + r * kh + d_ff_, h_in + (r + 1) * kh, Input(0));  // step padding of the hidden row
-          }
-        }
-      }
-
-      for_each_item(offsets, h_per_item, hidden_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
-        kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows + r0 * x_stride, x_stride,
-                            Kernel::row_scaled ? x_scale + r0 : nullptr, n,
-                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
-                              hidden_epilogue(tile, rows, e, j * h_cols, r0 + i0, hidden, h_in, kh);
-                            });
-      });
-
-      if constexpr (Kernel::row_scaled) {
-        // The per-row scale needs the whole hidden row, so this waits for every hidden tile.
-        MOE_OMP(omp for schedule(static))
-        for (Index r = 0; r < n_rows; ++r) h_scale[r] = Kernel::encode_row(hidden + r * d_ff_, d_ff_, kh, h_in + r * kh);
-      }
-
-      for_each_item(offsets, o_per_item, out_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
-        kernels::panel_gemm(out_panels_, e, p0, p1, h_rows + r0 * h_stride, h_stride,
-                            Kernel::row_scaled ? h_scale + r0 : nullptr, n,
-                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
-                              const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
-                              const T* b2 = bias_of(b2_, e);
-                              for (Index i = 0; i < rows; ++i) {
-                                T* y = ys.row(r0 + i0 + i) + c0;
-                                std::copy_n(tile + i * Kernel::width, nc, y);
-                                if (b2 != nullptr) kernels::axpy(Arch{}, T(1), b2 + c0, y, nc);
-                              }
-                            });
-      });
-    }
+  /// The same, with grouped row r read from token row x[row_token[r]] instead of a gathered copy: the
+  /// input conversion of bf16/int8 storage runs once per token rather than once per routed slot, and f32
+  /// storage reads the tokens in place. Results are bitwise those of forward() on the gathered rows.
+  /// @param x (n_tokens, d_model); @param row_token (ys.rows()) token of each grouped row
+  void forward_tokens(ConstMatrixView<T> x, const Index* row_token, const Index* offsets, MatrixView<T> ys,
+                      Arena& arena) const {
+    run_forward(x, row_token, offsets, ys, arena);
   }
 
   /// Backward on grouped rows: from dys (rows, d_model) writes dxs (rows, d_model) and accumulates the
@@ -267,6 +215,75 @@ class FFN {
   }
 
  private:
+  // forward() (row_token == nullptr: x holds the grouped rows) and forward_tokens().
+  void run_forward(ConstMatrixView<T> x, const Index* row_token, const Index* offsets, MatrixView<T> ys,
+                   Arena& arena) const {
+    using Rows = kernels::PanelRows<Input>;
+    const Index n_rows = ys.rows(), n_in = row_token != nullptr ? x.rows() : n_rows;
+    const Index kx = hidden_panels_.padded_k(), kh = out_panels_.padded_k();
+    Input* x_in = arena.take<Input>(converts_input ? n_in * kx : 0);          // (n_in, kx) x in the kernel's input type
+    float* x_scale = arena.take<float>(Kernel::row_scaled ? n_in : 0);        // (n_in) per-row scales of x_in
+    T* hidden = arena.take<T>(converts_input && !Kernel::row_scaled ? 0 : n_rows * d_ff_);  // (rows, d_ff)
+    Input* h_in = arena.take<Input>(converts_input ? n_rows * kh : 0);        // (rows, kh) hidden, kernel input type
+    float* h_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of h_in
+    if (arena.measuring() || n_rows == 0) return;
+    ensure_packed();
+
+    const Index h_cols = hidden_panels_.columns_per_source();
+    const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
+    const Index o_per_item = std::max<Index>(1, k_item_cols / Kernel::width);
+    const Rows x_rows = converts_input ? Rows{x_in, kx, row_token, x_scale}
+                                       : Rows{reinterpret_cast<const Input*>(x.data()), x.stride(), row_token, nullptr};
+    const Rows h_rows = converts_input ? Rows{h_in, kh, nullptr, h_scale}
+                                       : Rows{reinterpret_cast<const Input*>(hidden), d_ff_, nullptr, nullptr};
+
+    const double work = double(n_rows) * double(d_ff_) * double(d_model_);
+    MOE_OMP(omp parallel if(work >= detail::k_parallel_min_work))
+    {
+      if constexpr (converts_input) {
+        // Once per input row, before any expert reads it.
+        MOE_OMP(omp for schedule(static) nowait)
+        for (Index r = 0; r < n_in; ++r) {
+          const float s = Kernel::encode_row(x.row(r), d_model_, kx, x_in + r * kx);
+          if constexpr (Kernel::row_scaled) x_scale[r] = s;
+        }
+        if constexpr (!Kernel::row_scaled) {
+          MOE_OMP(omp for schedule(static))
+          for (Index r = 0; r < n_rows; ++r)
+            std::fill(h_in + r * kh + d_ff_, h_in + (r + 1) * kh, Input(0));  // step padding of the hidden row
+        } else {
+          MOE_OMP(omp barrier)
+        }
+      }
+
+      for_each_item(offsets, h_per_item, hidden_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(hidden_panels_, e, p0, p1, x_rows.from(r0), n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              hidden_epilogue(tile, rows, e, j * h_cols, r0 + i0, hidden, h_in, kh);
+                            });
+      });
+
+      if constexpr (Kernel::row_scaled) {
+        // The per-row scale needs the whole hidden row, so this waits for every hidden tile.
+        MOE_OMP(omp for schedule(static))
+        for (Index r = 0; r < n_rows; ++r) h_scale[r] = Kernel::encode_row(hidden + r * d_ff_, d_ff_, kh, h_in + r * kh);
+      }
+
+      for_each_item(offsets, o_per_item, out_panels_.panels(), [&](Index e, Index r0, Index n, Index p0, Index p1) {
+        kernels::panel_gemm(out_panels_, e, p0, p1, h_rows.from(r0), n,
+                            [&](Index i0, Index rows, Index j, const typename Kernel::Out* tile) {
+                              const Index c0 = j * Kernel::width, nc = std::min(Kernel::width, d_model_ - c0);
+                              const T* b2 = bias_of(b2_, e);
+                              for (Index i = 0; i < rows; ++i) {
+                                T* y = ys.row(r0 + i0 + i) + c0;
+                                std::copy_n(tile + i * Kernel::width, nc, y);
+                                if (b2 != nullptr) kernels::axpy(Arch{}, T(1), b2 + c0, y, nc);
+                              }
+                            });
+      });
+    }
+  }
+
   // Output columns per work item: enough items to balance two or more threads on one expert (decode),
   // few enough that each streams a long run of panels while its rows stay in cache.
   static constexpr Index k_item_cols = 128;

@@ -62,12 +62,10 @@ struct BF16Panels {
     return 1.0f;
   }
 
-  /// tile (R, width) = x rows [0, R) (row stride x_stride, bf16) times one panel over `steps` pairs.
+  /// tile (R, width) = bf16 rows xr[0..R) times one panel over `steps` pairs.
   template <int R>
-  static void run(const Input* x, Index x_stride, const float*, const Weight* panel, Index steps, const float*,
+  static void run(const Input* const* xr, const float*, const Weight* panel, Index steps, const float*,
                   const std::int32_t*, Out* tile) {
-    const Input* xr[R];  // (R) row pointers
-    for (int r = 0; r < R; ++r) xr[r] = x + r * x_stride;
 #if defined(__AVX512BF16__)
     if constexpr (detail::is_avx512<Arch>) {
       __m512 acc[R][2];  // (R, 2 registers)

@@ -58,12 +58,10 @@ struct Int8Panels {
     return s;
   }
 
-  /// tile (R, width) = dequantised x rows [0, R) times one panel over `steps` quads.
+  /// tile (R, width) = dequantised rows xr[0..R) (scales x_scales[0..R)) times one panel over `steps` quads.
   template <int R>
-  static void run(const Input* x, Index x_stride, const float* x_scales, const Weight* panel, Index steps,
+  static void run(const Input* const* xr, const float* x_scales, const Weight* panel, Index steps,
                   const float* col_scales, const std::int32_t* col_sums, Out* tile) {
-    const Input* xr[R];  // (R) row pointers
-    for (int r = 0; r < R; ++r) xr[r] = x + r * x_stride;
     alignas(64) std::int32_t acc[R][width];  // (R, width)
 #if defined(__AVX512VNNI__)
     if constexpr (detail::is_avx512<Arch>) {

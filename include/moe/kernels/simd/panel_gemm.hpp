@@ -95,12 +95,10 @@ struct NativePanels {
     return static_cast<Weight>(v);
   }
 
-  /// tile (R, width) = x rows [0, R) (row stride x_stride) times one panel over `steps` steps.
+  /// tile (R, width) = rows xr[0..R) times one panel over `steps` steps.
   template <int R>
-  static void run(const Input* x, Index x_stride, const float*, const Weight* panel, Index steps, const float*,
+  static void run(const Input* const* xr, const float*, const Weight* panel, Index steps, const float*,
                   const std::int32_t*, Out* tile) {
-    const Input* xr[R];  // (R) row pointers
-    for (int r = 0; r < R; ++r) xr[r] = x + r * x_stride;
     if constexpr (has_simd<T, Arch>) {
       using B = xsimd::batch<T, Arch>;
       constexpr Index L = static_cast<Index>(B::size);
@@ -224,24 +222,50 @@ class PackedWeights {
   Buffer<std::int32_t> sums_;   // (n_mats, panels, width), quantized kernels only
 };
 
+/// The activation rows panel_gemm reads: row i at data + idx(i) · stride, idx(i) = index[i] (rows gathered
+/// through an index: every routed slot of a token reads the token's one converted row) or i (contiguous);
+/// per-row scales scales[idx(i)] for row_scaled kernels (else nullptr).
+template <class Input>
+struct PanelRows {
+  const Input* data = nullptr;
+  Index stride = 0;
+  const Index* index = nullptr;
+  const float* scales = nullptr;
+
+  Index at(Index i) const { return index != nullptr ? index[i] : i; }
+  const Input* row(Index i) const { return data + at(i) * stride; }
+  float scale(Index i) const { return scales[at(i)]; }
+  /// The rows from i0 on.
+  PanelRows from(Index i0) const {
+    return index != nullptr ? PanelRows{data, stride, index + i0, scales}
+                            : PanelRows{data + i0 * stride, stride, nullptr, scales != nullptr ? scales + i0 : nullptr};
+  }
+};
+
 /// Runs panels [p0, p1) of matrix m over rows [0, n_rows) of x, in register tiles of Kernel::rows rows,
 /// and hands each finished tile to `epilogue(row0, rows, panel, tile)`, tile (rows, width) with row stride
 /// width. Panels outermost: a work item streams each panel once per row block, and its x rows stay in cache.
-/// @param x (n_rows, w.padded_k()) activations in Kernel::Input, row stride x_stride
-/// @param x_scales (n_rows) per-row activation scales (row_scaled kernels), else nullptr
+/// @param x rows of w.padded_k() activations in Kernel::Input (with per-row scales for row_scaled kernels)
 template <class Kernel, class Epilogue>
-void panel_gemm(const PackedWeights<Kernel>& w, Index m, Index p0, Index p1, const typename Kernel::Input* x,
-                Index x_stride, const float* x_scales, Index n_rows, Epilogue&& epilogue) {
+void panel_gemm(const PackedWeights<Kernel>& w, Index m, Index p0, Index p1, const PanelRows<typename Kernel::Input>& x,
+                Index n_rows, Epilogue&& epilogue) {
+  using Input = typename Kernel::Input;
   alignas(64) typename Kernel::Out tile[Kernel::rows * Kernel::width];  // (rows, width)
+  const Input* xr[Kernel::rows];                                       // (rows) the row block's rows
+  float xs[Kernel::rows];                                               // (rows) their scales
   const float* col_scales = w.scales(m);
   const std::int32_t* col_sums = w.sums(m);
   for (Index j = p0; j < p1; ++j) {
     const Index off = j * Kernel::width;
     for (Index r0 = 0; r0 < n_rows; r0 += Kernel::rows) {
       const int rows = static_cast<int>(std::min<Index>(Kernel::rows, n_rows - r0));
+      for (int r = 0; r < rows; ++r) {
+        xr[r] = x.row(r0 + r);
+        if constexpr (Kernel::row_scaled) xs[r] = x.scale(r0 + r);
+      }
       detail::dispatch_rows<Kernel::rows>(rows, [&](auto r) {
-        Kernel::template run<decltype(r)::value>(x + r0 * x_stride, x_stride, x_scales ? x_scales + r0 : nullptr,
-                                                 w.panel(m, j), w.steps(), col_scales ? col_scales + off : nullptr,
+        Kernel::template run<decltype(r)::value>(xr, Kernel::row_scaled ? xs : nullptr, w.panel(m, j), w.steps(),
+                                                 col_scales ? col_scales + off : nullptr,
                                                  col_sums ? col_sums + off : nullptr, tile);
       });
       epilogue(r0, static_cast<Index>(rows), j, static_cast<const typename Kernel::Out*>(tile));
