@@ -48,13 +48,13 @@ RowMatrix<double> run_panels(const std::vector<RowMatrix<S>>& w, const RowMatrix
   const Index kp = packed.padded_k();
   std::vector<Input> x_in(static_cast<std::size_t>(2 * m * kp + 1));  // (2m, kp)
   std::vector<float> x_scale(static_cast<std::size_t>(2 * m + 1));    // (2m)
-  std::vector<Index> reversed(static_cast<std::size_t>(m));            // (m) row i of x at m + reversed[i]
+  std::vector<Index> reversed(static_cast<std::size_t>(m));            // (m) row i of x is row reversed[i] of x_in
   for (Index r = 0; r < 2 * m; ++r) {
-    const auto src = x.row(r < m ? r : 2 * m - 1 - r);
+    const auto x_row = x.row(r < m ? r : 2 * m - 1 - r);
     if constexpr (std::is_same_v<Input, S>) {
-      for (Index p = 0; p < kp; ++p) x_in[static_cast<std::size_t>(r * kp + p)] = p < k ? src(p) : S(0);
+      for (Index p = 0; p < kp; ++p) x_in[static_cast<std::size_t>(r * kp + p)] = p < k ? x_row(p) : S(0);
     } else {
-      x_scale[static_cast<std::size_t>(r)] = Kernel::encode_row(src.data(), k, kp, x_in.data() + r * kp);
+      x_scale[static_cast<std::size_t>(r)] = Kernel::encode_row(x_row.data(), k, kp, x_in.data() + r * kp);
     }
   }
   for (Index i = 0; i < m; ++i) reversed[static_cast<std::size_t>(i)] = 2 * m - 1 - i;

@@ -72,6 +72,7 @@ struct BF16Panels {
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
       for (Index q = 0; q < steps; ++q) {
         const Weight* b = panel + q * width * 2;
+        detail::prefetch_step<width * 2 * sizeof(Weight)>(b);
         const __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 32);
         for (int r = 0; r < R; ++r) {
           std::uint32_t pair;

@@ -69,6 +69,7 @@ struct Int8Panels {
       for (int r = 0; r < R; ++r) v[r][0] = v[r][1] = _mm512_setzero_si512();
       for (Index q = 0; q < steps; ++q) {
         const Weight* b = panel + q * width * 4;
+        detail::prefetch_step<width * 4 * sizeof(Weight)>(b);
         const __m512i b0 = _mm512_load_si512(b), b1 = _mm512_load_si512(b + 64);
         for (int r = 0; r < R; ++r) {
           std::uint32_t quad;
