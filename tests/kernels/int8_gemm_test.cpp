@@ -55,3 +55,36 @@ TEST_CASE("int8 quantisation of a zero row gives zero, of an extreme element +-1
   CHECK(int(q[0]) - 128 == -127);
   CHECK(q[3] == 128);
 }
+
+TEMPLATE_TEST_CASE("int8 encode_row gives the reference quantisation bit for bit on register edges",
+                   "[kernel][int8]", kernels::default_arch, kernels::scalar) {
+  // Lengths around the register width, values that are exact .5 ties after scaling (round half to even),
+  // signs, and an all-zero row: the vector body and the scalar tail must agree with reference::int8_image.
+  using Kernel = kernels::Int8Panels<float, TestType>;
+  moe::test::Rng rng(17);
+  for (const Index n : {0, 1, 15, 16, 17, 31, 32, 33, 127, 1000}) {
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      INFO("n = " << n << ", pattern " << pattern);
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (Index i = 0; i < n; ++i) {
+        const float v = pattern == 0 ? static_cast<float>(rng.normal())
+                        : pattern == 1 ? (i == 0 ? 127.0f : static_cast<float>(static_cast<int>(i % 200) - 100) + 0.5f)
+                                       : 0.0f;  // pattern 1: s = 1 exactly, every other value a tie
+        x[static_cast<std::size_t>(i)] = v;
+      }
+      const Index n_pad = n + 3;
+      std::vector<std::uint8_t> q(static_cast<std::size_t>(n_pad), 7);
+      const float s = Kernel::encode_row(x.data(), n, n_pad, q.data());
+      std::vector<double> image(static_cast<std::size_t>(n));
+      kernels::reference::int8_image(x.data(), n, image.data());
+      Index bad = 0;
+      for (Index i = 0; i < n; ++i) {
+        const double got = (int(q[static_cast<std::size_t>(i)]) - 128) * static_cast<double>(s);
+        if (got != image[static_cast<std::size_t>(i)] && bad++ == 0)
+          UNSCOPED_INFO("first bad " << i << ": " << got << " vs " << image[static_cast<std::size_t>(i)]);
+      }
+      CHECK(bad == 0);
+      for (Index i = n; i < n_pad; ++i) CHECK(q[static_cast<std::size_t>(i)] == 128);
+    }
+  }
+}

@@ -15,7 +15,7 @@
 
 #include "panel_gemm.hpp"
 
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -49,12 +49,46 @@ struct Int8Panels {
     return static_cast<Weight>(std::clamp(std::nearbyint(static_cast<float>(v) / scale), -127.0f, 127.0f));
   }
   /// Quantises in (n) to out (n_pad) = round(in / s) + 128, padding 128 (zero); returns s = max |in| / 127.
+  /// Vectorised (it runs once per token and once per hidden row); the same bits as encode() per element.
   static float encode_row(const float* in, Index n, Index n_pad, Input* out) {
     float m = 0.0f;
-    for (Index i = 0; i < n; ++i) m = std::max(m, std::abs(in[i]));
+    Index i = 0;
+    if constexpr (has_simd<float, Arch>) {
+      using B = xsimd::batch<float, Arch>;
+      constexpr Index L = static_cast<Index>(B::size);
+      B acc(0.0f);
+      for (const Index n_vec = n - n % L; i < n_vec; i += L) acc = xsimd::max(acc, xsimd::abs(B::load_unaligned(in + i)));
+      alignas(64) float lanes[L];
+      acc.store_aligned(lanes);
+      for (const float v : lanes) m = std::max(m, v);
+    }
+    for (; i < n; ++i) m = std::max(m, std::abs(in[i]));
     const float s = m / 127.0f;
-    for (Index i = 0; i < n; ++i) out[i] = static_cast<Input>(encode(in[i], s) + 128);
-    for (Index i = n; i < n_pad; ++i) out[i] = 128;
+    if (s == 0.0f) {
+      std::fill_n(out, n_pad, Input(128));
+      return s;
+    }
+    i = 0;
+    if constexpr (has_simd<float, Arch>) {
+      using B = xsimd::batch<float, Arch>;
+      constexpr Index L = static_cast<Index>(B::size);
+      const B sv(s), lo(-127.0f), hi(127.0f), offset(128.0f);
+      for (const Index n_vec = n - n % L; i < n_vec; i += L) {
+        const B q = xsimd::min(xsimd::max(xsimd::nearbyint(B::load_unaligned(in + i) / sv), lo), hi) + offset;
+        const auto u = xsimd::batch_cast<std::int32_t>(q);  // in [1, 255]
+#if defined(__AVX512F__)
+        if constexpr (detail::is_avx512<Arch>) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(u));
+          continue;
+        }
+#endif
+        alignas(64) std::int32_t lanes[L];
+        u.store_aligned(lanes);
+        for (Index j = 0; j < L; ++j) out[i + j] = static_cast<Input>(lanes[j]);
+      }
+    }
+    for (; i < n; ++i) out[i] = static_cast<Input>(encode(in[i], s) + 128);
+    std::fill(out + n, out + n_pad, Input(128));
     return s;
   }
 
