@@ -7,7 +7,8 @@
 //   naive/<S1|S2>/f32/T<n>/threads1                   reference/naive_moe.hpp: per-token double loop
 //   limits/<fma_f32|dot_bf16|dot_int8|dram_read>/threads<k>   the machine's peaks, measured here
 // Counters: GFLOPS (active-expert FLOPs, 6 T k d ff), tokens_per_s, roofline_fraction = GFLOPS /
-// min(compute peak, DRAM read bandwidth x FLOPs per weight byte touched); the peaks are the limits cells'.
+// min(compute peak, DRAM read bandwidth x FLOPs per weight byte touched); the peaks are the limits cells';
+// weights_GBps = expert weight bytes touched per second (next to limits/dram_read: how bandwidth-bound a cell is).
 // Decode cells (T <= 8) flush the caches before every timed iteration, so weights come from DRAM as they do in
 // a multi-layer model. Compare ratios within one run: the machine is shared.
 //
@@ -291,6 +292,10 @@ void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, i
                       : std::is_same_v<Storage, moe::kernels::Int8Weights> ? l.int8_gops
                                                                            : l.fma_gflops;
   const double bound = roofline_gflops(peak, l.dram_gbs, p.cfg, n_tokens, hit, weight_bytes<Storage>());
+  // Expert weight bytes the call streams (each touched expert's three matrices, read once) per second.
+  state.counters["weights_GBps"] =
+      benchmark::Counter(double(hit) * 3.0 * double(p.cfg.d_model) * double(p.cfg.d_ff) * weight_bytes<Storage>() * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
   state.counters["roofline_fraction"] = benchmark::Counter(moe::bench::active_flops(p.cfg, n_tokens) * 1e-9 / bound,
                                                            benchmark::Counter::kIsIterationInvariantRate);
 }

@@ -29,25 +29,37 @@ def main(path):
     for key, label, counter in [("fma_f32", "f32 FMA, GFLOP/s", "GFLOPS"), ("dot_bf16", "bf16 vdpbf16ps, GFLOP/s", "GFLOPS"),
                                 ("dot_int8", "int8 vpdpbusd, GOP/s", "GFLOPS"), ("dram_read", "DRAM read, GB/s", "GBps")]:
         print(f"| {label} | {fmt(c, f'limits/{key}/threads1', counter)} | {fmt(c, f'limits/{key}/threads2', counter)} |")
-    print("\nGFLOP/s (roofline_fraction) of the layer forward, and the baselines in f32. On 1 thread, [brackets] give")
-    print("GFLOP/s over CPU time instead of wall time: what the cell does when the core is not shared.\n")
-    print("| shape | T | thr | f32 | bf16 | int8 | ideal f32 (Eigen) | naive f32 | tokens/s f32 / bf16 / int8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\nGFLOP/s (roofline_fraction) of the layer forward, and the baselines in f32:\n")
+    print("| shape | T | thr | f32 | bf16 | int8 | ideal f32 (Eigen) | naive f32 | tokens/s f32 / bf16 / int8 | weights GB/s f32 / bf16 / int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    dtypes = ["f32", "bf16", "int8"]
     for s in ["S1", "S2"]:
         for t in [1, 8, 128, 512]:
             for thr in [1, 2]:
-                cols = []
-                for d in ["f32", "bf16", "int8"]:
-                    n = f"forward/{s}/{d}/T{t}/threads{thr}"
-                    cpu = ""
-                    if thr == 1 and n in c:
-                        b = c[n]
-                        cpu = f" [{b['GFLOPS'] * b['real_time'] / b['cpu_time']:.0f}]"
-                    cols.append(f"{fmt(c, n)} ({fmt(c, n, 'roofline_fraction', 2)}){cpu}")
+                cell = lambda d: f"forward/{s}/{d}/T{t}/threads{thr}"
+                cols = [f"{fmt(c, cell(d))} ({fmt(c, cell(d), 'roofline_fraction', 2)})" for d in dtypes]
                 ideal = fmt(c, f"ideal/{s}/f32/T{t}/threads{thr}")
                 naive = fmt(c, f"naive/{s}/f32/T{t}/threads1", digits=1) if thr == 1 else ""
-                tps = " / ".join(fmt(c, f"forward/{s}/{d}/T{t}/threads{thr}", "tokens_per_s") for d in ["f32", "bf16", "int8"])
-                print(f"| {s} | {t} | {thr} | {' | '.join(cols)} | {ideal} | {naive} | {tps} |")
+                tps = " / ".join(fmt(c, cell(d), "tokens_per_s") for d in dtypes)
+                gbs = " / ".join(fmt(c, cell(d), "weights_GBps") for d in dtypes)
+                print(f"| {s} | {t} | {thr} | {' | '.join(cols)} | {ideal} | {naive} | {tps} | {gbs} |")
+    print("\n2-thread scaling (GFLOP/s on 2 threads / on 1 thread):\n")
+    print("| shape | T | f32 | bf16 | int8 |\n|---|---|---|---|---|")
+    for s in ["S1", "S2"]:
+        for t in [128, 512]:
+            ratios = []
+            for d in dtypes:
+                one, two = c.get(f"forward/{s}/{d}/T{t}/threads1"), c.get(f"forward/{s}/{d}/T{t}/threads2")
+                ratios.append(f"{two['GFLOPS'] / one['GFLOPS']:.2f}x" if one and two else "-")
+            print(f"| {s} | {t} | {' | '.join(ratios)} |")
+    print("\nTraining step, forward + backward in f32 (GFLOPS counts 3x the forward's active FLOPs):\n")
+    print("| shape | T | thr | ms / step | GFLOP/s | tokens/s |\n|---|---|---|---|---|---|")
+    for s in ["S1", "S2"]:
+        for t in [1, 8, 128, 512]:
+            for thr in [1, 2]:
+                n = f"forward_backward/{s}/f32/T{t}/threads{thr}"
+                if n in c:
+                    print(f"| {s} | {t} | {thr} | {fmt(c, n, 'real_time', 1)} | {fmt(c, n)} | {fmt(c, n, 'tokens_per_s')} |")
 
 
 if __name__ == "__main__":
