@@ -180,27 +180,35 @@ class PackedWeights {
   /// Per-column sums of the quantized weights of matrix m, (panels, width); quantized kernels only.
   const std::int32_t* sums(Index m) const { return Kernel::quantized ? sums_.data() + m * panels_ * width : nullptr; }
 
-  /// Packs matrix m from n_src sources, each (n, k). No allocation.
+  /// Packs matrix m from n_src sources, each (n, k). No allocation. Runs after every weight update.
   template <class S>
   void pack(Index m, const ConstMatrixView<S>* src) {
+    const S* rows[width];  // (width) source row of each panel column, nullptr past n
+    float scale[width];    // (width) its scale
     for (Index j = 0; j < panels_; ++j) {
       Weight* dst = data_.data() + (m * panels_ + j) * panel_size();  // (steps, width, group)
       for (Index c = 0; c < width; ++c) {
         const Index s = c / half_, col = j * half_ + c % half_;
-        const bool valid = col < n_;
-        const S* row = valid ? src[s].row(col) : nullptr;  // (k)
-        const float scale = valid ? Kernel::column_scale(row, k_) : 0.0f;
-        std::int32_t sum = 0;
-        for (Index q = 0; q < steps_; ++q) {
+        rows[c] = col < n_ ? src[s].row(col) : nullptr;
+        scale[c] = rows[c] != nullptr ? Kernel::column_scale(rows[c], k_) : 0.0f;
+      }
+      // Steps outermost: the panel is written front to back, its `width` source rows read side by side.
+      Weight* out = dst;
+      for (Index q = 0; q < steps_; ++q) {
+        const bool inside = (q + 1) * Kernel::group <= k_;  // no step padding
+        for (Index c = 0; c < width; ++c) {
           for (Index g = 0; g < Kernel::group; ++g) {
             const Index p = q * Kernel::group + g;
-            const Weight v = valid && p < k_ ? Kernel::encode(row[p], scale) : Weight(0);
-            dst[(q * width + c) * Kernel::group + g] = v;
-            if constexpr (Kernel::quantized) sum += v;
+            *out++ = rows[c] != nullptr && (inside || p < k_) ? Kernel::encode(rows[c][p], scale[c]) : Weight(0);
           }
         }
-        if constexpr (Kernel::quantized) {
-          scales_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = scale;
+      }
+      if constexpr (Kernel::quantized) {
+        for (Index c = 0; c < width; ++c) {
+          std::int32_t sum = 0;
+          for (Index q = 0; q < steps_; ++q)
+            for (Index g = 0; g < Kernel::group; ++g) sum += dst[(q * width + c) * Kernel::group + g];
+          scales_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = scale[c];
           sums_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = sum;
         }
       }
