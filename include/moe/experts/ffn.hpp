@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "../config.hpp"
 #include "../detail/linalg.hpp"
@@ -188,6 +189,7 @@ class FFN {
     const MatrixView<T> dw3 = Gated ? w3_.grad() : MatrixView<T>();
     const MatrixView<T> db1 = b1_.grad(), db3 = b3_.grad(), db2 = b2_.grad();  // (n_experts or 0, *)
     const FFN& self = *this;  // const accessors give ConstMatrixView weights
+    if constexpr (k_panels_hold_weights) ensure_packed();
 
     const double work = double(n_rows) * double(d_ff_) * double(d_model_);
     MOE_OMP(omp parallel for schedule(dynamic) if(work >= detail::k_parallel_min_work))
@@ -198,8 +200,7 @@ class FFN {
       const auto dy = dys.middle_rows(r0, n);  // (n, d_model)
       const MatrixView<T> g(gate + r0 * d_ff_, n, d_ff_), h(hidden + r0 * d_ff_, n, d_ff_);
       const MatrixView<T> u = Gated ? MatrixView<T>(up + r0 * d_ff_, n, d_ff_) : MatrixView<T>();
-      detail::linear<Arch, T>(x, self.w1(e), bias_of(b1_, e), g);
-      if constexpr (Gated) detail::linear<Arch, T>(x, self.w3(e), bias_of(b3_, e), u);
+      recompute_pre_activations(e, x, g, u);
       detail::activate_rows<Act, Gated, Arch, T>(g, u, h);
       detail::linear_backward<T>(dy, h, {}, dw2.middle_rows(e * d_model_, d_model_), bias_of(db2, e), {});
       detail::set_zero(h);
@@ -281,6 +282,33 @@ class FFN {
                               }
                             });
       });
+    }
+  }
+
+  // The forward's panels hold the canonical weights exactly (f32/f64 storage): backward can run on them.
+  static constexpr bool k_panels_hold_weights = std::is_same_v<Input, T> && !Kernel::quantized;
+
+  // g = x W1ᵀ + b1 and (gated) u = x W3ᵀ + b3 on expert e's rows x: on the packed panels when they hold the
+  // weights (the forward's values bit for bit, at the forward's speed), else from the canonical weights.
+  void recompute_pre_activations(Index e, ConstMatrixView<T> x, MatrixView<T> g, MatrixView<T> u) const {
+    if constexpr (k_panels_hold_weights) {
+      const Index half = hidden_panels_.columns_per_source();
+      kernels::panel_gemm(hidden_panels_, e, 0, hidden_panels_.panels(),
+                          kernels::PanelRows<Input>{x.data(), x.stride(), nullptr, nullptr}, x.rows(),
+                          [&](Index i0, Index rows, Index j, const T* tile) {
+                            const Index c0 = j * half, nc = std::min(half, d_ff_ - c0);
+                            for (Index i = 0; i < rows; ++i) {
+                              std::copy_n(tile + i * Kernel::width, nc, g.row(i0 + i) + c0);
+                              if constexpr (Gated) std::copy_n(tile + i * Kernel::width + half, nc, u.row(i0 + i) + c0);
+                            }
+                          });
+      for (const auto& [bias, out] : {std::pair{bias_of(b1_, e), g}, std::pair{Gated ? bias_of(b3_, e) : nullptr, u}}) {
+        if (bias != nullptr)
+          for (Index i = 0; i < out.rows(); ++i) kernels::axpy(Arch{}, T(1), bias, out.row(i), d_ff_);
+      }
+    } else {
+      detail::linear<Arch, T>(x, w1(e), bias_of(b1_, e), g);
+      if constexpr (Gated) detail::linear<Arch, T>(x, w3(e), bias_of(b3_, e), u);
     }
   }
 
