@@ -25,6 +25,7 @@
 #include "../kernels/simd/bf16_gemm.hpp"
 #include "../kernels/simd/int8_gemm.hpp"
 #include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/matmul_nn.hpp"
 #include "../kernels/simd/panel_gemm.hpp"
 #include "../moe_config.hpp"
 #include "../parameter.hpp"
@@ -204,14 +205,17 @@ class FFN {
       detail::activate_rows<Act, Gated, Arch, T>(g, u, h);
       detail::linear_backward<T>(dy, h, {}, dw2.middle_rows(e * d_model_, d_model_), bias_of(db2, e), {});
       detail::set_zero(h);
-      detail::linear_backward<T>(dy, {}, self.w2(e), {}, nullptr, h);  // dh = dy W2   (n, d_ff)
+      kernels::add_matmul_nn(Arch{}, dy, self.w2(e), h);  // dh = dy W2   (n, d_ff)
       detail::activation_backward<Act, Gated, T>(h, g, u);
       const auto dx = dxs.middle_rows(r0, n);  // (n, d_model)
       detail::set_zero(dx);
       // dx = dg W1 [+ du W3]; dW1 += dg^T x; dW3 += du^T x
-      detail::linear_backward<T>(g, x, self.w1(e), dw1.middle_rows(e * d_ff_, d_ff_), bias_of(db1, e), dx);
-      if constexpr (Gated)
-        detail::linear_backward<T>(u, x, self.w3(e), dw3.middle_rows(e * d_ff_, d_ff_), bias_of(db3, e), dx);
+      kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(g), self.w1(e), dx);
+      detail::linear_backward<T>(g, x, {}, dw1.middle_rows(e * d_ff_, d_ff_), bias_of(db1, e), {});
+      if constexpr (Gated) {
+        kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(u), self.w3(e), dx);
+        detail::linear_backward<T>(u, x, {}, dw3.middle_rows(e * d_ff_, d_ff_), bias_of(db3, e), {});
+      }
     }
   }
 

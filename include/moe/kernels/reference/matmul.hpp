@@ -1,6 +1,7 @@
 #pragma once
 /// @file kernels/reference/matmul.hpp
-/// @brief Triple-loop y = x w^T: the test oracle for kernels/simd/matmul.hpp (instantiate with double).
+/// @brief Triple loops y = x w^T and c += a b: the test oracles for kernels/simd/matmul.hpp and
+/// kernels/simd/matmul_nn.hpp (instantiate with double).
 
 #include <cassert>
 
@@ -21,6 +22,22 @@ void matmul_nt(ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> y) {
       T sum = 0;
       for (Index p = 0; p < x.cols(); ++p) sum += x(i, p) * w(j, p);
       y(i, j) = sum;
+    }
+  }
+}
+
+/// c += a * b. Accumulates in T onto c, in increasing p.
+/// @param a (m, k)
+/// @param b (k, n)
+/// @param c (m, n)
+template <class T>
+void add_matmul_nn(ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> c) {
+  assert(a.cols() == b.rows() && c.rows() == a.rows() && c.cols() == b.cols());
+  for (Index i = 0; i < a.rows(); ++i) {
+    for (Index j = 0; j < b.cols(); ++j) {
+      T sum = c(i, j);
+      for (Index p = 0; p < a.cols(); ++p) sum += a(i, p) * b(p, j);
+      c(i, j) = sum;
     }
   }
 }
