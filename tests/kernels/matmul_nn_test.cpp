@@ -1,4 +1,4 @@
-// kernels/simd/matmul_nn.hpp (c += a b, b row-major unpacked) against the double reference (RELIABILITY.md N1,
+// kernels/simd/matmul_nn.hpp (c += a b and c += aᵀ b, b row-major unpacked) against the double reference (RELIABILITY.md N1,
 // N2): register-tile and column-tail edges, strided operands, accumulation onto c, exact mode bitwise, and
 // the same bits on the SIMD and the scalar path; for the default architecture and the scalar fallback.
 
@@ -28,20 +28,28 @@ RowMatrix<T> operand(moe::test::Rng& rng, Index rows, Index cols, int range) {
   return a;
 }
 
-/// c0 + a b through views with row gaps (a, b and c live in wider matrices); checks every element within
-/// gamma_{k+3} of sum |terms| (bitwise in exact mode) and that the gaps stay untouched.
+/// c0 + a b (or, transposed, c0 + aᵀ b with a stored (k, m)) through views with row gaps (a, b and c live in
+/// wider matrices); checks every element within gamma_{k+3} of sum |terms| (bitwise in exact mode) and that
+/// the gaps stay untouched.
 template <class T, class Arch>
-RowMatrix<T> check_nn(moe::test::Rng& rng, Index m, Index n, Index k, bool exact) {
-  INFO("m = " << m << ", n = " << n << ", k = " << k << (exact ? ", exact" : ""));
+RowMatrix<T> check_nn(moe::test::Rng& rng, Index m, Index n, Index k, bool exact, bool transposed = false) {
+  INFO("m = " << m << ", n = " << n << ", k = " << k << (exact ? ", exact" : "") << (transposed ? ", a transposed" : ""));
   const int range = exact ? 3 : 0;
-  const RowMatrix<T> a_wide = operand<T>(rng, m, k + 2, range), b_wide = operand<T>(rng, k, n + 3, range);
+  const Index a_rows = transposed ? k : m, a_cols = transposed ? m : k;
+  const RowMatrix<T> a_wide = operand<T>(rng, a_rows, a_cols + 2, range), b_wide = operand<T>(rng, k, n + 3, range);
   RowMatrix<T> c_wide = operand<T>(rng, m, n + 1, range);
   const RowMatrix<T> c_start = c_wide;
-  const moe::ConstMatrixView<T> a(a_wide.data(), m, k, k + 2);
+  const moe::ConstMatrixView<T> a(a_wide.data(), a_rows, a_cols, a_cols + 2);
   const moe::ConstMatrixView<T> b(k > 0 ? b_wide.data() + 1 : b_wide.data(), k, n, n + 3);  // column 1 on
-  kernels::add_matmul_nn(Arch{}, a, b, moe::MatrixView<T>(c_wide.data(), m, n, n + 1));
+  const moe::MatrixView<T> c(c_wide.data(), m, n, n + 1);
+  if (transposed) {
+    kernels::add_matmul_tn(Arch{}, a, b, c);
+  } else {
+    kernels::add_matmul_nn(Arch{}, a, b, c);
+  }
 
-  const RowMatrix<double> a64 = a_wide.leftCols(k).template cast<double>();
+  RowMatrix<double> a64 = a_wide.leftCols(a_cols).template cast<double>();
+  if (transposed) a64 = RowMatrix<double>(a64.transpose());
   const RowMatrix<double> b64 = b_wide.middleCols(1, n).template cast<double>();
   RowMatrix<double> ref = c_start.leftCols(n).template cast<double>();
   RowMatrix<double> mag = ref.cwiseAbs();
@@ -64,32 +72,43 @@ RowMatrix<T> check_nn(moe::test::Rng& rng, Index m, Index n, Index k, bool exact
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("add_matmul_nn is within gamma_{k+3} of the reference on tile and tail edges", "[kernel][matmul_nn]",
+TEMPLATE_TEST_CASE("add_matmul_nn and add_matmul_tn are within gamma_{k+3} of the reference on tile and tail edges", "[kernel][matmul_nn]",
                    kernels::default_arch, kernels::scalar) {
   constexpr Index w = kernels::detail::panel_width<float, TestType>();
   constexpr Index r = kernels::detail::panel_rows<float, TestType>();
   moe::test::Rng rng(0x4E4E0001);
   for (const Index m : {Index{1}, r - 1, r, r + 1, 2 * r + 1}) {
     for (const Index n : {Index{1}, w / 2 - 1, w / 2 + 1, w - 1, w, w + 1, 2 * w + 3}) {
-      for (const Index k : {Index{0}, Index{1}, Index{17}, Index{64}}) check_nn<float, TestType>(rng, m, n, k, false);
+      for (const Index k : {Index{0}, Index{1}, Index{17}, Index{64}}) {
+        check_nn<float, TestType>(rng, m, n, k, false);
+        check_nn<float, TestType>(rng, m, n, k, false, true);
+      }
     }
   }
   check_nn<float, TestType>(rng, 37, 3 * w, 1000, false);
   check_nn<double, TestType>(rng, 13, 2 * w + 1, 257, false);
+  check_nn<float, TestType>(rng, 300, 3 * w + 1, 129, false, true);
+  check_nn<double, TestType>(rng, 25, 2 * w + 1, 41, false, true);
 }
 
-TEMPLATE_TEST_CASE("add_matmul_nn exact mode is bitwise equal to the reference", "[kernel][matmul_nn]",
+TEMPLATE_TEST_CASE("add_matmul_nn and add_matmul_tn exact mode is bitwise equal to the reference", "[kernel][matmul_nn]",
                    kernels::default_arch, kernels::scalar) {
   constexpr Index w = kernels::detail::panel_width<float, TestType>();
   moe::test::Rng rng(0x4E4E0002);
   for (const Index m : {Index{1}, Index{5}, Index{13}, Index{25}})
-    for (const Index k : {Index{1}, Index{31}, Index{500}}) check_nn<float, TestType>(rng, m, 2 * w + 5, k, true);
+    for (const Index k : {Index{1}, Index{31}, Index{500}}) {
+      check_nn<float, TestType>(rng, m, 2 * w + 5, k, true);
+      check_nn<float, TestType>(rng, m, 2 * w + 5, k, true, true);
+    }
 }
 
-TEST_CASE("add_matmul_nn gives the same bits on the SIMD and the scalar path", "[kernel][matmul_nn]") {
+TEST_CASE("add_matmul_nn and add_matmul_tn give the same bits on the SIMD and the scalar path", "[kernel][matmul_nn]") {
   // One fused multiply-add chain per element, over k in order, on both paths.
   moe::test::Rng simd_rng(0x4E4E0003), scalar_rng(0x4E4E0003);
   const RowMatrix<float> simd = check_nn<float, kernels::default_arch>(simd_rng, 29, 77, 300, false);
   const RowMatrix<float> plain = check_nn<float, kernels::scalar>(scalar_rng, 29, 77, 300, false);
   CHECK(simd == plain);
+  const RowMatrix<float> simd_t = check_nn<float, kernels::default_arch>(simd_rng, 77, 45, 129, false, true);
+  const RowMatrix<float> plain_t = check_nn<float, kernels::scalar>(scalar_rng, 77, 45, 129, false, true);
+  CHECK(simd_t == plain_t);
 }

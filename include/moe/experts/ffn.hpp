@@ -203,7 +203,8 @@ class FFN {
       const MatrixView<T> u = Gated ? MatrixView<T>(up + r0 * d_ff_, n, d_ff_) : MatrixView<T>();
       recompute_pre_activations(e, x, g, u);
       detail::activate_rows<Act, Gated, Arch, T>(g, u, h);
-      detail::linear_backward<T>(dy, h, {}, dw2.middle_rows(e * d_model_, d_model_), bias_of(db2, e), {});
+      kernels::add_matmul_tn(Arch{}, dy, ConstMatrixView<T>(h), dw2.middle_rows(e * d_model_, d_model_));  // dW2 += dyᵀ h
+      if (T* db = bias_of(db2, e)) detail::add_column_sums<T>(dy, db);
       detail::set_zero(h);
       kernels::add_matmul_nn(Arch{}, dy, self.w2(e), h);  // dh = dy W2   (n, d_ff)
       detail::activation_backward<Act, Gated, T>(h, g, u);
@@ -211,10 +212,12 @@ class FFN {
       detail::set_zero(dx);
       // dx = dg W1 [+ du W3]; dW1 += dg^T x; dW3 += du^T x
       kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(g), self.w1(e), dx);
-      detail::linear_backward<T>(g, x, {}, dw1.middle_rows(e * d_ff_, d_ff_), bias_of(db1, e), {});
+      kernels::add_matmul_tn(Arch{}, ConstMatrixView<T>(g), x, dw1.middle_rows(e * d_ff_, d_ff_));
+      if (T* db = bias_of(db1, e)) detail::add_column_sums<T>(g, db);
       if constexpr (Gated) {
         kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(u), self.w3(e), dx);
-        detail::linear_backward<T>(u, x, {}, dw3.middle_rows(e * d_ff_, d_ff_), bias_of(db3, e), {});
+        kernels::add_matmul_tn(Arch{}, ConstMatrixView<T>(u), x, dw3.middle_rows(e * d_ff_, d_ff_));
+        if (T* db = bias_of(db3, e)) detail::add_column_sums<T>(u, db);
       }
     }
   }

@@ -1,7 +1,8 @@
 #pragma once
 /// @file kernels/simd/matmul_nn.hpp
-/// @brief c += a b with b row-major and unpacked: the input-gradient products of the FFN backward
-/// (dh = dy W2, dx = dg W1 + du W3), which read the nn.Linear weights the other way round from the forward.
+/// @brief c += a b and c += aᵀ b with b row-major and unpacked: the products of the FFN backward, input
+/// gradients (dh = dy W2, dx = dg W1 + du W3, reading the nn.Linear weights the other way round from the
+/// forward) and weight gradients (dW2 += dyᵀ h, dW1 += dgᵀ x, dW3 += duᵀ x).
 ///
 /// The register tile is panel_gemm's (rows x two registers of columns): one broadcast of a per row and
 /// step, two loads of a row of b. A column strip of b (k x tile width) is read once per row block and stays
@@ -27,9 +28,10 @@ namespace moe::kernels {
 
 namespace detail {
 
-/// c rows cr[0..R) columns [0, width) += a rows ar[0..R) times b (k, width) with row stride ldb.
+/// c rows cr[0..R) columns [0, width) += A (R, k) times b (k, width) with row stride ldb, where A(r, p) is
+/// a[r * a_row + p * a_step]: a's rows (a_row = lda, a_step = 1) or a's columns (a_row = 1, a_step = lda).
 template <int R, class Arch, class T>
-void matmul_nn_tile(const T* const* ar, const T* b, Index ldb, Index k, T* const* cr) {
+void matmul_nn_tile(const T* a, Index a_row, Index a_step, const T* b, Index ldb, Index k, T* const* cr) {
   using B = xsimd::batch<T, Arch>;
   constexpr Index L = static_cast<Index>(B::size);
   B acc[R][2];  // (R, 2 registers)
@@ -39,16 +41,50 @@ void matmul_nn_tile(const T* const* ar, const T* b, Index ldb, Index k, T* const
   }
   for (Index p = 0; p < k; ++p) {
     const T* bp = b + p * ldb;
+    const T* ap = a + p * a_step;
     const B b0 = B::load_unaligned(bp), b1 = B::load_unaligned(bp + L);
     for (int r = 0; r < R; ++r) {
-      const B a(ar[r][p]);
-      acc[r][0] = fmadd(a, b0, acc[r][0]);
-      acc[r][1] = fmadd(a, b1, acc[r][1]);
+      const B av(ap[r * a_row]);
+      acc[r][0] = fmadd(av, b0, acc[r][0]);
+      acc[r][1] = fmadd(av, b1, acc[r][1]);
     }
   }
   for (int r = 0; r < R; ++r) {
     acc[r][0].store_unaligned(cr[r]);
     acc[r][1].store_unaligned(cr[r] + L);
+  }
+}
+
+/// c (m, n) += A b with A(i, p) = a[i * a_row + p * a_step] (m, k) and b (k, n) row-major: the tiles, then
+/// the column tail in scalars, one fused chain over p per element.
+template <class Arch, class T>
+void add_matmul_strided(const T* a, Index a_row, Index a_step, Index m, Index k, ConstMatrixView<T> b,
+                        MatrixView<T> c) {
+  const Index n = b.cols();
+  if (k == 0) return;  // nothing to add (and b may have no storage)
+  Index j0 = 0;
+  if constexpr (has_simd<T, Arch>) {
+    constexpr Index width = panel_width<T, Arch>();
+    constexpr int rows = panel_rows<T, Arch>();
+    T* cr[rows];  // (rows) the row block's rows of c
+    for (; j0 + width <= n; j0 += width) {
+      for (Index i0 = 0; i0 < m; i0 += rows) {
+        const int nr = static_cast<int>(std::min<Index>(rows, m - i0));
+        for (int r = 0; r < nr; ++r) cr[r] = c.row(i0 + r) + j0;
+        dispatch_rows<rows>(nr, [&](auto r) {
+          matmul_nn_tile<decltype(r)::value, Arch>(a + i0 * a_row, a_row, a_step, b.data() + j0, b.stride(), k, cr);
+        });
+      }
+    }
+  }
+  // Columns past the last whole tile (all of them for the scalar Arch).
+  for (Index i = 0; i < m; ++i) {
+    T* ci = c.row(i);
+    for (Index j = j0; j < n; ++j) {
+      T acc = ci[j];
+      for (Index p = 0; p < k; ++p) acc = fmadd(a[i * a_row + p * a_step], b(p, j), acc);
+      ci[j] = acc;
+    }
   }
 }
 
@@ -63,37 +99,18 @@ template <class Arch, class T>
 void add_matmul_nn(Arch, ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> c) {
   static_assert(std::is_floating_point_v<T>, "moe::kernels::add_matmul_nn: T must be float or double");
   assert(a.cols() == b.rows() && c.rows() == a.rows() && c.cols() == b.cols());
-  const Index m = a.rows(), n = b.cols(), k = a.cols();
-  if (k == 0) return;  // nothing to add (and b may have no storage)
-  Index j0 = 0;
-  if constexpr (has_simd<T, Arch>) {
-    constexpr Index width = detail::panel_width<T, Arch>();
-    constexpr int rows = detail::panel_rows<T, Arch>();
-    const T* ar[rows];  // (rows) the row block's rows of a
-    T* cr[rows];        // (rows) and of c
-    for (; j0 + width <= n; j0 += width) {
-      for (Index i0 = 0; i0 < m; i0 += rows) {
-        const int nr = static_cast<int>(std::min<Index>(rows, m - i0));
-        for (int r = 0; r < nr; ++r) {
-          ar[r] = a.row(i0 + r);
-          cr[r] = c.row(i0 + r) + j0;
-        }
-        detail::dispatch_rows<rows>(nr, [&](auto r) {
-          detail::matmul_nn_tile<decltype(r)::value, Arch>(ar, b.data() + j0, b.stride(), k, cr);
-        });
-      }
-    }
-  }
-  // Columns past the last whole tile (all of them for the scalar Arch): the same chain per element.
-  for (Index i = 0; i < m; ++i) {
-    const T* ai = a.row(i);
-    T* ci = c.row(i);
-    for (Index j = j0; j < n; ++j) {
-      T acc = ci[j];
-      for (Index p = 0; p < k; ++p) acc = detail::fmadd(ai[p], b(p, j), acc);
-      ci[j] = acc;
-    }
-  }
+  detail::add_matmul_strided<Arch>(a.data(), a.stride(), Index{1}, a.rows(), a.cols(), b, c);
+}
+
+/// c += aᵀ * b, accumulating into c: the weight gradient dW += dyᵀ x, summed over the k token rows.
+/// @param a (k, m)
+/// @param b (k, n), row-major with any row stride
+/// @param c (m, n); must not overlap a or b. Only its (m, n) elements are touched. No heap.
+template <class Arch, class T>
+void add_matmul_tn(Arch, ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> c) {
+  static_assert(std::is_floating_point_v<T>, "moe::kernels::add_matmul_tn: T must be float or double");
+  assert(a.rows() == b.rows() && c.rows() == a.cols() && c.cols() == b.cols());
+  detail::add_matmul_strided<Arch>(a.data(), Index{1}, a.stride(), a.cols(), a.rows(), b, c);
 }
 
 }  // namespace moe::kernels
