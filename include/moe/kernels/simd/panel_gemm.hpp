@@ -192,9 +192,17 @@ class PackedWeights {
         rows[c] = col < n_ ? src[s].row(col) : nullptr;
         scale[c] = rows[c] != nullptr ? Kernel::column_scale(rows[c], k_) : 0.0f;
       }
-      // Steps outermost: the panel is written front to back, its `width` source rows read side by side.
+      // Steps outermost: the panel is written front to back, its `width` source rows read side by side;
+      // a branch-free loop while every column exists and no step is padded.
       Weight* out = dst;
-      for (Index q = 0; q < steps_; ++q) {
+      const bool all_columns = std::all_of(rows, rows + width, [](const S* r) { return r != nullptr; });
+      const Index unpadded = all_columns ? k_ / Kernel::group : 0;
+      for (Index q = 0; q < unpadded; ++q) {
+        for (Index c = 0; c < width; ++c) {
+          for (Index g = 0; g < Kernel::group; ++g) *out++ = Kernel::encode(rows[c][q * Kernel::group + g], scale[c]);
+        }
+      }
+      for (Index q = unpadded; q < steps_; ++q) {
         const bool inside = (q + 1) * Kernel::group <= k_;  // no step padding
         for (Index c = 0; c < width; ++c) {
           for (Index g = 0; g < Kernel::group; ++g) {
