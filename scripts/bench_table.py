@@ -52,7 +52,7 @@ def main(path):
                 one, two = c.get(f"forward/{s}/{d}/T{t}/threads1"), c.get(f"forward/{s}/{d}/T{t}/threads2")
                 ratios.append(f"{two['GFLOPS'] / one['GFLOPS']:.2f}x" if one and two else "-")
             print(f"| {s} | {t} | {' | '.join(ratios)} |")
-    print("\nTraining step, forward + backward in f32 (GFLOPS counts 3x the forward's active FLOPs):\n")
+    print("\nTraining step in f32: re-pack (as after an optimizer update), forward, backward; GFLOPS counts 3x the forward's active FLOPs:\n")
     print("| shape | T | thr | ms / step | GFLOP/s | tokens/s |\n|---|---|---|---|---|---|")
     for s in ["S1", "S2"]:
         for t in [1, 8, 128, 512]:
