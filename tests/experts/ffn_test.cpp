@@ -107,6 +107,30 @@ TEST_CASE("FFN re-packs its panels after a write through a non-const accessor", 
   // After a write through a kept pointer, repack_on_next_forward() is the documented hook.
   bank.repack_on_next_forward();
   CHECK_FALSE(bank.panels_current());
+
+  // Packing is per expert and lazy: a forward packs the experts it gives rows to, the others wait.
+  bank.w1(1)(0, 0) += 1.0f;
+  const std::vector<Index> only_expert_0{0, 3, 3};
+  RowMatrix<float> fourth(3, cfg.d_model);
+  {
+    moe::Arena arena(ws);
+    bank.forward(xs, only_expert_0.data(), fourth, arena);
+  }
+  CHECK(bank.panels_current(0));
+  CHECK_FALSE(bank.panels_current(1));
+  {
+    moe::Arena arena(ws);
+    bank.forward(xs, offsets.data(), fourth, arena);
+  }
+  CHECK(bank.panels_current());
+  moe::experts::SwiGLU<float> fresh = bank;  // a copy packs from scratch: the lazily packed panels agree
+  fresh.repack_on_next_forward();
+  RowMatrix<float> from_fresh(3, cfg.d_model);
+  {
+    moe::Arena arena(ws);
+    std::as_const(fresh).forward(xs, offsets.data(), from_fresh, arena);
+  }
+  CHECK(from_fresh == fourth);
 }
 
 TEST_CASE("FFN weights use the Hugging Face (out_features, in_features) layout", "[expert]") {

@@ -16,6 +16,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../config.hpp"
 #include "../detail/linalg.hpp"
@@ -54,7 +55,8 @@ struct FFNOptions {
 /// The canonical weights (w1/w3/w2, type T) are what users and gradients read and write; the forward pass
 /// runs on panels packed from them. Every non-const access to the weights (the w1/w3/w2 accessors, init(),
 /// visit_parameters and its Parameter::data()/value()) advances the weights' version; the next forward sees
-/// the change and re-packs (once, under a lock) before it reads the panels. Writes through a pointer or
+/// the change and re-packs, under a lock, each expert it gives rows to before reading its panels (experts
+/// without rows are packed when they first get some). Writes through a pointer or
 /// view kept from an earlier access are not seen: call repack_on_next_forward() after them.
 template <class T, class Act = kernels::SiLU, bool Gated = true, class Arch = kernels::default_arch,
           class Storage = kernels::NativeWeights>
@@ -83,7 +85,8 @@ class FFN {
         b3_(opts.bias && Gated ? n_experts_ : 0, d_ff_),
         b2_(opts.bias ? n_experts_ : 0, d_model_),
         hidden_panels_(n_experts_, d_ff_, d_model_, Gated ? 2 : 1),
-        out_panels_(n_experts_, d_model_, d_ff_, 1) {}
+        out_panels_(n_experts_, d_model_, d_ff_, 1),
+        pack_state_(n_experts_) {}
 
   Index d_model() const { return d_model_; }      ///< token width
   Index d_ff() const { return d_ff_; }            ///< hidden width
@@ -142,16 +145,19 @@ class FFN {
     f(std::string_view("b2"), b2_);
   }
 
-  /// Marks the packed panels stale: the next forward re-packs them from w1/w3/w2.
-  void repack_on_next_forward() { pack_state_.forced.store(true, std::memory_order_release); }
+  /// Marks the packed panels stale: the next forward re-packs them (each expert when it next gets rows).
+  void repack_on_next_forward() { pack_state_.forced.fetch_add(1, std::memory_order_acq_rel); }
 
-  /// True when the packed panels hold the current canonical weights (a full comparison; for tests).
+  /// True when expert e's packed panels hold its current canonical weights (a full comparison; for tests).
+  /// Experts are packed when a forward (or backward) first gives them rows after a weight update.
+  bool panels_current(Index e) const {
+    const ConstMatrixView<T> down = w2(e);
+    return !stale(e) && hidden_panels_.matches(e, hidden_sources(e).data()) && out_panels_.matches(e, &down);
+  }
+  /// True when every expert's panels are current.
   bool panels_current() const {
-    if (stale()) return false;
-    for (Index e = 0; e < n_experts_; ++e) {
-      const ConstMatrixView<T> down = w2(e);
-      if (!hidden_panels_.matches(e, hidden_sources(e).data()) || !out_panels_.matches(e, &down)) return false;
-    }
+    for (Index e = 0; e < n_experts_; ++e)
+      if (!panels_current(e)) return false;
     return true;
   }
 
@@ -190,7 +196,7 @@ class FFN {
     const MatrixView<T> dw3 = Gated ? w3_.grad() : MatrixView<T>();
     const MatrixView<T> db1 = b1_.grad(), db3 = b3_.grad(), db2 = b2_.grad();  // (n_experts or 0, *)
     const FFN& self = *this;  // const accessors give ConstMatrixView weights
-    if constexpr (k_panels_hold_weights) ensure_packed();
+    if constexpr (k_panels_hold_weights) ensure_packed(offsets);
 
     const double work = double(n_rows) * double(d_ff_) * double(d_model_);
     MOE_OMP(omp parallel for schedule(dynamic) if(work >= detail::k_parallel_min_work))
@@ -235,7 +241,7 @@ class FFN {
     Input* h_in = arena.take<Input>(converts_input ? n_rows * kh : 0);        // (rows, kh) hidden, kernel input type
     float* h_scale = arena.take<float>(Kernel::row_scaled ? n_rows : 0);      // (rows) per-row scales of h_in
     if (arena.measuring() || n_rows == 0) return;
-    ensure_packed();
+    ensure_packed(offsets);
 
     const Index h_cols = hidden_panels_.columns_per_source();
     const Index h_per_item = std::max<Index>(1, k_item_cols / h_cols);
@@ -323,27 +329,35 @@ class FFN {
   // few enough that each streams a long run of panels while its rows stay in cache.
   static constexpr Index k_item_cols = 128;
 
-  // The weights' version the panels were packed from, a forced re-pack, and the lock that re-packing
+  // Per expert, the version its panels were packed at; the count of forced re-packs; the lock that packing
   // takes. A copy of the bank owns copied panels, so it copies the state too (with a fresh lock).
   struct PackState {
     static constexpr std::uint64_t k_never = ~std::uint64_t{0};
     mutable std::mutex lock;
-    mutable std::atomic<std::uint64_t> packed{k_never};
-    mutable std::atomic<bool> forced{false};
-    PackState() = default;
-    PackState(const PackState& o) : packed(o.packed.load()), forced(o.forced.load()) {}
+    mutable std::vector<std::atomic<std::uint64_t>> packed;  // (n_experts)
+    std::atomic<std::uint64_t> forced{0};
+    explicit PackState(Index n_experts) : packed(static_cast<std::size_t>(n_experts)) {
+      for (auto& v : packed) v.store(k_never, std::memory_order_relaxed);
+    }
+    PackState(const PackState& o) : packed(o.packed.size()), forced(o.forced.load()) {
+      for (std::size_t e = 0; e < packed.size(); ++e) packed[e].store(o.packed[e].load());
+    }
     PackState& operator=(const PackState& o) {
-      packed.store(o.packed.load());
+      std::vector<std::atomic<std::uint64_t>> copy(o.packed.size());
+      for (std::size_t e = 0; e < copy.size(); ++e) copy[e].store(o.packed[e].load());
+      packed.swap(copy);
       forced.store(o.forced.load());
       return *this;
     }
   };
 
-  // Versions only grow, so their sum changes whenever one of them does.
-  std::uint64_t weights_version() const { return w1_.version() + w3_.version() + w2_.version(); }
-  bool stale() const {
-    return pack_state_.forced.load(std::memory_order_acquire) ||
-           pack_state_.packed.load(std::memory_order_acquire) != weights_version();
+  // What current panels were packed at: versions and forced re-packs only grow, so the sum changes
+  // whenever one of them does.
+  std::uint64_t pack_target() const {
+    return w1_.version() + w3_.version() + w2_.version() + pack_state_.forced.load(std::memory_order_acquire);
+  }
+  bool stale(Index e) const {
+    return pack_state_.packed[static_cast<std::size_t>(e)].load(std::memory_order_acquire) != pack_target();
   }
 
   // f(e, r0, n, p0, p1) for every work item (expert e with rows [r0, r0 + n), panels [p0, p1)), taken
@@ -369,19 +383,25 @@ class FFN {
     }
   }
 
-  void ensure_packed() const {
-    if (!stale()) return;
+  // Packs the stale experts among those with rows in `offsets`, under the lock (double-checked: the common
+  // path is one atomic load per expert). Experts without rows wait: after a weight update a decode step
+  // re-packs only the experts it routes to.
+  void ensure_packed(const Index* offsets) const {
+    auto needs = [&](Index e) { return offsets[e + 1] > offsets[e] && stale(e); };
+    Index n_stale = 0;
+    for (Index e = 0; e < n_experts_; ++e) n_stale += needs(e) ? 1 : 0;
+    if (n_stale == 0) return;
     std::lock_guard<std::mutex> guard(pack_state_.lock);
-    if (!stale()) return;
+    const std::uint64_t target = pack_target();
     MOE_OMP(omp parallel for schedule(dynamic)
-                if(double(n_experts_) * double(d_ff_) * double(d_model_) >= detail::k_parallel_min_work))
+                if(double(n_stale) * double(d_ff_) * double(d_model_) >= detail::k_parallel_min_work))
     for (Index e = 0; e < n_experts_; ++e) {
+      if (!needs(e)) continue;
       hidden_panels_.pack(e, hidden_sources(e).data());
       const ConstMatrixView<T> down = w2(e);
       out_panels_.pack(e, &down);
+      pack_state_.packed[static_cast<std::size_t>(e)].store(target, std::memory_order_release);
     }
-    pack_state_.forced.store(false, std::memory_order_relaxed);
-    pack_state_.packed.store(weights_version(), std::memory_order_release);
   }
 
   MatrixView<T> bias_row(Parameter<T>& b, Index e) {
