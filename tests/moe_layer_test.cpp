@@ -2,12 +2,15 @@
 // forced routings, bad input, aliasing, workspace reuse and thread-count determinism.
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <limits>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -223,6 +226,44 @@ TEST_CASE("MoELayer results are bitwise identical for any thread count and on re
     INFO(threads << " threads");
     REQUIRE(std::memcmp(first.data(), again.data(), sizeof(float) * static_cast<std::size_t>(first.size())) == 0);
   });
+}
+
+TEST_CASE("MoELayer forwards from two threads at once give the sequential results, packing included",
+          "[layer][threads]") {
+  // The layer is const in forward; each caller brings its Workspace. The first calls race to pack the
+  // (lazily packed, per expert) panels: one input routes 3 tokens, the other 40, so they need different
+  // and overlapping experts at the same time.
+  const MoEConfig cfg{.d_model = 64, .d_ff = 128, .n_experts = 8, .top_k = 2};
+  Layer<float> layer(cfg);
+  layer.init(21);
+  Layer<float> sequential(cfg);  // the same weights, for the expected results
+  sequential.init(21);
+  const std::vector<RowMatrix<float>> xs = {random_tokens<float>(3, 64, 31), random_tokens<float>(40, 64, 32)};
+  std::vector<RowMatrix<float>> expected;
+  for (const auto& x : xs) {
+    RowMatrix<float> y(x.rows(), cfg.d_model);
+    moe::Workspace ws;
+    sequential.forward(x, y, ws);
+    expected.push_back(y);
+  }
+  std::atomic<int> ready{0};
+  std::vector<int> mismatches(2, 0);
+  auto run = [&](std::size_t i) {
+    moe::Workspace ws;
+    RowMatrix<float> y(xs[i].rows(), cfg.d_model);
+    ready.fetch_add(1);
+    while (ready.load() < 2) {
+    }
+    for (int rep = 0; rep < 20; ++rep) {
+      std::as_const(layer).forward(xs[i], y, ws);
+      if (y != expected[i]) ++mismatches[i];
+    }
+  };
+  std::thread a(run, std::size_t{0}), b(run, std::size_t{1});
+  a.join();
+  b.join();
+  CHECK(mismatches[0] == 0);
+  CHECK(mismatches[1] == 0);
 }
 
 // ---- training: backward ----------------------------------------------------------------------------
