@@ -65,15 +65,9 @@ def save(fig, ax, path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_loss(path: pathlib.Path) -> pathlib.Path:
-    series = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            series.setdefault(row["model"], ([], []))
-            series[row["model"]][0].append(int(row["step"]))
-            series[row["model"]][1].append(float(row["loss"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (steps, loss) in series.items():
-        ax.plot(steps, loss, label=name)
+    for name, (steps, values) in read_series(path, ["loss"]).items():
+        ax.plot(steps, values["loss"], label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -82,8 +76,7 @@ def plot_loss(path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_expert_load(path: pathlib.Path) -> pathlib.Path:
-    with path.open() as f:
-        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
+    rows = read_rows(path)
     groups = [c for c in rows[0].keys() if c.startswith("group_")]
     experts = [int(r["expert"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(experts), 1.2 + 0.5 * max(1, len(groups))))
@@ -146,18 +139,10 @@ def plot_max_violation(path: pathlib.Path, window: int = 25) -> pathlib.Path:
 
 
 def plot_experts_per_token(path: pathlib.Path) -> pathlib.Path:
-    series = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            cols = series.setdefault(row["model"], {"step": [], "all": [], "easy": [], "hard": []})
-            for key in cols:
-                cols[key].append(float(row[key]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, cols) in enumerate(series.items()):
-        color = f"C{i}"
-        ax.plot(cols["step"], cols["all"], color=color, label=f"{name} all")
-        ax.plot(cols["step"], cols["easy"], color=color, linestyle="--", label=f"{name} easy")
-        ax.plot(cols["step"], cols["hard"], color=color, linestyle=":", label=f"{name} hard")
+    for i, (name, (steps, cols)) in enumerate(read_series(path, ["all", "easy", "hard"]).items()):
+        for key, style in (("all", "-"), ("easy", "--"), ("hard", ":")):
+            ax.plot(steps, cols[key], color=f"C{i}", linestyle=style, label=f"{name} {key}")
     ax.set_xlabel("step")
     ax.set_ylabel("true experts per token")
     ax.legend(fontsize=7)
@@ -215,34 +200,28 @@ def plot_shares(path: pathlib.Path) -> pathlib.Path:
 def plot_throughput(path: pathlib.Path) -> pathlib.Path:
     """Measured expert-forward speed-up over vanilla top-2 against 2 / FFN experts per token, per tau."""
     rows = [r for r in read_rows(path) if r["layer"] == "all"]
-    x = range(len(rows))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([i - 0.2 for i in x], [float(r["gain"]) for r in rows], width=0.4, label="measured")
-    ax.bar([i + 0.2 for i in x], [float(r["predicted_gain"]) for r in rows], width=0.4, label="2 / FFN per token")
+    for j, (key, label) in enumerate((("gain", "measured"), ("predicted_gain", "2 / FFN per token"))):
+        xs, width = bar_positions(len(rows), 2, j)
+        ax.bar(xs, [float(r[key]) for r in rows], width=width, label=label)
     ax.axhline(1, color="gray", linewidth=0.8)
-    ax.set_xticks(list(x), [f"tau={float(r['tau']):g}" for r in rows])
+    ax.set_xticks(range(len(rows)), [f"tau={float(r['tau']):g}" for r in rows])
     ax.set_ylabel("throughput vs vanilla (x)")
     ax.legend()
     return save(fig, ax, path)
 
 
 def plot_logits(path: pathlib.Path) -> pathlib.Path:
-    series = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            cols = series.setdefault(row["model"], ([], [], []))
-            cols[0].append(int(row["step"]))
-            cols[1].append(float(row["lse2"]))
-            cols[2].append(float(row["max_abs_z"]))
+    series = read_series(path, ["lse2", "max_abs_z"])
     fig, (ax, ax_max) = plt.subplots(1, 2, figsize=(10, 4))
     # Models named "<arm>_z<coeff>": one colour per arm, one line style per z-loss coefficient.
     arms = list(dict.fromkeys(name.rsplit("_z", 1)[0] for name in series))
     styles = list(dict.fromkeys(name.rsplit("_z", 1)[-1] for name in series))
-    for name, (steps, lse2, max_abs) in series.items():
+    for name, (steps, values) in series.items():
         arm, z = name.rsplit("_z", 1)[0], name.rsplit("_z", 1)[-1]
         look = {"color": f"C{arms.index(arm) % 10}", "linestyle": ["-", "--", ":", "-."][styles.index(z) % 4]}
-        ax.plot(steps, lse2, label=name, **look)
-        ax_max.plot(steps, max_abs, label=name, **look)
+        ax.plot(steps, values["lse2"], label=name, **look)
+        ax_max.plot(steps, values["max_abs_z"], label=name, **look)
     ax.set_xlabel("step")
     ax.set_ylabel("mean logsumexp(z)^2")
     ax_max.set_xlabel("step")
