@@ -26,7 +26,6 @@
 #include "../kernels/simd/bf16_gemm.hpp"
 #include "../kernels/simd/int8_gemm.hpp"
 #include "../kernels/simd/matmul.hpp"
-#include "../kernels/simd/matmul_nn.hpp"
 #include "../kernels/simd/panel_gemm.hpp"
 #include "../moe_config.hpp"
 #include "../parameter.hpp"
@@ -209,22 +208,16 @@ class FFN {
       const MatrixView<T> u = Gated ? MatrixView<T>(up + r0 * d_ff_, n, d_ff_) : MatrixView<T>();
       recompute_pre_activations(e, x, g, u);
       detail::activate_rows<Act, Gated, Arch, T>(g, u, h);
-      kernels::add_matmul_tn(Arch{}, dy, ConstMatrixView<T>(h), dw2.middle_rows(e * d_model_, d_model_));  // dW2 += dyᵀ h
-      if (T* db = bias_of(db2, e)) detail::add_column_sums<T>(dy, db);
+      detail::linear_backward<Arch, T>(dy, h, {}, dw2.middle_rows(e * d_model_, d_model_), bias_of(db2, e), {});
       detail::set_zero(h);
-      kernels::add_matmul_nn(Arch{}, dy, self.w2(e), h);  // dh = dy W2   (n, d_ff)
+      detail::linear_backward<Arch, T>(dy, {}, self.w2(e), {}, nullptr, h);  // dh = dy W2   (n, d_ff)
       detail::activation_backward<Act, Gated, T>(h, g, u);
       const auto dx = dxs.middle_rows(r0, n);  // (n, d_model)
       detail::set_zero(dx);
       // dx = dg W1 [+ du W3]; dW1 += dg^T x; dW3 += du^T x
-      kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(g), self.w1(e), dx);
-      kernels::add_matmul_tn(Arch{}, ConstMatrixView<T>(g), x, dw1.middle_rows(e * d_ff_, d_ff_));
-      if (T* db = bias_of(db1, e)) detail::add_column_sums<T>(g, db);
-      if constexpr (Gated) {
-        kernels::add_matmul_nn(Arch{}, ConstMatrixView<T>(u), self.w3(e), dx);
-        kernels::add_matmul_tn(Arch{}, ConstMatrixView<T>(u), x, dw3.middle_rows(e * d_ff_, d_ff_));
-        if (T* db = bias_of(db3, e)) detail::add_column_sums<T>(u, db);
-      }
+      detail::linear_backward<Arch, T>(g, x, self.w1(e), dw1.middle_rows(e * d_ff_, d_ff_), bias_of(db1, e), dx);
+      if constexpr (Gated)
+        detail::linear_backward<Arch, T>(u, x, self.w3(e), dw3.middle_rows(e * d_ff_, d_ff_), bias_of(db3, e), dx);
     }
   }
 
@@ -343,10 +336,9 @@ class FFN {
       for (std::size_t e = 0; e < packed.size(); ++e) packed[e].store(o.packed[e].load());
     }
     PackState& operator=(const PackState& o) {
-      std::vector<std::atomic<std::uint64_t>> copy(o.packed.size());
-      for (std::size_t e = 0; e < copy.size(); ++e) copy[e].store(o.packed[e].load());
-      packed.swap(copy);
-      forced.store(o.forced.load());
+      PackState copy(o);
+      packed.swap(copy.packed);
+      forced.store(copy.forced.load());
       return *this;
     }
   };

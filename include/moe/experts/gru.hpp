@@ -193,9 +193,9 @@ class GRU {
       }
       const auto dx = dxs.middle_rows(r0, n);  // (n, d)
       detail::set_zero(dx);
-      detail::linear_backward<T>(dg, xs.middle_rows(r0, n), self.w_ih(e), dw_ih.middle_rows(e * g3, g3),
+      detail::linear_backward<Arch, T>(dg, xs.middle_rows(r0, n), self.w_ih(e), dw_ih.middle_rows(e * g3, g3),
                                  db_ih.row(e), dx);
-      detail::linear_backward<T>(dgh, hp, whh, dw_hh.middle_rows(e * g3, g3), db_hh.row(e), {});
+      detail::linear_backward<Arch, T>(dgh, hp, whh, dw_hh.middle_rows(e * g3, g3), db_hh.row(e), {});
     }
   }
 

@@ -93,10 +93,10 @@ class LoRAAdapter {
   void backward(Index e, const Grads& g, ConstMatrixView<T> x, ConstMatrixView<T> t, ConstMatrixView<T> dy,
                 MatrixView<T> dt, MatrixView<T> dx) const {
     detail::set_zero(dt);
-    detail::linear_backward<T>(dy, t, b(e), g.b.middle_rows(e * out_, out_), nullptr, dt);
+    detail::linear_backward<Arch, T>(dy, t, b(e), g.b.middle_rows(e * out_, out_), nullptr, dt);
     for (Index i = 0; i < dt.rows(); ++i)
       for (Index j = 0; j < rank_; ++j) dt(i, j) *= scale_;
-    detail::linear_backward<T>(dt, x, a(e), g.a.middle_rows(e * rank_, rank_), nullptr, dx);
+    detail::linear_backward<Arch, T>(dt, x, a(e), g.a.middle_rows(e * rank_, rank_), nullptr, dx);
   }
 
  private:
@@ -251,15 +251,15 @@ class LoRA {
       lora2_.project(e, h, t2);
       // Down projection: dh = dy W2 + s (dy B2) A2.
       detail::set_zero(dh);
-      detail::linear_backward<T>(dy, h, w2_.value(), {}, nullptr, dh);
+      detail::linear_backward<Arch, T>(dy, h, w2_.value(), {}, nullptr, dh);
       lora2_.backward(e, g2, h, t2, dy, dt, dh);
       detail::activation_backward<Act, Gated, T>(dh, g, u);
       // Gate and up projections: dx = dg W1' [+ du W3'].
       detail::set_zero(dx);
-      detail::linear_backward<T>(g, x, w1_.value(), {}, nullptr, dx);
+      detail::linear_backward<Arch, T>(g, x, w1_.value(), {}, nullptr, dx);
       lora1_.backward(e, g1, x, t1, g, dt, dx);
       if constexpr (Gated) {
-        detail::linear_backward<T>(u, x, w3_.value(), {}, nullptr, dx);
+        detail::linear_backward<Arch, T>(u, x, w3_.value(), {}, nullptr, dx);
         lora3_.backward(e, g3, x, t3, u, dt, dx);
       }
     }

@@ -3,8 +3,8 @@
 /// @brief The building blocks every expert bank shares: nn.Linear forward with an optional bias, its
 /// backward, the (gated) activation forward on rows, and its element-wise backward.
 ///
-/// Forward helpers run the SIMD kernels and allocate nothing; backward helpers use detail/linalg.hpp
-/// (deterministic accumulating GEMMs). They live in moe::detail, beside those GEMMs, so that `detail::` means
+/// Helpers run the SIMD kernels and allocate nothing (linear_backward: kernels::add_matmul_nn/tn, one fused
+/// chain per element). They live in moe::detail, beside detail/linalg.hpp's GEMMs, so that `detail::` means
 /// one namespace inside moe::experts. All of them are serial: banks call them inside their own
 /// per-expert work items, which is what makes every element computed by one thread in a fixed order.
 
@@ -14,6 +14,7 @@
 #include "../../detail/linalg.hpp"
 #include "../../kernels/simd/activation.hpp"
 #include "../../kernels/simd/matmul.hpp"
+#include "../../kernels/simd/matmul_nn.hpp"
 #include "../../kernels/simd/scatter_add.hpp"
 
 namespace moe::detail {
@@ -51,12 +52,12 @@ void add_column_sums(ConstMatrixView<T> d, T* db) {
 /// @param dw (out, in) or empty
 /// @param db out values or nullptr
 /// @param dx (n, in) or empty
-template <class T>
+template <class Arch, class T>
 void linear_backward(ConstMatrixView<T> dy, ConstMatrixView<T> x, ConstMatrixView<T> w, MatrixView<T> dw, T* db,
                      MatrixView<T> dx) {
-  if (dw.data() != nullptr) add_matmul_tn<T>(dy, x, dw);
+  if (dw.data() != nullptr) kernels::add_matmul_tn(Arch{}, dy, x, dw);
   if (db != nullptr) add_column_sums<T>(dy, db);
-  if (dx.data() != nullptr) add_matmul_nn<T>(dy, w, dx);
+  if (dx.data() != nullptr) kernels::add_matmul_nn(Arch{}, dy, w, dx);
 }
 
 /// h = act(g) * u (Gated) or act(g), row by row; h may be g itself.
