@@ -2,9 +2,12 @@
 /// @file error.hpp
 /// @brief moe::Error, the one exception type of the library, and the checks that throw it.
 
+#include <cmath>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace moe {
@@ -25,6 +28,41 @@ inline void require(bool ok, const Parts&... parts) {
   std::ostringstream os;
   (os << ... << parts);
   throw Error(os.str());
+}
+
+/// Where a floating-point option may lie: [lo, hi], each bound closed or open; an infinite bound leaves that
+/// side unbounded (the value must still be finite).
+struct Interval {
+  double lo = -std::numeric_limits<double>::infinity();
+  double hi = std::numeric_limits<double>::infinity();
+  bool open_lo = false;  ///< lo itself is outside
+  bool open_hi = false;  ///< hi itself is outside
+
+  /// True for a finite value inside.
+  bool contains(double v) const {
+    return std::isfinite(v) && (open_lo ? v > lo : v >= lo) && (open_hi ? v < hi : v <= hi);
+  }
+  /// "finite", "finite and > 0", "finite and in [0, 1)", ...
+  friend std::ostream& operator<<(std::ostream& os, const Interval& r) {
+    os << "finite";
+    const bool has_lo = std::isfinite(r.lo), has_hi = std::isfinite(r.hi);
+    if (has_lo && has_hi)
+      return os << " and in " << (r.open_lo ? "(" : "[") << r.lo << ", " << r.hi << (r.open_hi ? ")" : "]");
+    if (has_lo) return os << " and " << (r.open_lo ? "> " : ">= ") << r.lo;
+    if (has_hi) return os << " and " << (r.open_hi ? "< " : "<= ") << r.hi;
+    return os;
+  }
+};
+
+/// (0, inf): temperatures, learning rates, scales.
+inline constexpr Interval k_positive{0.0, std::numeric_limits<double>::infinity(), true, false};
+/// [0, inf): coefficients, rates, weight decay.
+inline constexpr Interval k_non_negative{0.0, std::numeric_limits<double>::infinity(), false, false};
+
+/// The one check of a floating-point option: throws moe::Error "<owner>: <field> = <value> must be finite
+/// and in <range>" unless `value` is finite and inside `range`.
+inline void require_in(double value, const Interval& range, std::string_view owner, std::string_view field) {
+  require(range.contains(value), owner, ": ", field, " = ", value, " must be ", range);
 }
 
 }  // namespace detail

@@ -3,15 +3,17 @@
 /// @brief CapacityLimited<R>: expert capacity and token dropping on top of any token-choice router
 /// (PAPERS.md A.5, Megatron `apply_router_token_dropping`).
 ///
-/// Each expert takes at most C = ceil(T·k / E · capacity_factor) slots of a batch of T tokens (the product
-/// evaluated in that order, in double, as Megatron does). Over capacity, the policy keeps the slots with
-/// the largest weights (`probability`; ties: lower token) or the first in token order (`position`). A
-/// dropped slot gets id -1 and weight 0: the layer skips it, so it contributes nothing (the token keeps its
-/// other experts and, through the residual around the layer, its input). The kept weights are not
-/// renormalised (Megatron). Dropping couples the tokens of a batch: it is not causal.
+/// Each expert takes at most C = min(T, ceil(T·k / E · capacity_factor)) slots of a batch of T tokens (the
+/// product evaluated in that order, in double, as Megatron does; an expert never gets more than T slots, so
+/// the bound T drops nothing more but keeps C an Index: a huge factor means no limit). Over capacity, the
+/// policy keeps the slots with the largest weights (`probability`; ties: lower token) or the first in token
+/// order (`position`). A dropped slot gets id -1 and weight 0: the layer skips it, so it contributes nothing
+/// (the token keeps its other experts and, through the residual around the layer, its input). The kept
+/// weights are not renormalised (Megatron). Dropping couples the tokens of a batch: it is not causal.
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -32,7 +34,7 @@ enum class DropPolicy {
 
 /// Capacity knobs (designated initialisers: `CapacityOptions{.capacity_factor = 1.25}`).
 struct CapacityOptions {
-  double capacity_factor = 1.0;                     ///< C = ceil(T·k / E · capacity_factor), > 0
+  double capacity_factor = 1.0;  ///< C = min(T, ceil(T·k / E · capacity_factor)); finite, > 0 (huge: no limit)
   DropPolicy drop_policy = DropPolicy::probability;  ///< which slots stay
 };
 
@@ -47,9 +49,12 @@ class CapacityLimited {
 
   /// @param router the inner router; @param options capacity knobs (throws moe::Error naming a bad field)
   CapacityLimited(R router, const CapacityOptions& options) : router_(std::move(router)), options_(options) {
-    moe::detail::require(std::isfinite(options.capacity_factor) && options.capacity_factor > 0.0,
-                         "moe::routers::CapacityLimited: options.capacity_factor = ", options.capacity_factor,
-                         " must be finite and > 0");
+    constexpr const char* who = "moe::routers::CapacityLimited";
+    moe::detail::require_in(options.capacity_factor, moe::detail::k_positive, who, "options.capacity_factor");
+    // backward reads the chosen ids back from `saved`, stored as Scalar: each must be exact.
+    constexpr Index exact = Index{1} << std::numeric_limits<Scalar>::digits;
+    moe::detail::require(router_.n_experts() <= exact, who, ": n_experts = ", router_.n_experts(),
+                         " exceeds the ", exact, " expert ids a ", sizeof(Scalar), "-byte Scalar holds exactly");
   }
 
   Index d_model() const { return router_.d_model(); }      ///< token width
@@ -61,10 +66,12 @@ class CapacityLimited {
   const R& router() const { return router_; }                 ///< the inner router
   R& router() { return router_; }                             ///< the inner router
 
-  /// Slots each expert may take in a batch of n_tokens.
+  /// Slots each expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
+  /// bounded in double before the conversion, so any valid factor gives an Index in [1, n_tokens] (n_tokens > 0).
   Index capacity(Index n_tokens) const {
-    return static_cast<Index>(std::ceil(static_cast<double>(n_tokens * top_k()) / static_cast<double>(n_experts()) *
-                                        options_.capacity_factor));
+    const double c = std::ceil(static_cast<double>(n_tokens) * static_cast<double>(top_k()) /
+                               static_cast<double>(n_experts()) * options_.capacity_factor);
+    return static_cast<Index>(std::min(c, static_cast<double>(n_tokens)));
   }
 
   /// Forwards the zero-computation experts to an inner router with balance losses (MoE++ τ weighting).

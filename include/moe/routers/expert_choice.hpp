@@ -30,7 +30,8 @@ namespace moe::routers {
 
 /// Knobs of ExpertChoiceRouter.
 struct ExpertChoiceOptions {
-  double capacity_factor = 2.0;  ///< c = ceil(T · capacity_factor / E) tokens per expert (paper default 2)
+  double capacity_factor = 2.0;  ///< c = min(T, ceil(T · capacity_factor / E)) tokens per expert (paper default 2);
+                                 ///< finite, > 0 (huge: every expert takes every token)
 };
 
 /// Expert-choice router (non-causal, see the file comment).
@@ -54,10 +55,11 @@ class ExpertChoiceRouter {
   Index top_k() const { return n_experts_; }        ///< slots per token: one per expert
   Index saved_width() const { return n_experts_; }  ///< saved per token: S
   const ExpertChoiceOptions& options() const { return options_; }  ///< the knobs
-  /// Tokens each expert takes in a batch of n_tokens.
+  /// Tokens each expert takes in a batch of n_tokens: min(n_tokens, ceil(n_tokens · capacity_factor / E)),
+  /// bounded in double before the conversion (any valid factor gives an Index).
   Index capacity(Index n_tokens) const {
     const double c = std::ceil(static_cast<double>(n_tokens) * options_.capacity_factor / static_cast<double>(n_experts_));
-    return std::min(n_tokens, static_cast<Index>(c));
+    return static_cast<Index>(std::min(c, static_cast<double>(n_tokens)));
   }
 
   /// The gate weight W_g, (n_experts, d_model).
