@@ -472,12 +472,14 @@ class MoELayer {
   }
 
   // Backward through combine, banks and router; sized like run() with a measuring arena.
+  // dx may be dy: every read of dy (the combine's gradient, the always-on banks) happens before dx is written.
   void run_backward(const Record& rec, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx,
                     MatrixView<Scalar> d_router_input, Arena& arena) {
     const Index n_tokens = dy.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
     Scalar* dweights = arena.take<Scalar>(n_slots);  // (n_tokens, top_k) dL/dw
     Scalar* dys = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(expert output)
     Scalar* dxs = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(grouped input)
+    Scalar* dshared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on dL/dx sum
     const std::size_t mark = arena.used();
     const bool measuring = arena.measuring();
     const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
@@ -502,6 +504,22 @@ class MoELayer {
         }
       }
     }
+    const auto x = measuring ? ConstMatrixView<Scalar>::shape_only(n_tokens, d)
+                             : ConstMatrixView<Scalar>(rec.x, n_tokens, d);
+    if constexpr (has_shared) {
+      // Always-on banks read dy now, before dx (which may be dy) is written; their dL/dx summed in pack order.
+      Scalar* one = arena.take<Scalar>(n_tokens * d);  // (n_tokens, d_model) one bank's dL/dx
+      bool first = true;
+      for_each_shared(*this, [&](auto& bank) {
+        const std::size_t inner = arena.used();
+        bank.backward(x, dy, grouped(first ? dshared : one, n_tokens), arena);
+        arena.rewind(inner);
+        if (!measuring && !first)
+          for (Index i = 0; i < n_tokens * d; ++i) dshared[i] += one[i];
+        first = false;
+      });
+      arena.rewind(mark);
+    }
     for_each_bank(rec.plan, measuring, [&](auto& bank, const Index* offsets) {
       if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>) {
         bank.backward(xs, offsets, rec.sequences ? rec.prev_rows : nullptr, dys_view, dxs_view, arena);
@@ -511,7 +529,8 @@ class MoELayer {
       arena.rewind(mark);
     });
     if (!measuring) {
-      // dx[t] = sum over slots, in slot order, of dxs[slot_row[t, s]] (fixed order: deterministic).
+      // dx[t] = sum over slots, in slot order, of dxs[slot_row[t, s]] (fixed order: deterministic), then the
+      // always-on banks' sum.
       MOE_OMP(omp parallel for schedule(static) if(double(n_slots) * double(d) >= detail::k_parallel_min_work))
       for (Index t = 0; t < n_tokens; ++t) {
         std::fill_n(dx.row(t), d, Scalar(0));
@@ -520,21 +539,9 @@ class MoELayer {
           if (r >= 0)
             for (Index j = 0; j < d; ++j) dx(t, j) += dxs_view(r, j);
         }
+        if constexpr (has_shared)
+          for (Index j = 0; j < d; ++j) dx(t, j) += dshared[t * d + j];
       }
-    }
-    const auto x = measuring ? ConstMatrixView<Scalar>::shape_only(n_tokens, d)
-                             : ConstMatrixView<Scalar>(rec.x, n_tokens, d);
-    if constexpr (has_shared) {
-      Scalar* one = arena.take<Scalar>(n_tokens * d);  // (n_tokens, d_model) one bank's dL/dx
-      for_each_shared(*this, [&](auto& bank) {
-        const std::size_t inner = arena.used();
-        bank.backward(x, dy, grouped(one, n_tokens), arena);
-        arena.rewind(inner);
-        if (!measuring)
-          for (Index t = 0; t < n_tokens; ++t)
-            for (Index j = 0; j < d; ++j) dx(t, j) += one[t * d + j];
-      });
-      arena.rewind(mark);
     }
     // The router read x, or a separate input whose gradient goes to d_router_input.
     const bool separate = rec.x_route != nullptr;
