@@ -1,13 +1,16 @@
 #pragma once
 /// @file error.hpp
-/// @brief moe::Error, the one exception type of the library, and the checks that throw it.
+/// @brief The library's exception types and the checks that throw them: moe::Error for bad configuration or
+/// input (file content included), moe::IoError for an operating-system call on a file that failed.
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
 namespace moe {
@@ -17,6 +20,22 @@ namespace moe {
 class Error : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
+};
+
+/// Thrown when an operating-system call on a file fails (open, read, write, rename): not bad input but a
+/// failure of the environment, so not a moe::Error (catch both, or std::exception). code() is the OS error
+/// (errno in std::generic_category(), e.g. std::errc::no_such_file_or_directory, is_a_directory; io_error when
+/// the OS gave none); path() is the file; what() names the function, the operation, the path and the OS reason.
+class IoError : public std::system_error {
+ public:
+  /// @param what "<function>: cannot <operation> <path>"; what() appends ": " and the OS reason
+  IoError(std::error_code code, const std::string& path, const std::string& what)
+      : std::system_error(code, what), path_(std::make_shared<const std::string>(path)) {}
+  /// The path the failed call was given (for a save, the destination the caller named).
+  const std::string& path() const noexcept { return *path_; }
+
+ private:
+  std::shared_ptr<const std::string> path_;  // shared: copying the exception cannot throw
 };
 
 namespace detail {
