@@ -293,7 +293,7 @@ TEST_CASE("MoELayer::backward matches central finite differences in double", "[l
     // Away from top-k boundaries: the k-th and (k+1)-th logits of every token differ by >= 1e-3 (>> h).
     if (s.top_k < s.n_experts) {
       for (Index t = 0; t < s.n_tokens; ++t) {
-        RowMatrix<double> logits = x.row(t) * moe::detail::eigen(layer.router().gate()).transpose();
+        RowMatrix<double> logits = x.row(t) * moe::detail::eigen(std::as_const(layer).router().gate()).transpose();
         std::vector<double> z(logits.data(), logits.data() + s.n_experts);
         std::sort(z.begin(), z.end(), std::greater<>());
         REQUIRE(z[static_cast<std::size_t>(s.top_k - 1)] - z[static_cast<std::size_t>(s.top_k)] >= 1e-3);

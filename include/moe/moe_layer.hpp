@@ -29,6 +29,18 @@
 
 namespace moe {
 
+namespace detail {
+/// The error of a backward whose parameter `name` was written after the training forward it would run on.
+inline std::string stale_backward_message(const char* who, const std::string& name) {
+  return std::string(who) + ": parameter " + name +
+         " was modified after the training forward that recorded this context (its version() advanced: an "
+         "optimizer step, a load, or any access through a non-const accessor): the recorded activations belong to "
+         "the old weights and the gradients would be those of neither model. Run the training forward again (an "
+         "optimizer step goes after backward); read weights between forward and backward through a const "
+         "reference (std::as_const)";
+}
+}  // namespace detail
+
 /// What a forward pass chose. Views into the Workspace it ran with: valid until that Workspace's next use.
 template <class T>
 struct ForwardResult {
@@ -47,8 +59,9 @@ struct ForwardResult {
   double aux_loss = 0;     ///< sum of aux_losses
 };
 
-/// What a training forward records for backward: the routing, the grouped rows, the expert outputs and a
-/// copy of x. Caller-owned, reusable (its memory grows like a Workspace); one per forward in flight.
+/// What a training forward records for backward: the routing, the grouped rows, the expert outputs, a copy
+/// of x and the version() of every parameter (backward refuses weights written since). Caller-owned,
+/// reusable (its memory grows like a Workspace); one per forward in flight.
 template <class T>
 class TrainingContext {
  public:
@@ -77,6 +90,7 @@ class TrainingContext {
   Workspace forward_ws_;
   Workspace backward_ws_;
   Record record_;
+  std::vector<std::uint64_t> versions_;  // version() of every parameter at the forward, in visit order
   Index n_tokens_ = -1;
   const void* layer_ = nullptr;  // the layer that recorded it
 };
@@ -207,6 +221,7 @@ class MoELayer {
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();
     ctx.record_ = Record{};
+    record_versions(ctx);
     if (x.rows() == 0) return {};
     ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, router_input.data() != nullptr));
     Arena arena(ctx.forward_ws_);
@@ -227,7 +242,9 @@ class MoELayer {
   /// Backward of the training forward recorded in `ctx`: from dy = dL/dy (n_tokens, d_model) writes
   /// dx = dL/dx and ADDS the parameters' gradients to their grad() buffers (zero_grad() resets them).
   /// Results are bitwise identical for any thread count. Throws moe::Error, before writing anything, when
-  /// ctx was not recorded by this layer, a shape is wrong or dy holds NaN or ±inf. dx may be dy itself.
+  /// ctx was not recorded by this layer, a shape is wrong, dy holds NaN or ±inf, or a parameter was written
+  /// since that forward (its version() advanced: an optimizer step, a non-const accessor; the error names
+  /// it, see modified_parameter()). dx may be dy itself. Repeating backward on one ctx is allowed.
   /// With a forward that had a `router_input`, its gradient is WRITTEN to `d_router_input` (required then).
   void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx,
                 MatrixView<Scalar> d_router_input = {})
@@ -245,6 +262,8 @@ class MoELayer {
                     "moe::MoELayer::backward: the forward had a router_input: give d_router_input (", dy.rows(), ", ",
                     d_model(), ")");
     check_finite(dy, "moe::MoELayer::backward: dy");
+    if (const std::string name = modified_parameter(ctx); !name.empty())
+      throw Error(detail::stale_backward_message("moe::MoELayer::backward", name));
     if (dy.rows() == 0) return;
     Arena measure;
     run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(dy.rows(), d_model()),
@@ -252,6 +271,31 @@ class MoELayer {
     ctx.backward_ws_.reserve(measure.peak());
     Arena arena(ctx.backward_ws_);
     run_backward(ctx.record_, dy, dx, d_router_input, arena);
+    // A policy's backward may advance versions by reading weights through non-const accessors; the values
+    // are those of the forward still, so a repeated backward on this ctx stays valid.
+    record_versions(ctx);
+  }
+
+  /// The name (as visit_parameters gives it) of the first parameter whose version() advanced since the
+  /// training forward that recorded `ctx` (a write: optimizer step, non-const accessor, load), or "" when
+  /// none did: what backward() checks before writing anything. Allocates only to return a name.
+  /// Throws moe::Error when ctx was not recorded by this layer.
+  std::string modified_parameter(const TrainingContext<Scalar>& ctx) const {
+    detail::require(ctx.layer_ == this, "moe::MoELayer::modified_parameter: the TrainingContext was not recorded "
+                                        "by a training forward of this layer");
+    constexpr std::size_t none = static_cast<std::size_t>(-1);
+    std::size_t i = 0, changed = none;
+    for_each_parameter([&](const auto& p) {
+      if (changed == none && (i >= ctx.versions_.size() || p.version() != ctx.versions_[i])) changed = i;
+      ++i;
+    });
+    if (changed == none) return {};
+    std::string name;
+    i = 0;
+    const_cast<MoELayer&>(*this).visit_parameters([&](const std::string& n, const auto&) {
+      if (i++ == changed) name = n;
+    });
+    return name;
   }
 
   /// Calls f(name, Parameter&) for every parameter: "router.<name>", then "bank<i>.<name>".
@@ -288,6 +332,22 @@ class MoELayer {
                     "moe::MoELayer::forward: router_input is (", router_input.rows(), ", ", router_input.cols(),
                     "), expected (", x.rows(), ", ", d_model(), ")");
     check_finite(router_input, "moe::MoELayer::forward: router_input");
+  }
+
+  // Calls f(const Parameter&) for every parameter in visit_parameters order, building no name (no allocation).
+  // The policies' visitors are non-const because they hand out Parameter&; f only reads through const&.
+  template <class F>
+  void for_each_parameter(F&& f) const {
+    auto& self = const_cast<MoELayer&>(*this);
+    self.router_.visit_parameters([&](std::string_view, const auto& p) { f(p); });
+    std::apply([&](auto&... bank) { (bank.visit_parameters([&](std::string_view, const auto& p) { f(p); }), ...); },
+               self.banks_);
+  }
+
+  // Records every parameter's version() in ctx (its vector grows once: no allocation after the first call).
+  void record_versions(TrainingContext<Scalar>& ctx) const {
+    ctx.versions_.clear();
+    for_each_parameter([&](const auto& p) { ctx.versions_.push_back(p.version()); });
   }
 
   static void check_finite(ConstMatrixView<Scalar> m, const char* what) {

@@ -122,13 +122,18 @@ class Stack {
   }
 
   /// Backward of the training forward in ctx: writes dx and ADDS every parameter's gradient (the layers'
-  /// aux-loss gradients included). dx may be dy.
+  /// aux-loss gradients included). dx may be dy. Throws moe::Error, before any layer writes a gradient, when a
+  /// parameter was written since that forward (named as visit_parameters names it, e.g. "layer0.bank0.w1").
   void backward(ConstMatrixView<T> dy, MatrixView<T> dx, StackContext<T>& ctx) {
     detail::require(ctx.stack_ == this, "moe::Stack::backward: the StackContext was not recorded by this stack");
     detail::require(dy.rows() == ctx.n_tokens_ && dy.cols() == d_model() && dx.rows() == dy.rows() &&
                         dx.cols() == d_model(),
                     "moe::Stack::backward: dy is (", dy.rows(), ", ", dy.cols(), ") and dx (", dx.rows(), ", ",
                     dx.cols(), "), expected (", ctx.n_tokens_, ", ", d_model(), ")");
+    // Every layer is checked before the top one runs its backward: nothing is written when one is stale.
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      if (const std::string name = layers_[l].modified_parameter(ctx.layers_[l]); !name.empty())
+        throw Error(detail::stale_backward_message("moe::Stack::backward", "layer" + std::to_string(l) + "." + name));
     const Index n = dy.rows(), d = d_model();
     ctx.dh_ = detail::eigen(dy);  // dL/dh_{l+1}, from the top down
     ctx.pending_.setZero(n, d);

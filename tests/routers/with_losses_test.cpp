@@ -8,6 +8,7 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -127,18 +128,18 @@ TEST_CASE("WithLosses: Mixtral top-2 + Switch + z-loss, values and whole-layer g
   layer.init(7);
   RowMatrix<double> x = tokens(9, 6, 1), y(9, 6);
   const RowMatrix<double> r = tokens(9, 6, 2);
-  require_gaps(x, layer.router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().router().gate(), 2);
 
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx);
   // References: Switch = 0.3 · 4 · Σ f P over the 18 slots; z-loss = 0.05 · mean lse².
-  const auto p = probabilities(x, layer.router().router().gate());
+  const auto p = probabilities(x, std::as_const(layer).router().router().gate());
   double zsum = 0;
   for (Index t = 0; t < 9; ++t) {
     double lse = 0, m = -1e300;
     std::vector<double> z(4);
     for (Index e = 0; e < 4; ++e) {
-      for (Index j = 0; j < 6; ++j) z[static_cast<std::size_t>(e)] += x(t, j) * layer.router().router().gate()(e, j);
+      for (Index j = 0; j < 6; ++j) z[static_cast<std::size_t>(e)] += x(t, j) * std::as_const(layer).router().router().gate()(e, j);
       m = std::max(m, z[static_cast<std::size_t>(e)]);
     }
     for (double v : z) lse += std::exp(v - m);
@@ -190,7 +191,7 @@ TEST_CASE("WithLosses: sigmoid scores + sequence-wise loss over a packed batch",
   RowMatrix<double> x = tokens(10, 5, 5), y(10, 5);
   const RowMatrix<double> r = tokens(10, 5, 6);
   const std::vector<Index> starts{0, 3, 7};
-  require_gaps(x, layer.router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().router().gate(), 2);
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx, starts);
 
@@ -206,7 +207,7 @@ TEST_CASE("WithLosses: sigmoid scores + sequence-wise loss over a packed batch",
       double sum = 0;
       for (Index e = 0; e < 6; ++e) {
         double z = 0;
-        for (Index j = 0; j < 5; ++j) z += x(t, j) * layer.router().router().gate()(e, j);
+        for (Index j = 0; j < 5; ++j) z += x(t, j) * std::as_const(layer).router().router().gate()(e, j);
         sum += (sc[static_cast<std::size_t>(e)] = 1.0 / (1.0 + std::exp(-z)));
       }
       for (std::size_t e = 0; e < 6; ++e) P[e] += sc[e] / sum / n;
@@ -230,13 +231,14 @@ TEST_CASE("WithLosses: AdaMoE null experts are balanced as ordinary columns (n +
   layer.init(13);
   RowMatrix<double> x = tokens(12, 6, 7), y(12, 6);
   const RowMatrix<double> r = tokens(12, 6, 8);
-  moe::TrainingContext<double> ctx;
-  const auto res = layer.forward(x, y, ctx);
-
-  // Reference over 6 columns: the 3 gate rows then the 3 null_gate rows; each token's top-3 of p.
+  // Reference over 6 columns: the 3 gate rows then the 3 null_gate rows; each token's top-3 of p. Read
+  // before the training forward: the router's accessors are non-const, and backward refuses weights
+  // accessed through them after the forward.
   RowMatrix<double> gate(6, 6);
   gate.topRows(3) = moe::detail::eigen(layer.router().router().gate());
   gate.bottomRows(3) = moe::detail::eigen(layer.router().router().null_gate());
+  moe::TrainingContext<double> ctx;
+  const auto res = layer.forward(x, y, ctx);
   const auto p = probabilities(x, gate);
   std::vector<std::vector<std::size_t>> chosen;
   Index null_slots = 0;
@@ -264,13 +266,13 @@ TEST_CASE("WithLosses under a capacity limit: losses on the choice before droppi
   layer.init(17);
   RowMatrix<double> x = tokens(8, 5, 9), y(8, 5);
   const RowMatrix<double> r = tokens(8, 5, 10);
-  require_gaps(x, layer.router().router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().router().router().gate(), 2);
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx);
   REQUIRE(res.dropped_slots > 0);
   REQUIRE(res.n_aux_losses == 1);
   // Before dropping every token holds 2 slots: f sums to 1 over the 16 chosen slots.
-  const auto p = probabilities(x, layer.router().router().router().gate());
+  const auto p = probabilities(x, std::as_const(layer).router().router().router().gate());
   std::vector<std::vector<std::size_t>> chosen;
   for (const auto& pt : p) chosen.push_back(top_columns(pt, 2));
   const double ref = switch_reference(p, chosen, 0.4);
@@ -382,13 +384,14 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
     RowMatrix<double> x = tokens(10, 5, 12);
     const RowMatrix<double> r = tokens(10, 5, 13);
     RowMatrix<double> y(10, 5);
+    const RowMatrix<double> gate = moe::detail::eigen(layer.router().router().gate());  // read before the forward
     moe::TrainingContext<double> ctx;
     const auto res = layer.forward(x, y, ctx);
     const auto chosen = chosen_ids(res);
     std::size_t active = 0;
     for (const auto& c : chosen) active += c.size();
     REQUIRE(active < 40);  // sparse: not every expert active
-    CHECK(res.aux_loss == Approx(switch_reference(probabilities(x, layer.router().router().gate()), chosen, 0.3)).epsilon(1e-12));
+    CHECK(res.aux_loss == Approx(switch_reference(probabilities(x, gate), chosen, 0.3)).epsilon(1e-12));
     CHECK(check_layer_gradients(layer, ctx, x, r) > 1e-3);
   }
   SECTION("LoRA experts on a frozen base (LLaVA-MoLE)") {
@@ -406,7 +409,7 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
     });
     RowMatrix<double> x = tokens(8, 6, 14);
     const RowMatrix<double> r = tokens(8, 6, 15);
-    require_gaps(x, layer.router().router().gate(), 1);
+    require_gaps(x, std::as_const(layer).router().router().gate(), 1);
     RowMatrix<double> y(8, 6);
     moe::TrainingContext<double> ctx;
     CHECK(layer.forward(x, y, ctx).aux_loss > 0);
@@ -421,7 +424,7 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
     layer.init(41);
     RowMatrix<double> x = tokens(9, 5, 16);
     const RowMatrix<double> r = tokens(9, 5, 17);
-    require_gaps(x, layer.router().router().gate(), 1);
+    require_gaps(x, std::as_const(layer).router().router().gate(), 1);
     const std::vector<Index> starts{0, 4};
     RowMatrix<double> y(9, 5);
     moe::TrainingContext<double> ctx;
