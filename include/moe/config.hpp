@@ -5,6 +5,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <sstream>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -20,6 +23,38 @@
 namespace moe {
 
 using Index = std::ptrdiff_t;
+
+namespace detail {
+
+/// The most elements of T one buffer may hold: its byte count must fit in std::ptrdiff_t (PTRDIFF_MAX bytes),
+/// which pointer differences, std::vector and every Index product over the buffer rely on.
+template <class T>
+inline constexpr Index k_max_elements = std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(T));
+
+/// The one overflow-checked size product: `factors` (each >= 0) multiplied as the element count of one buffer
+/// of T. Throws moe::Error "<owner>: <what> = a * b * ... exceeds the ... elements of T a buffer may hold"
+/// when the product is above k_max_elements<T>; no product that overflows is ever formed.
+/// @param owner e.g. "moe::experts::FFN"; @param what the fields, e.g. "n_experts * d_ff * d_model"
+template <class T>
+Index checked_size(const char* owner, const char* what, std::initializer_list<Index> factors) {
+  for (const Index f : factors) require(f >= 0, owner, ": ", what, " has a negative factor ", f);
+  for (const Index f : factors)
+    if (f == 0) return 0;
+  Index product = 1;
+  for (const Index f : factors) {
+    if (product <= k_max_elements<T> / f) {
+      product *= f;
+      continue;
+    }
+    std::ostringstream os;
+    for (const Index g : factors) os << (os.tellp() > 0 ? " * " : "") << g;
+    require(false, owner, ": ", what, " = ", os.str(), " exceeds the ", k_max_elements<T>, " elements of ",
+            sizeof(T), " bytes a buffer may hold (PTRDIFF_MAX bytes)");
+  }
+  return product;
+}
+
+}  // namespace detail
 
 /// Row-major dynamic matrix: the layout of every token matrix, (n_tokens, d_model).
 template <class T>

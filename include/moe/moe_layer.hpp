@@ -183,7 +183,8 @@ class MoELayer {
     std::apply([&](auto&... b) { (b.init(rng), ...); }, banks_);
   }
 
-  /// Bytes of scratch a forward over n_tokens needs: what forward reserves in its Workspace.
+  /// Bytes of scratch a forward over n_tokens needs: what forward reserves in its Workspace. Throws moe::Error
+  /// when n_tokens < 0 or the workspace would exceed PTRDIFF_MAX bytes (see forward_bytes).
   std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false, false); }
 
   /// y = MoE(x), x and y (n_tokens, d_model). y may be x itself: every read of x happens before y is written.
@@ -265,10 +266,7 @@ class MoELayer {
     if (const std::string name = modified_parameter(ctx); !name.empty())
       throw Error(detail::stale_backward_message("moe::MoELayer::backward", name));
     if (dy.rows() == 0) return;
-    Arena measure;
-    run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(dy.rows(), d_model()),
-                 MatrixView<Scalar>::shape_only(dy.rows(), d_model()), MatrixView<Scalar>(), measure);
-    ctx.backward_ws_.reserve(measure.peak());
+    ctx.backward_ws_.reserve(backward_bytes(dy.rows()));
     Arena arena(ctx.backward_ws_);
     run_backward(ctx.record_, dy, dx, d_router_input, arena);
     // A policy's backward may advance versions by reading weights through non-const accessors; the values
@@ -371,7 +369,29 @@ class MoELayer {
                       i, "] = ", starts[i], " must be above the previous start and below n_tokens = ", n_tokens);
   }
 
+  // The workspace of n_tokens must fit in PTRDIFF_MAX bytes. Every buffer a stage carves grows at most linearly
+  // with n_tokens (its size is a product of n_tokens and the layer's shape, or less), so n_tokens times the peak
+  // of one token, doubled for alignment and fixed-size pieces, bounds each of them and each Index product that
+  // sizes one: checked here, before any of those products is formed.
+  template <class OneToken>
+  static void check_tokens(Index n_tokens, OneToken&& one_token_bytes) {
+    detail::require(n_tokens >= 0, "moe::MoELayer: n_tokens = ", n_tokens, " must be >= 0");
+    if (n_tokens <= 1) return;
+    detail::checked_size<std::byte>("moe::MoELayer", "the workspace bound 2 * n_tokens * (bytes of one token)",
+                                    {2, n_tokens, static_cast<Index>(one_token_bytes())});
+  }
+
+  // Bytes of scratch of a backward over n_tokens (checked like forward_bytes).
+  std::size_t backward_bytes(Index n_tokens) {
+    check_tokens(n_tokens, [&] { return backward_bytes(1); });
+    Arena measure;
+    run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()),
+                 MatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure);
+    return measure.peak();
+  }
+
   std::size_t forward_bytes(Index n_tokens, bool training, bool router_input) const {
+    check_tokens(n_tokens, [&] { return forward_bytes(1, training, router_input); });
     Arena measure;
     const auto shape = ConstMatrixView<Scalar>::shape_only(n_tokens, d_model());
     run(shape, MatrixView<Scalar>(), measure, training, {}, router_input ? shape : ConstMatrixView<Scalar>());

@@ -19,8 +19,12 @@ namespace moe {
 template <class T>
 class Parameter {
  public:
+  /// Throws moe::Error when rows * cols elements of T exceed PTRDIFF_MAX bytes (see detail::checked_size).
   Parameter(Index rows, Index cols)
-      : rows_(rows), cols_(cols), value_(static_cast<std::size_t>(rows * cols), T(0)) {}
+      : rows_(rows),
+        cols_(cols),
+        value_(static_cast<std::size_t>(detail::checked_size<T>("moe::Parameter", "rows * cols", {rows, cols})),
+               T(0)) {}
 
   Index rows() const { return rows_; }  ///< rows
   Index cols() const { return cols_; }  ///< columns

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <new>
 
@@ -54,10 +55,15 @@ class Arena {
   /// Carves from `ws`, which must already hold enough bytes (checked on every take()).
   explicit Arena(Workspace& ws) : base_(ws.data()), capacity_(ws.capacity()), measuring_(false) {}
 
-  /// `n` elements of T, 64-byte aligned; nullptr when measuring.
+  /// `n` elements of T, 64-byte aligned; nullptr when measuring. Throws moe::Error when n < 0 or the bytes
+  /// in use would exceed PTRDIFF_MAX.
   template <class T>
   T* take(Index n) {
     const std::size_t offset = (used_ + k_workspace_alignment - 1) / k_workspace_alignment * k_workspace_alignment;
+    detail::require(n >= 0 && n <= detail::k_max_elements<T> &&
+                        static_cast<std::size_t>(n) * sizeof(T) <= k_max_bytes - std::min(offset, k_max_bytes),
+                    "moe::Arena::take: ", n, " elements of ", sizeof(T), " bytes after ", offset,
+                    " bytes in use: negative, or beyond PTRDIFF_MAX bytes");
     used_ = offset + static_cast<std::size_t>(n) * sizeof(T);
     peak_ = std::max(peak_, used_);
     if (measuring_) return nullptr;
@@ -72,6 +78,7 @@ class Arena {
   bool measuring() const { return measuring_; }
 
  private:
+  static constexpr std::size_t k_max_bytes = static_cast<std::size_t>(std::numeric_limits<Index>::max());
   std::byte* base_ = nullptr;
   std::size_t capacity_ = 0;
   std::size_t used_ = 0;

@@ -70,10 +70,11 @@ class FFN {
   using StoragePolicy = Storage;
   static constexpr bool gated = Gated;
 
-  /// @param cfg  shape (validated: throws moe::Error naming the bad field); weights start at 0, call init()
-  /// @param opts biases and init policy
+  /// @param cfg  shape (validated: throws moe::Error naming the bad field, or the fields whose product sizes a
+  ///             buffer beyond PTRDIFF_MAX bytes); weights start at 0, call init()
+  /// @param opts biases and init policy (validated)
   explicit FFN(const MoEConfig& cfg, FFNOptions opts = {})
-      : d_model_(cfg.validated().d_model),
+      : d_model_(checked(cfg, opts).d_model),
         d_ff_(cfg.d_ff),
         n_experts_(cfg.n_experts),
         w1_(n_experts_ * d_ff_, d_model_),
@@ -432,6 +433,21 @@ class FFN {
       }
       if constexpr (converts_input && !Kernel::row_scaled) Kernel::encode_row(act, nc, nc, h_in + (row0 + i) * kh + c0);
     }
+  }
+
+  // cfg and opts validated, and every buffer the shape sizes checked before one is allocated.
+  static const MoEConfig& checked(const MoEConfig& cfg, const FFNOptions& opts) {
+    constexpr const char* who = "moe::experts::FFN";
+    cfg.validate();
+    validated_init<T>(opts.init, who, "opts.init");
+    moe::detail::checked_size<T>(who, "n_experts * d_ff * d_model", {cfg.n_experts, cfg.d_ff, cfg.d_model});
+    kernels::PackedWeights<Kernel>::elements(
+        who, "the packed w1/w3 panels, n_experts * ceil(d_ff / columns) * steps(d_model) * width * group",
+        cfg.n_experts, cfg.d_ff, cfg.d_model, Gated ? 2 : 1);
+    kernels::PackedWeights<Kernel>::elements(
+        who, "the packed w2 panels, n_experts * ceil(d_model / columns) * steps(d_ff) * width * group",
+        cfg.n_experts, cfg.d_model, cfg.d_ff, 1);
+    return cfg;
   }
 
   Index d_model_;

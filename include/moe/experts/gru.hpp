@@ -56,12 +56,13 @@ class GRU {
  public:
   using Scalar = T;
 
-  /// @param cfg  shape (validated); weights start at 0, call init()
-  /// @param init policy for weights and biases (default torch's U(-1/sqrt(d_model), 1/sqrt(d_model)))
+  /// @param cfg  shape (validated; moe::Error also when n_experts * 3 * d_model * d_model elements exceed
+  ///             PTRDIFF_MAX bytes); weights start at 0, call init()
+  /// @param init policy for weights and biases (default torch's U(-1/sqrt(d_model), 1/sqrt(d_model)); validated)
   explicit GRU(const MoEConfig& cfg, InitPolicy init = UniformFanIn{})
-      : d_(cfg.validated().d_model),
+      : d_(checked(cfg).d_model),
         n_experts_(cfg.n_experts),
-        init_(init),
+        init_(validated_init<T>(init, "moe::experts::GRU", "init")),
         w_ih_(n_experts_ * 3 * d_, d_),
         w_hh_(n_experts_ * 3 * d_, d_),
         b_ih_(n_experts_, 3 * d_),
@@ -251,6 +252,14 @@ class GRU {
                              "moe::experts::GRU: prev_rows[", r, "] = ", prev_rows[r],
                              " is neither -1 nor an earlier row of expert ", e, " (rows [", offsets[e], ", ",
                              offsets[e + 1], "))");
+  }
+
+  // cfg validated, and the weights it sizes, (n_experts * 3 d_model, d_model) twice, checked before allocation.
+  static const MoEConfig& checked(const MoEConfig& cfg) {
+    cfg.validate();
+    moe::detail::checked_size<T>("moe::experts::GRU", "n_experts * 3 * d_model * d_model",
+                                 {cfg.n_experts, 3, cfg.d_model, cfg.d_model});
+    return cfg;
   }
 
   Index d_;

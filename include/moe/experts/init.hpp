@@ -4,6 +4,9 @@
 /// bank has roles, e.g. LoRA's A and B). Every policy draws from moe::Rng, so a seed gives the same weights
 /// with any standard library and any thread count.
 
+#include <limits>
+#include <string>
+#include <string_view>
 #include <variant>
 
 #include "../config.hpp"
@@ -25,6 +28,16 @@ struct Zeros {};
 
 /// One of the policies above, selectable at run time.
 using InitPolicy = std::variant<UniformFanIn, Normal, Zeros>;
+
+/// `policy`, after checking its numbers for T (moe::Error naming `owner` and `field` otherwise): Normal::std
+/// finite, >= 0 and at most max(T) / 16 (a draw is within 9 standard deviations, so every value is a finite T).
+template <class T>
+const InitPolicy& validated_init(const InitPolicy& policy, std::string_view owner, std::string_view field) {
+  if (const auto* normal = std::get_if<Normal>(&policy))
+    moe::detail::require_in(normal->std, {.lo = 0.0, .hi = static_cast<double>(std::numeric_limits<T>::max()) / 16},
+                            owner, std::string(field) + " (Normal).std");
+  return policy;
+}
 
 /// Fills `p` with `policy`; `fan_in` is the input width of the projection p belongs to.
 /// @tparam T scalar type

@@ -10,6 +10,7 @@
 /// Gradients flow to A, B and the input; the base gets none unless LoRAOptions::train_base is set.
 
 #include <algorithm>
+#include <limits>
 #include <string_view>
 
 #include "../config.hpp"
@@ -28,7 +29,8 @@ namespace moe::experts {
 /// Shape and training knobs of a LoRA bank.
 struct LoRAOptions {
   Index rank = 8;                     ///< r, the adapters' inner width (>= 1)
-  double alpha = 16;                  ///< the delta is scaled by alpha / rank (LLaVA-1.5: r = 128, alpha = 256)
+  double alpha = 16;                  ///< the delta is scaled by alpha / rank (LLaVA-1.5: r = 128, alpha = 256);
+                                      ///< finite, > 0, alpha / rank a finite T
   bool train_base = false;            ///< true: the shared base also receives gradients
   InitPolicy base_init = UniformFanIn{};  ///< the base projections (normally loaded from a checkpoint)
   InitPolicy a_init = UniformFanIn{};     ///< A: PEFT's kaiming_uniform(a = sqrt 5), i.e. U(+-1/sqrt(in))
@@ -121,12 +123,13 @@ class LoRA {
   static constexpr bool gated = Gated;
 
   /// @param cfg  shape (d_model, d_ff, n_experts; validated)
-  /// @param opts rank, alpha, whether the base trains, init policies; throws moe::Error on rank < 1
+  /// @param opts rank, alpha, whether the base trains, init policies; throws moe::Error naming a bad field (rank
+  ///             < 1, alpha not finite and > 0) or the fields whose product sizes a buffer beyond PTRDIFF_MAX bytes
   explicit LoRA(const MoEConfig& cfg, LoRAOptions opts = {})
       : d_model_(cfg.validated().d_model),
         d_ff_(cfg.d_ff),
         n_experts_(cfg.n_experts),
-        opts_(checked(opts)),
+        opts_(checked(cfg, opts)),
         w1_(d_ff_, d_model_),
         w3_(Gated ? d_ff_ : 0, d_model_),
         w2_(d_model_, d_ff_),
@@ -299,8 +302,21 @@ class LoRA {
     f(std::string_view("w2"), w2_);
   }
 
-  static const LoRAOptions& checked(const LoRAOptions& o) {
-    moe::detail::require(o.rank >= 1, "moe::experts::LoRA: rank = ", o.rank, " must be >= 1");
+  // The options validated, and every buffer the shape and rank size checked before one is allocated.
+  static const LoRAOptions& checked(const MoEConfig& cfg, const LoRAOptions& o) {
+    constexpr const char* who = "moe::experts::LoRA";
+    moe::detail::require(o.rank >= 1, who, ": opts.rank = ", o.rank, " must be >= 1");
+    // alpha / rank is the scale, a T: alpha up to max(T) · rank.
+    moe::detail::require_in(o.alpha, {.lo = 0.0, .hi = static_cast<double>(std::numeric_limits<T>::max()) *
+                                                           static_cast<double>(o.rank), .open_lo = true},
+                            who, "opts.alpha");
+    validated_init<T>(o.base_init, who, "opts.base_init");
+    validated_init<T>(o.a_init, who, "opts.a_init");
+    validated_init<T>(o.b_init, who, "opts.b_init");
+    moe::detail::checked_size<T>(who, "d_ff * d_model", {cfg.d_ff, cfg.d_model});
+    // A (n_experts * rank, in) and B (n_experts * out, rank) of the d_model -> d_ff and d_ff -> d_model adapters.
+    moe::detail::checked_size<T>(who, "n_experts * opts.rank * max(d_model, d_ff)",
+                                 {cfg.n_experts, o.rank, std::max(cfg.d_model, cfg.d_ff)});
     return o;
   }
   static T scale(const LoRAOptions& o) { return static_cast<T>(o.alpha / static_cast<double>(o.rank)); }

@@ -111,8 +111,11 @@ class ConstantExperts : public detail::ZeroComputationShape {
  public:
   using Scalar = T;
   /// @param n_experts constant experts in the bank; @param d_model token width
+  /// Throws moe::Error when 2 * n_experts * d_model elements exceed PTRDIFF_MAX bytes.
   ConstantExperts(Index n_experts, Index d_model)
-      : ZeroComputationShape("ConstantExperts", n_experts, d_model), wc_(2 * n_experts, d_model), v_(n_experts, d_model) {}
+      : ZeroComputationShape("ConstantExperts", n_experts, d_model),
+        wc_(wc_rows(n_experts, d_model), d_model),
+        v_(n_experts, d_model) {}
 
   /// The mixing projection W_c of expert e, (2, d_model).
   MatrixView<T> wc(Index e) { return wc_.value().middle_rows(2 * e, 2); }
@@ -183,6 +186,11 @@ class ConstantExperts : public detail::ZeroComputationShape {
   struct Mix {
     T a1, a2;
   };
+  // 2 n_experts, once W_c's 2 * n_experts * d_model elements are known to fit.
+  static Index wc_rows(Index n_experts, Index d_model) {
+    moe::detail::checked_size<T>("moe::experts::ConstantExperts", "2 * n_experts * d_model", {2, n_experts, d_model});
+    return 2 * n_experts;
+  }
   // [a1, a2] = softmax(W_c x) as two logistic functions: stable, and each accurate when it is tiny.
   Mix mix(Index e, const T* x) const {
     const T* wc = wc_.data() + 2 * e * d_model();

@@ -74,12 +74,4 @@ inline void to_fractions(double* counts, Index n) {
     for (Index c = 0; c < n; ++c) counts[c] /= total;
 }
 
-namespace detail {
-/// Throws moe::Error unless a coefficient is finite and >= 0.
-inline void require_coefficient(double value, const char* owner, const char* field) {
-  moe::detail::require(std::isfinite(value) && value >= 0.0, owner, ": ", field, " = ", value,
-                       " must be finite and >= 0");
-}
-}  // namespace detail
-
 }  // namespace moe::losses

@@ -23,9 +23,9 @@ namespace moe::losses {
 /// Not for concurrent training forwards: the buffer is shared state (the layer's other paths stay const-safe).
 class GlobalBatchLoss {
  public:
-  /// @param coeff α (Qwen: the same 1e-3..1e-2 range as the micro-batch loss)
+  /// @param coeff α (Qwen: the same 1e-3..1e-2 range as the micro-batch loss); finite, >= 0
   explicit GlobalBatchLoss(double coeff = 1e-2) : coeff_(coeff) {
-    detail::require_coefficient(coeff, "moe::losses::GlobalBatchLoss", "coeff");
+    moe::detail::require_in(coeff, moe::detail::k_non_negative, "moe::losses::GlobalBatchLoss", "coeff");
   }
 
   /// Called with each training forward's counts (one per column) before they enter the buffer: an
@@ -47,13 +47,17 @@ class GlobalBatchLoss {
   long micro_batches() const { return micro_batches_; }
   double coeff() const { return coeff_; }  ///< α
 
-  /// Value; adds dL/dp to dp. Scratch: 2 · width doubles. Sizes its buffer on the first call (no allocation after).
+  /// Value; adds dL/dp to dp. Scratch: 2 · width doubles. The first training forward sizes the buffer (no
+  /// allocation after); inference forwards only read it.
   template <class T>
   double forward(const BalanceBatch<T>& b, T* dp, T* /*dz*/, Arena& arena) const {
     double* f = arena.take<double>(b.width);
     double* scratch = arena.take<double>(b.width);
     if (arena.measuring() || b.n_tokens == 0) return 0;
-    if (counts_.size() != static_cast<std::size_t>(b.width)) counts_.assign(static_cast<std::size_t>(b.width), 0.0);
+    // Only a training forward sizes the buffer: inference forwards may run concurrently (the layer's forward
+    // is const) and must not write it, not even on the first call.
+    const bool sized = counts_.size() == static_cast<std::size_t>(b.width);
+    if (b.training && !sized) counts_.assign(static_cast<std::size_t>(b.width), 0.0);
     std::fill_n(f, b.width, 0.0);
     count_columns(b, 0, b.n_tokens, f);
     if (b.training && !recomputing_) {
@@ -63,7 +67,7 @@ class GlobalBatchLoss {
     }
     if (b.training) {  // f = the buffer (this micro-batch included)
       for (Index c = 0; c < b.width; ++c) f[c] = counts_[static_cast<std::size_t>(c)];
-    } else {
+    } else if (sized) {  // an unsized buffer holds no counts yet
       for (Index c = 0; c < b.width; ++c) f[c] += counts_[static_cast<std::size_t>(c)];
     }
     to_fractions(f, b.width);

@@ -11,12 +11,17 @@ namespace moe::losses {
 /// f' = W f, the same value). Sequences come from the layer's `sequence_starts`; without them the batch is one
 /// sequence (then this equals SwitchLoss). Sequences must be contiguous runs of tokens, as the layer makes them.
 struct SequenceBalanceLoss {
-  double coeff = 1e-4;  ///< α (DeepSeek-V3: 1e-4)
+  double coeff = 1e-4;  ///< α (DeepSeek-V3: 1e-4); finite, >= 0
+
+  /// Throws moe::Error unless coeff is finite and >= 0 (routers::WithLosses calls it on construction).
+  void validate() const {
+    moe::detail::require_in(coeff, moe::detail::k_non_negative, "moe::losses::SequenceBalanceLoss", "coeff");
+  }
 
   /// Value; adds dL/dp to dp. Scratch: 2 · width doubles.
   template <class T>
   double forward(const BalanceBatch<T>& b, T* dp, T* /*dz*/, Arena& arena) const {
-    detail::require_coefficient(coeff, "moe::losses::SequenceBalanceLoss", "coeff");
+    validate();
     double* f = arena.take<double>(b.width);
     double* scratch = arena.take<double>(b.width);
     if (arena.measuring() || b.n_tokens == 0) return 0;

@@ -12,14 +12,21 @@ namespace moe::losses {
 /// for zero-computation experts and 1 otherwise. Uniform routing gives exactly coeff; every token on one
 /// expert with probability 1 gives coeff · W.
 struct SwitchLoss {
-  double coeff = 1e-2;                   ///< α (Switch: 1e-2)
-  double zero_computation_weight = 1.0;  ///< τ on MoE++ zero/copy/constant experts (1: an ordinary expert)
+  double coeff = 1e-2;                   ///< α (Switch: 1e-2); finite, >= 0
+  double zero_computation_weight = 1.0;  ///< τ on MoE++ zero/copy/constant experts (1: an ordinary expert);
+                                         ///< finite, >= 0
+
+  /// Throws moe::Error naming a field that is not finite and >= 0 (routers::WithLosses calls it on construction).
+  void validate() const {
+    moe::detail::require_in(coeff, moe::detail::k_non_negative, "moe::losses::SwitchLoss", "coeff");
+    moe::detail::require_in(zero_computation_weight, moe::detail::k_non_negative, "moe::losses::SwitchLoss",
+                            "zero_computation_weight");
+  }
 
   /// Value; adds dL/dp to dp. Scratch: 2 · width doubles from `arena`.
   template <class T>
   double forward(const BalanceBatch<T>& b, T* dp, T* /*dz*/, Arena& arena) const {
-    detail::require_coefficient(coeff, "moe::losses::SwitchLoss", "coeff");
-    detail::require_coefficient(zero_computation_weight, "moe::losses::SwitchLoss", "zero_computation_weight");
+    validate();
     double* f = arena.take<double>(b.width);
     double* scratch = arena.take<double>(b.width);
     if (arena.measuring() || b.n_tokens == 0) return 0;

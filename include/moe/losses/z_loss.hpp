@@ -11,12 +11,17 @@ namespace moe::losses {
 
 /// L = coeff · (1/T) Σ_t (log Σ_j exp z_tj)² over the raw logits z; dL/dz_tj = coeff · 2 lse_t / T · softmax(z_t)_j.
 struct ZLoss {
-  double coeff = 1e-3;  ///< c_z (ST-MoE: 1e-3)
+  double coeff = 1e-3;  ///< c_z (ST-MoE: 1e-3); finite, >= 0
+
+  /// Throws moe::Error unless coeff is finite and >= 0 (routers::WithLosses calls it on construction).
+  void validate() const {
+    moe::detail::require_in(coeff, moe::detail::k_non_negative, "moe::losses::ZLoss", "coeff");
+  }
 
   /// Value; adds dL/dz to dz.
   template <class T>
   double forward(const BalanceBatch<T>& b, T* /*dp*/, T* dz, Arena& arena) const {
-    detail::require_coefficient(coeff, "moe::losses::ZLoss", "coeff");
+    validate();
     if (arena.measuring() || b.n_tokens == 0) return 0;
     double sum = 0;
     for (Index t = 0; t < b.n_tokens; ++t) {

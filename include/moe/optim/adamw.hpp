@@ -4,6 +4,7 @@
 /// v = b2 v + (1-b2) g^2; p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "../config.hpp"
@@ -12,13 +13,14 @@
 
 namespace moe::optim {
 
-/// Settings of AdamW (PyTorch defaults); validated by the constructor (moe::Error naming the field).
+/// Settings of AdamW (PyTorch defaults); validated by the constructor (moe::Error naming the field). Every
+/// value is finite; those used as a T (lr, eps, weight_decay) are at most max(T).
 struct AdamWConfig {
-  double lr = 1e-3;           ///< learning rate, > 0
+  double lr = 1e-3;           ///< learning rate, in (0, max(T)]
   double beta1 = 0.9;         ///< in [0, 1)
   double beta2 = 0.999;       ///< in [0, 1)
-  double eps = 1e-8;          ///< > 0
-  double weight_decay = 1e-2; ///< decoupled decay, >= 0
+  double eps = 1e-8;          ///< in (0, max(T)]
+  double weight_decay = 1e-2; ///< decoupled decay, in [0, max(T)]
 };
 
 /// AdamW over every parameter a model visits. One instance per model: its moments are keyed by name.
@@ -26,14 +28,13 @@ template <class T>
 class AdamW {
  public:
   explicit AdamW(AdamWConfig cfg) : cfg_(cfg), state_(2) {
-    detail::require(cfg.lr > 0, "moe::optim::AdamWConfig: lr = ", cfg.lr, " must be > 0");
-    detail::require(cfg.beta1 >= 0 && cfg.beta1 < 1, "moe::optim::AdamWConfig: beta1 = ", cfg.beta1,
-                    " must be in [0, 1)");
-    detail::require(cfg.beta2 >= 0 && cfg.beta2 < 1, "moe::optim::AdamWConfig: beta2 = ", cfg.beta2,
-                    " must be in [0, 1)");
-    detail::require(cfg.eps > 0, "moe::optim::AdamWConfig: eps = ", cfg.eps, " must be > 0");
-    detail::require(cfg.weight_decay >= 0, "moe::optim::AdamWConfig: weight_decay = ", cfg.weight_decay,
-                    " must be >= 0");
+    constexpr const char* who = "moe::optim::AdamWConfig";
+    const double t_max = static_cast<double>(std::numeric_limits<T>::max());
+    detail::require_in(cfg.lr, {.lo = 0.0, .hi = t_max, .open_lo = true}, who, "lr");
+    detail::require_in(cfg.beta1, {.lo = 0.0, .hi = 1.0, .open_hi = true}, who, "beta1");
+    detail::require_in(cfg.beta2, {.lo = 0.0, .hi = 1.0, .open_hi = true}, who, "beta2");
+    detail::require_in(cfg.eps, {.lo = 0.0, .hi = t_max, .open_lo = true}, who, "eps");
+    detail::require_in(cfg.weight_decay, {.lo = 0.0, .hi = t_max}, who, "weight_decay");
   }
 
   /// One update of every parameter of `model` (gradients are left as they are).
@@ -44,7 +45,12 @@ class AdamW {
   }
 
   const AdamWConfig& config() const { return cfg_; }  ///< the settings
-  void set_lr(double lr) { cfg_.lr = lr; }             ///< for schedules
+  /// For schedules; lr as AdamWConfig::lr (moe::Error otherwise).
+  void set_lr(double lr) {
+    detail::require_in(lr, {.lo = 0.0, .hi = static_cast<double>(std::numeric_limits<T>::max()), .open_lo = true},
+                       "moe::optim::AdamW::set_lr", "lr");
+    cfg_.lr = lr;
+  }
   long steps() const { return t_; }                     ///< steps taken
 
  private:

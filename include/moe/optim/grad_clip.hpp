@@ -12,10 +12,11 @@ namespace moe::optim {
 
 /// Scales every gradient of `model` by min(1, max_norm / (norm + 1e-6)), norm being the L2 norm of all
 /// gradients together (summed in double, in visit order). Returns that norm (before clipping); a
-/// non-finite norm is returned and nothing is scaled, so the caller can skip the step.
+/// non-finite norm is returned and nothing is scaled, so the caller can skip the step. max_norm must be finite
+/// and > 0 (moe::Error otherwise).
 template <class Model>
 double clip_grad_norm(Model& model, double max_norm) {
-  detail::require(max_norm > 0, "moe::optim::clip_grad_norm: max_norm = ", max_norm, " must be > 0");
+  detail::require_in(max_norm, detail::k_positive, "moe::optim::clip_grad_norm", "max_norm");
   double sum = 0;
   model.visit_parameters([&](const std::string&, auto& p) {
     const auto g = p.grad();

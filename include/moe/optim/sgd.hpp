@@ -3,6 +3,7 @@
 /// @brief Stochastic gradient descent with momentum and L2 weight decay, with PyTorch's torch.optim.SGD
 /// update: g += wd p; b = mu b + g (b = g at the first step); p -= lr (nesterov ? g + mu b : b).
 
+#include <limits>
 #include <string>
 
 #include "../config.hpp"
@@ -11,11 +12,12 @@
 
 namespace moe::optim {
 
-/// Settings of SGD; validated by the constructor (moe::Error naming the field).
+/// Settings of SGD; validated by the constructor (moe::Error naming the field). Every value is finite and, as
+/// each is used as a T, at most max(T).
 struct SGDConfig {
-  double lr = 1e-2;          ///< learning rate, > 0
+  double lr = 1e-2;          ///< learning rate, in (0, max(T)]
   double momentum = 0.0;     ///< in [0, 1)
-  double weight_decay = 0.0; ///< L2 penalty added to the gradient, >= 0
+  double weight_decay = 0.0; ///< L2 penalty added to the gradient, in [0, max(T)]
   bool nesterov = false;     ///< Nesterov momentum (needs momentum > 0)
 };
 
@@ -24,11 +26,11 @@ template <class T>
 class SGD {
  public:
   explicit SGD(SGDConfig cfg) : cfg_(cfg), state_(1) {
-    detail::require(cfg.lr > 0, "moe::optim::SGDConfig: lr = ", cfg.lr, " must be > 0");
-    detail::require(cfg.momentum >= 0 && cfg.momentum < 1, "moe::optim::SGDConfig: momentum = ", cfg.momentum,
-                    " must be in [0, 1)");
-    detail::require(cfg.weight_decay >= 0, "moe::optim::SGDConfig: weight_decay = ", cfg.weight_decay,
-                    " must be >= 0");
+    constexpr const char* who = "moe::optim::SGDConfig";
+    const double t_max = static_cast<double>(std::numeric_limits<T>::max());
+    detail::require_in(cfg.lr, {.lo = 0.0, .hi = t_max, .open_lo = true}, who, "lr");
+    detail::require_in(cfg.momentum, {.lo = 0.0, .hi = 1.0, .open_hi = true}, who, "momentum");
+    detail::require_in(cfg.weight_decay, {.lo = 0.0, .hi = t_max}, who, "weight_decay");
     detail::require(!cfg.nesterov || cfg.momentum > 0, "moe::optim::SGDConfig: nesterov needs momentum > 0");
   }
 
@@ -40,7 +42,12 @@ class SGD {
   }
 
   const SGDConfig& config() const { return cfg_; }  ///< the settings
-  void set_lr(double lr) { cfg_.lr = lr; }           ///< for schedules
+  /// For schedules; lr as SGDConfig::lr (moe::Error otherwise).
+  void set_lr(double lr) {
+    detail::require_in(lr, {.lo = 0.0, .hi = static_cast<double>(std::numeric_limits<T>::max()), .open_lo = true},
+                       "moe::optim::SGD::set_lr", "lr");
+    cfg_.lr = lr;
+  }
 
  private:
   void update(const std::string& name, Parameter<T>& p) {

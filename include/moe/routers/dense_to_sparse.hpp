@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 
 #include "../config.hpp"
@@ -38,8 +39,8 @@ enum class TemperatureDecay {
 /// Knobs of DenseToSparseGate (defaults: the official code's).
 struct DenseToSparseOptions {
   double threshold = 0.001;        ///< γ: an expert is active when G_i > γ; in (0, 1)
-  double max_temperature = 1.0;    ///< τ at step 0
-  double min_temperature = 0.5;    ///< τ floor
+  double max_temperature = 1.0;    ///< τ at step 0; finite, >= 1 / max(T)
+  double min_temperature = 0.5;    ///< τ floor; finite, >= 1 / max(T), <= max_temperature
   TemperatureDecay decay = TemperatureDecay::exponential;  ///< schedule
   std::uint64_t decay_steps = 1000;  ///< steps to reach min_temperature (`gumbel_decay_factor`), >= 1
   std::int64_t hard_switch_step = -1;  ///< from this step on, top-1 of G (`switch_to_hard_gumbel_softmax`); -1: never
@@ -61,7 +62,7 @@ class DenseToSparseGate {
       : d_model_(shape.validated().d_model),
         n_experts_(shape.n_experts),
         top_k_(shape.top_k),
-        options_(validated(options)),
+        options_(validated(shape, options)),
         gate_(d_model_, {{"gate", n_experts_}}) {
     set_step(0);
   }
@@ -80,7 +81,9 @@ class DenseToSparseGate {
     const double t = static_cast<double>(step) / static_cast<double>(o.decay_steps);
     switch (o.decay) {
       case TemperatureDecay::exponential:
-        return std::max(o.max_temperature * std::exp(std::log(o.min_temperature / o.max_temperature) * t), o.min_temperature);
+        // ln τ_min - ln τ_max, not ln(τ_min / τ_max): the ratio of two valid temperatures may underflow to 0.
+        return std::max(o.max_temperature * std::exp((std::log(o.min_temperature) - std::log(o.max_temperature)) * t),
+                        o.min_temperature);
       case TemperatureDecay::linear:
         return std::max(o.max_temperature - t * (o.max_temperature - o.min_temperature), o.min_temperature);
       case TemperatureDecay::constant:
@@ -225,17 +228,20 @@ class DenseToSparseGate {
     }
   }
 
-  static const DenseToSparseOptions& validated(const DenseToSparseOptions& o) {
+  static const DenseToSparseOptions& validated(const MoEConfig& shape, const DenseToSparseOptions& o) {
     constexpr const char* who = "moe::routers::DenseToSparseGate";
-    moe::detail::require(o.threshold > 0.0 && o.threshold < 1.0, who, ": options.threshold = ", o.threshold,
-                         " must be in (0, 1)");
-    detail::require_positive(o.max_temperature, who, "options.max_temperature");
-    detail::require_positive(o.min_temperature, who, "options.min_temperature");
+    moe::detail::require_in(o.threshold, {.lo = 0.0, .hi = 1.0, .open_lo = true, .open_hi = true}, who,
+                            "options.threshold");
+    // Every τ of the schedule lies in [min_temperature, max_temperature]; 1 / τ multiplies logits in T.
+    const moe::detail::Interval temperature{.lo = 1.0 / static_cast<double>(std::numeric_limits<T>::max())};
+    moe::detail::require_in(o.max_temperature, temperature, who, "options.max_temperature");
+    moe::detail::require_in(o.min_temperature, temperature, who, "options.min_temperature");
     moe::detail::require(o.min_temperature <= o.max_temperature, who, ": options.min_temperature = ", o.min_temperature,
                          " exceeds options.max_temperature = ", o.max_temperature);
     moe::detail::require(o.decay_steps >= 1, who, ": options.decay_steps must be >= 1");
     moe::detail::require(o.hard_switch_step >= -1, who, ": options.hard_switch_step = ", o.hard_switch_step,
                          " must be >= 0, or -1 for never");
+    moe::detail::checked_size<T>(who, "n_experts * d_model", {shape.n_experts, shape.d_model});
     return o;
   }
 

@@ -47,7 +47,7 @@ class ExpertChoiceRouter {
   ExpertChoiceRouter(const MoEConfig& shape, const ExpertChoiceOptions& options = {})
       : d_model_(shape.validated().d_model),
         n_experts_(shape.n_experts),
-        options_(validated(options)),
+        options_(validated(shape, options)),
         gate_(d_model_, {{"gate", n_experts_}}) {}
 
   Index d_model() const { return d_model_; }        ///< token width
@@ -120,8 +120,10 @@ class ExpertChoiceRouter {
   }
 
  private:
-  static const ExpertChoiceOptions& validated(const ExpertChoiceOptions& o) {
-    detail::require_positive(o.capacity_factor, "moe::routers::ExpertChoiceRouter", "options.capacity_factor");
+  static const ExpertChoiceOptions& validated(const MoEConfig& shape, const ExpertChoiceOptions& o) {
+    constexpr const char* who = "moe::routers::ExpertChoiceRouter";
+    moe::detail::require_in(o.capacity_factor, moe::detail::k_positive, who, "options.capacity_factor");
+    moe::detail::checked_size<T>(who, "n_experts * d_model", {shape.n_experts, shape.d_model});
     return o;
   }
 

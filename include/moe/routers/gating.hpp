@@ -243,11 +243,5 @@ inline double counter_gumbel(std::uint64_t seed, std::uint64_t step, Index token
   return -std::log(-std::log(counter_uniform(seed, step, token, index)));
 }
 
-/// Throws moe::Error naming `field` unless `value` is finite and > 0.
-inline void require_positive(double value, const char* owner, const char* field) {
-  moe::detail::require(std::isfinite(value) && value > 0.0, owner, ": ", field, " = ", value,
-                       " must be finite and > 0");
-}
-
 }  // namespace detail
 }  // namespace moe::routers

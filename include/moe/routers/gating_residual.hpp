@@ -26,8 +26,11 @@ class GatingResidual {
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
-  /// @param router the inner router; the map is (n_experts, n_experts), zero until init()
-  explicit GatingResidual(R router) : router_(std::move(router)), map_(router_.n_experts(), router_.n_experts()) {}
+  /// @param router the inner router; the map is (n_experts, n_experts), zero until init() (moe::Error when
+  ///               n_experts * n_experts elements exceed PTRDIFF_MAX bytes)
+  explicit GatingResidual(R router)
+      : router_(std::move(router)),
+        map_(map_rows(router_), router_.n_experts()) {}
 
   Index d_model() const { return router_.d_model(); }      ///< token width
   Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
@@ -133,6 +136,13 @@ class GatingResidual {
   /// @}
 
  private:
+  // n_experts, once the map's n_experts * n_experts elements are known to fit.
+  static Index map_rows(const R& router) {
+    moe::detail::checked_size<T>("moe::routers::GatingResidual", "n_experts * n_experts (gate_map)",
+                                 {router.n_experts(), router.n_experts()});
+    return router.n_experts();
+  }
+
   R router_;
   Parameter<T> map_;  // W^j (n_experts, n_experts)
   ConstMatrixView<T> previous_;

@@ -181,6 +181,12 @@ class NullExpertRouter {
     moe::detail::require(shape.d_model >= 1, who, ": d_model = ", shape.d_model, " must be >= 1");
     moe::detail::require(shape.n_experts >= 1, who, ": n_experts = ", shape.n_experts, " must be >= 1");
     moe::detail::require(o.n_null_experts >= 0, who, ": options.n_null_experts = ", o.n_null_experts, " must be >= 0");
+    // The gate has n + m rows of d_model: n + m must not overflow, nor (n + m) * d_model the buffer.
+    moe::detail::require(o.n_null_experts <= moe::detail::k_max_elements<T> - shape.n_experts, who,
+                         ": n_experts + options.n_null_experts = ", shape.n_experts, " + ", o.n_null_experts,
+                         " exceeds the ", moe::detail::k_max_elements<T>, " rows a gate may hold");
+    moe::detail::checked_size<T>(who, "(n_experts + options.n_null_experts) * d_model",
+                                 {shape.n_experts + o.n_null_experts, shape.d_model});
     moe::detail::require(shape.top_k >= 1 && shape.top_k <= shape.n_experts + o.n_null_experts, who, ": top_k = ",
                          shape.top_k, " must be in [1, n_experts + n_null_experts = ", shape.n_experts + o.n_null_experts,
                          "]");

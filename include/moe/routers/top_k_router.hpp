@@ -42,9 +42,9 @@ struct TopKOptions {
   Index n_groups = 1;                ///< group-limited top-k: experts in n_groups equal groups (1: off)
   Index top_k_groups = 1;            ///< groups kept per token
   Index group_score_top = 1;         ///< a group's score: sum of its top group_score_top keys (V2: 1 = max, V3: 2)
-  double routed_scaling_factor = 1.0;  ///< multiplies every weight (DeepSeek-V2: 16, V3: 2.5)
-  double temperature = 1.0;            ///< z = W_g x / temperature
-  double jitter = 0.0;        ///< training: x̃ = x · U(1 - jitter, 1 + jitter) elementwise (Switch: 0.01)
+  double routed_scaling_factor = 1.0;  ///< multiplies every weight (DeepSeek-V2: 16, V3: 2.5); in (0, max(T)]
+  double temperature = 1.0;            ///< z = W_g x / temperature; finite, >= 1 / max(T)
+  double jitter = 0.0;        ///< training: x̃ = x · U(1 - jitter, 1 + jitter) elementwise (Switch: 0.01); in [0, 1)
   bool gumbel_noise = false;  ///< training: choose with Gumbel noise on the logits (weights stay clean)
   std::uint64_t seed = 0;     ///< noise seed; noise is a hash of (seed, step, token, index)
 };
@@ -112,8 +112,8 @@ class TopKRouter {
     moe::detail::require(options_.selection_bias, "moe::routers::TopKRouter::update_bias: options.selection_bias is false");
     moe::detail::require(static_cast<Index>(counts.size()) == n_experts_, "moe::routers::TopKRouter::update_bias: counts has ",
                          counts.size(), " entries, expected n_experts = ", n_experts_);
-    moe::detail::require(std::isfinite(rate) && rate >= 0.0, "moe::routers::TopKRouter::update_bias: rate = ", rate,
-                         " must be finite and >= 0");
+    moe::detail::require_in(rate, {.lo = 0.0, .hi = static_cast<double>(std::numeric_limits<T>::max())},
+                            "moe::routers::TopKRouter::update_bias", "rate");
     double mean = 0;
     for (Index c : counts) mean += static_cast<double>(c);
     mean /= static_cast<double>(n_experts_);
@@ -274,9 +274,13 @@ class TopKRouter {
     moe::detail::require(shape.top_k <= o.top_k_groups * group_size, who, ": top_k = ", shape.top_k,
                          " exceeds the experts of options.top_k_groups = ", o.top_k_groups, " groups (",
                          o.top_k_groups * group_size, ")");
-    detail::require_positive(o.routed_scaling_factor, who, "options.routed_scaling_factor");
-    detail::require_positive(o.temperature, who, "options.temperature");
-    moe::detail::require(o.jitter >= 0.0 && o.jitter < 1.0, who, ": options.jitter = ", o.jitter, " must be in [0, 1)");
+    // The weights are scaled in T, the logits multiplied by 1 / temperature in T: both must be finite T values.
+    const double t_max = static_cast<double>(std::numeric_limits<T>::max());
+    moe::detail::require_in(o.routed_scaling_factor, {.lo = 0.0, .hi = t_max, .open_lo = true}, who,
+                            "options.routed_scaling_factor");
+    moe::detail::require_in(o.temperature, {.lo = 1.0 / t_max}, who, "options.temperature");
+    moe::detail::require_in(o.jitter, {.lo = 0.0, .hi = 1.0, .open_hi = true}, who, "options.jitter");
+    moe::detail::checked_size<T>(who, "n_experts * d_model", {E, shape.d_model});
     return o;
   }
 

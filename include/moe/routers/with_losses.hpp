@@ -66,8 +66,18 @@ class WithLosses {
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
-  /// @param router the inner router; @param losses the loss policies (their coefficients inside)
-  explicit WithLosses(R router, Losses... losses) : router_(std::move(router)), losses_(std::move(losses)...) {}
+  /// @param router the inner router; @param losses the loss policies (their coefficients inside; each with a
+  ///               validate() is validated here, so a bad coefficient throws moe::Error before any forward)
+  explicit WithLosses(R router, Losses... losses) : router_(std::move(router)), losses_(std::move(losses)...) {
+    std::apply(
+        [](const auto&... loss) {
+          const auto check = [](const auto& l) {
+            if constexpr (requires { l.validate(); }) l.validate();
+          };
+          (check(loss), ...);
+        },
+        losses_);
+  }
 
   Index d_model() const { return router_.d_model(); }      ///< token width
   Index n_experts() const { return router_.n_experts(); }  ///< experts routed over

@@ -152,19 +152,28 @@ class PackedWeights {
   static constexpr Index width = Kernel::width;
 
   PackedWeights() = default;
-  /// @param n_mats matrices (experts); @param n outputs per source; @param k inputs; @param n_src 1 or 2
+  /// @param n_mats matrices (experts); @param n outputs per source; @param k inputs; @param n_src 1 or 2.
+  /// Throws moe::Error when the padded panels exceed PTRDIFF_MAX bytes (see elements()).
   PackedWeights(Index n_mats, Index n, Index k, int n_src)
       : n_mats_(n_mats),
         n_(n),
         k_(k),
         n_src_(n_src),
         half_(width / n_src),
-        panels_((n + half_ - 1) / half_),
-        steps_((k + Kernel::group - 1) / Kernel::group),
-        data_(static_cast<std::size_t>(n_mats * panels_ * panel_size())),
+        panels_(ceil_div(n, half_)),
+        steps_(ceil_div(k, Kernel::group)),
+        data_(static_cast<std::size_t>(
+            elements("moe::kernels::PackedWeights", "n_mats * panels * steps * width * group", n_mats, n, k, n_src))),
         scales_(Kernel::quantized ? static_cast<std::size_t>(n_mats * panels_ * width) : 0),
         sums_(Kernel::quantized ? static_cast<std::size_t>(n_mats * panels_ * width) : 0) {
     assert(n_src == 1 || n_src == 2);
+  }
+
+  /// Elements of the panels of n_mats (n, k) matrices from n_src sources, padded to whole panels and steps:
+  /// n_mats * panels * steps * width * group, overflow-checked (moe::Error naming `owner` and `what`).
+  static Index elements(const char* owner, const char* what, Index n_mats, Index n, Index k, int n_src) {
+    return moe::detail::checked_size<Weight>(
+        owner, what, {n_mats, ceil_div(n, width / n_src), ceil_div(k, Kernel::group), width, Kernel::group});
   }
 
   Index panels() const { return panels_; }         ///< panels per matrix
@@ -244,6 +253,8 @@ class PackedWeights {
  private:
   template <class U>
   using Buffer = std::vector<U, xsimd::aligned_allocator<U, 64>>;
+  // ceil(a / b) for a >= 0, b > 0, without forming a + b - 1.
+  static constexpr Index ceil_div(Index a, Index b) { return a / b + (a % b != 0 ? 1 : 0); }
   Index n_mats_ = 0, n_ = 0, k_ = 0;
   int n_src_ = 1;
   Index half_ = width, panels_ = 0, steps_ = 0;
