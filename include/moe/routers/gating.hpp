@@ -115,7 +115,9 @@ class LinearGate {
     for (auto& w : weights_) {
       const ConstMatrixView<T> dz(dlogits.data() + col, dlogits.rows(), w.rows(), dlogits.stride());
       moe::detail::add_matmul_tn(dz, x, w.grad());                    // (rows, d_model)
-      moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(w.value()), dx);  // (n_tokens, d_model)
+      // Read through const: a non-const value() advances version(), which would mark every other training
+      // forward still in flight as stale (MoELayer::backward checks it).
+      moe::detail::add_matmul_nn(dz, std::as_const(w).value(), dx);  // (n_tokens, d_model)
       col += w.rows();
     }
   }
