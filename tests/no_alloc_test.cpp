@@ -1,10 +1,35 @@
 // RELIABILITY.md M1: after one warm-up call at a size, forward at the same or a smaller n_tokens performs
-// no heap allocation. Global operator new is replaced by a counting one (not in sanitizer builds, whose
-// runtime replaces it too).
+// no heap allocation. Three counters watch the measured calls (not in sanitizer builds, whose runtimes
+// replace the same functions):
+// - global operator new, replaced by a counting one;
+// - malloc, calloc, realloc, aligned_alloc, posix_memalign and memalign, interposed: this executable's
+//   definitions win over glibc's for every caller (libstdc++, libgomp, Eigen, glibc itself) and forward to
+//   glibc's __libc_* entry points (exported since glibc 2.2.5, still in 2.36), so free() stays glibc's.
+//   Calls made by GCC's OpenMP runtime are counted apart: libgomp allocates (and frees) a team for every
+//   parallel region that runs on one thread (an `if` clause below the layer's work threshold, or a team of
+//   one), so each small forward costs a few memalign/free pairs inside libgomp. That is the runtime's, and
+//   known (the layer would have to branch around its parallel regions instead of using `if`); everything
+//   else must not allocate;
+// - Eigen's own guard (its test/nomalloc.cpp): EIGEN_RUNTIME_NO_MALLOC and set_is_malloc_allowed(false)
+//   around the calls. Its check is an eigen_assert, which NDEBUG turns off, so this file defines
+//   eigen_assert to count failures instead: the guard reports in Release too, and every other Eigen
+//   assertion in these calls is counted with it.
+
+// Both before any Eigen include (catch.hpp includes none).
+#define EIGEN_RUNTIME_NO_MALLOC
+void moe_test_eigen_assert_failed(const char* condition);
+#define eigen_assert(x) (static_cast<bool>(x) ? void(0) : ::moe_test_eigen_assert_failed(#x))
 
 #include <atomic>
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <new>
+#include <ostream>
+
+#include <link.h>
 
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
@@ -12,7 +37,122 @@
 #include "support/random.hpp"
 
 namespace {
-std::atomic<long> g_allocations{0};
+std::atomic<long> g_allocations{0};  // operator new
+std::atomic<long> g_mallocs{0};      // the malloc family, called from anywhere but libgomp
+std::atomic<long> g_omp_mallocs{0};  // the malloc family, called from libgomp
+std::atomic<long> g_eigen_asserts{0};
+std::atomic<const char*> g_first_eigen_assert{nullptr};
+
+// Keeps the compiler from removing an allocation whose memory is never read.
+void escape(const void* p) { asm volatile("" : : "g"(p) : "memory"); }
+
+// libgomp's loaded segments, found once before the first measurement.
+struct Range {
+  std::uintptr_t lo = 0, hi = 0;
+};
+Range g_libgomp[8];
+std::atomic<int> g_n_libgomp{0};
+
+void find_libgomp() {
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void*) {
+        if (info->dlpi_name == nullptr || std::strstr(info->dlpi_name, "libgomp") == nullptr) return 0;
+        int n = 0;
+        for (int i = 0; i < info->dlpi_phnum && n < 8; ++i) {
+          const auto& ph = info->dlpi_phdr[i];
+          if (ph.p_type == PT_LOAD) g_libgomp[n++] = {info->dlpi_addr + ph.p_vaddr, info->dlpi_addr + ph.p_vaddr + ph.p_memsz};
+        }
+        g_n_libgomp.store(n);
+        return 1;
+      },
+      nullptr);
+}
+
+bool from_libgomp(const void* return_address) {
+  const auto a = reinterpret_cast<std::uintptr_t>(return_address);
+  const int n = g_n_libgomp.load(std::memory_order_relaxed);
+  for (int i = 0; i < n; ++i)
+    if (a >= g_libgomp[i].lo && a < g_libgomp[i].hi) return true;
+  return false;
+}
+
+void count_malloc(const void* return_address) { ++(from_libgomp(return_address) ? g_omp_mallocs : g_mallocs); }
+
+// Allocations seen during a call. Equality ignores omp_mallocs (see the file comment).
+struct Counts {
+  long news = 0;           ///< operator new
+  long mallocs = 0;        ///< malloc family, from anywhere but libgomp (operator new's own malloc included)
+  long eigen_asserts = 0;  ///< Eigen's guard (and any other failed eigen_assert)
+  long omp_mallocs = 0;    ///< malloc family, from libgomp
+  bool operator==(const Counts& o) const {
+    return news == o.news && mallocs == o.mallocs && eigen_asserts == o.eigen_asserts;
+  }
+};
+std::ostream& operator<<(std::ostream& os, const Counts& c) {
+  os << "{news " << c.news << ", mallocs " << c.mallocs << ", eigen_asserts " << c.eigen_asserts
+     << " (libgomp's mallocs " << c.omp_mallocs << ", not compared)";
+  if (const char* first = g_first_eigen_assert.load(); c.eigen_asserts > 0 && first != nullptr)
+    os << ", first: " << first;
+  return os << "}";
+}
+Counts counts() { return {g_allocations.load(), g_mallocs.load(), g_eigen_asserts.load(), g_omp_mallocs.load()}; }
+
+// What f() allocated, with Eigen's guard on while it runs.
+template <class F>
+Counts allocations_in(F&& f) {
+  static const bool found = (find_libgomp(), true);
+  (void)found;
+  const Counts before = counts();
+  Eigen::internal::set_is_malloc_allowed(false);
+  f();
+  Eigen::internal::set_is_malloc_allowed(true);
+  const Counts after = counts();
+  return {after.news - before.news, after.mallocs - before.mallocs, after.eigen_asserts - before.eigen_asserts,
+          after.omp_mallocs - before.omp_mallocs};
+}
+}  // namespace
+
+void moe_test_eigen_assert_failed(const char* condition) {
+  ++g_eigen_asserts;
+  const char* none = nullptr;
+  g_first_eigen_assert.compare_exchange_strong(none, condition);
+}
+
+// noinline: __builtin_return_address(0) must be the caller's address.
+extern "C" {
+void* __libc_malloc(std::size_t n);
+void* __libc_calloc(std::size_t n, std::size_t size);
+void* __libc_realloc(void* p, std::size_t n);
+void* __libc_memalign(std::size_t align, std::size_t n);
+
+__attribute__((noinline)) void* malloc(std::size_t n) noexcept {
+  count_malloc(__builtin_return_address(0));
+  return __libc_malloc(n);
+}
+__attribute__((noinline)) void* calloc(std::size_t n, std::size_t size) noexcept {
+  count_malloc(__builtin_return_address(0));
+  return __libc_calloc(n, size);
+}
+__attribute__((noinline)) void* realloc(void* p, std::size_t n) noexcept {
+  count_malloc(__builtin_return_address(0));
+  return __libc_realloc(p, n);
+}
+__attribute__((noinline)) void* memalign(std::size_t align, std::size_t n) noexcept {
+  count_malloc(__builtin_return_address(0));
+  return __libc_memalign(align, n);
+}
+__attribute__((noinline)) void* aligned_alloc(std::size_t align, std::size_t n) noexcept {
+  count_malloc(__builtin_return_address(0));
+  return __libc_memalign(align, n);
+}
+__attribute__((noinline)) int posix_memalign(void** out, std::size_t align, std::size_t n) noexcept {
+  count_malloc(__builtin_return_address(0));
+  if (align < sizeof(void*) || (align & (align - 1)) != 0) return EINVAL;
+  void* p = __libc_memalign(align, n);
+  if (p == nullptr) return ENOMEM;
+  *out = p;
+  return 0;
+}
 }
 
 // The replacements pair malloc with free on purpose; GCC 12 cannot see that through the inlined allocator.
@@ -36,6 +176,54 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
+TEST_CASE("The allocation counters and Eigen's guard see what they should", "[alloc]") {
+  // A heap Eigen matrix inside the guard trips it (so the guard is real), and its malloc is counted.
+  const Counts eigen = allocations_in([] {
+    Eigen::MatrixXf m(16, 16);
+    escape(m.data());
+  });
+  CHECK(eigen.eigen_asserts >= 1);
+  CHECK(eigen.mallocs >= 1);
+  // The same matrix outside the guard does not.
+  const long asserts_before = g_eigen_asserts.load();
+  {
+    Eigen::MatrixXf m(16, 16);
+    escape(m.data());
+  }
+  CHECK(g_eigen_asserts.load() == asserts_before);
+  // operator new reaches both counters.
+  const Counts with_new = allocations_in([] {
+    const auto p = std::make_unique<int[]>(100);
+    escape(p.get());
+  });
+  CHECK(with_new.news >= 1);
+  CHECK(with_new.mallocs >= 1);
+  // A shared library's own call is interposed too: glibc's strdup calls malloc.
+  const Counts in_libc = allocations_in([] {
+    char* p = strdup("moe");
+    escape(p);
+    std::free(p);
+  });
+  CHECK(in_libc.mallocs >= 1);
+#if defined(_OPENMP) && defined(__GNUC__) && !defined(__clang__)
+  // libgomp's own calls are told apart: a parallel region on one thread makes it allocate its team.
+  const Counts omp = allocations_in([] {
+    int sum = 0;
+#pragma omp parallel num_threads(1) reduction(+ : sum)
+    sum += 1;
+    escape(&sum);
+  });
+  CHECK(omp.omp_mallocs >= 1);
+  CHECK(omp.mallocs == 0);
+#endif
+  // Growing a Workspace is counted.
+  moe::Workspace ws;
+  const Counts grow = allocations_in([&] { ws.reserve(1 << 20); });
+  CHECK(grow.news == 1);
+  CHECK(grow.mallocs >= 1);
+  CHECK(allocations_in([&] { ws.reserve(1 << 10); }) == Counts{});
+}
+
 TEST_CASE("MoELayer::forward allocates nothing after warm-up at the same or smaller sizes", "[alloc]") {
   moe::MixtralMoE layer(moe::MoEConfig{.d_model = 64, .d_ff = 160, .n_experts = 8, .top_k = 2});
   layer.init(4);
@@ -45,17 +233,16 @@ TEST_CASE("MoELayer::forward allocates nothing after warm-up at the same or smal
   moe::Workspace ws;
   layer.forward(x, y, ws);  // warm-up: sizes the workspace (and starts the OpenMP team)
 
-  const long before = g_allocations.load();
-  for (moe::Index t : {100, 1, 37, 99}) layer.forward(x.topRows(t), y.topRows(t), ws);
-  const long during = g_allocations.load() - before;
-  REQUIRE(during == 0);
+  REQUIRE(allocations_in([&] {
+            for (moe::Index t : {100, 1, 37, 99}) layer.forward(x.topRows(t), y.topRows(t), ws);
+          }) == Counts{});
 
-  // The counter is live: a bigger batch must grow the workspace.
+  // The counters are live: a bigger batch must grow the workspace.
   const moe::RowMatrix<float> big = moe::test::normal_matrix<float>(rng, 101, 64);
   moe::RowMatrix<float> ybig(101, 64);
-  const long before_big = g_allocations.load();
-  layer.forward(big, ybig, ws);
-  REQUIRE(g_allocations.load() - before_big >= 1);
+  const Counts grow = allocations_in([&] { layer.forward(big, ybig, ws); });
+  REQUIRE(grow.news >= 1);
+  REQUIRE(grow.mallocs >= 1);
 }
 
 TEST_CASE("bf16 and int8 weight storage allocate nothing after warm-up either", "[alloc]") {
@@ -70,14 +257,12 @@ TEST_CASE("bf16 and int8 weight storage allocate nothing after warm-up either", 
     moe::RowMatrix<float> y(100, 64);
     moe::Workspace ws;
     layer.forward(x, y, ws);
-    const long before = g_allocations.load();
-    for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
-    CHECK(g_allocations.load() - before == 0);
+    CHECK(allocations_in([&] {
+            for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
+          }) == Counts{});
     // A weight update re-packs in place: still no allocation.
     layer.template bank<0>().w1(0)(0, 0) += 1.0f;
-    const long before_repack = g_allocations.load();
-    layer.forward(x, y, ws);
-    CHECK(g_allocations.load() - before_repack == 0);
+    CHECK(allocations_in([&] { layer.forward(x, y, ws); }) == Counts{});
   };
   check(moe::kernels::NativeWeights{});
   check(moe::kernels::BF16Weights{});
@@ -88,16 +273,16 @@ namespace {
 
 // Warm-up at 100 tokens, then forwards at 100, 1, 37 tokens: no heap allocation.
 template <class Layer>
-long allocations_after_warm_up(Layer& layer) {
+Counts allocations_after_warm_up(Layer& layer) {
   layer.init(4);
   moe::Rng rng(6);
   const moe::RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 100, layer.d_model());
   moe::RowMatrix<float> y(100, layer.d_model());
   moe::Workspace ws;
   layer.forward(x, y, ws);
-  const long before = g_allocations.load();
-  for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
-  return g_allocations.load() - before;
+  return allocations_in([&] {
+    for (moe::Index t : {100, 1, 37}) layer.forward(x.topRows(t), y.topRows(t), ws);
+  });
 }
 
 }  // namespace
@@ -109,23 +294,23 @@ TEST_CASE("Every router and heterogeneous banks allocate nothing after warm-up",
   MoELayer<Capped, experts::SwiGLU<float>> capped(Capped(routers::TopKRouter<float>(cfg, routers::presets::mixtral()),
                                                           {.capacity_factor = 0.75}),
                                                    experts::SwiGLU<float>(cfg));
-  CHECK(allocations_after_warm_up(capped) == 0);
+  CHECK(allocations_after_warm_up(capped) == Counts{});
   MoELayer<routers::TopKRouter<float>, experts::SwiGLU<float>> deepseek(
       routers::TopKRouter<float>({.d_model = 32, .d_ff = 48, .n_experts = 16, .top_k = 2},
                                  routers::presets::deepseek_v3()),
       experts::SwiGLU<float>({.d_model = 32, .d_ff = 48, .n_experts = 16, .top_k = 2}));
-  CHECK(allocations_after_warm_up(deepseek) == 0);
+  CHECK(allocations_after_warm_up(deepseek) == Counts{});
   MoELayer<routers::NullExpertRouter<float>, experts::SwiGLU<float>> adamoe(
       routers::NullExpertRouter<float>(cfg, {.n_null_experts = 3}), experts::SwiGLU<float>(cfg));
-  CHECK(allocations_after_warm_up(adamoe) == 0);
+  CHECK(allocations_after_warm_up(adamoe) == Counts{});
   MoELayer<routers::DenseToSparseGate<float>, experts::SwiGLU<float>> evomoe(
       routers::DenseToSparseGate<float>({.d_model = 32, .d_ff = 48, .n_experts = 6, .top_k = 6}),
       experts::SwiGLU<float>(cfg));
-  CHECK(allocations_after_warm_up(evomoe) == 0);
+  CHECK(allocations_after_warm_up(evomoe) == Counts{});
   MoELayer<routers::ExpertChoiceRouter<float>, experts::SwiGLU<float>> expert_choice(
       routers::ExpertChoiceRouter<float>({.d_model = 32, .d_ff = 48, .n_experts = 6, .top_k = 6}),
       experts::SwiGLU<float>(cfg));
-  CHECK(allocations_after_warm_up(expert_choice) == 0);
+  CHECK(allocations_after_warm_up(expert_choice) == Counts{});
   MoELayer<routers::TopKSoftmax<float>, experts::SwiGLU<float>, experts::LoRASwiGLU<float>, experts::GRU<float>,
            experts::ConstantExperts<float>, experts::CopyExperts<float>, experts::ZeroExperts<float>,
            experts::Shared<experts::SwiGLU<float>, experts::SigmoidSharedGate>>
@@ -137,7 +322,7 @@ TEST_CASE("Every router and heterogeneous banks allocate nothing after warm-up",
             experts::ZeroExperts<float>(1, 32),
             experts::Shared<experts::SwiGLU<float>, experts::SigmoidSharedGate>(
                 MoEConfig{.d_model = 32, .d_ff = 48, .n_experts = 1, .top_k = 1}));
-  CHECK(allocations_after_warm_up(mixed) == 0);
+  CHECK(allocations_after_warm_up(mixed) == Counts{});
 }
 
 TEST_CASE("Loss policies, gating residuals and a training stack allocate nothing after warm-up", "[alloc]") {
@@ -152,7 +337,7 @@ TEST_CASE("Loss policies, gating residuals and a training stack allocate nothing
                  experts::SwiGLU<float>(cfg));
   };
   Layer single = make();
-  CHECK(allocations_after_warm_up(single) == 0);
+  CHECK(allocations_after_warm_up(single) == Counts{});
 
   std::vector<Layer> layers;
   layers.push_back(make());
@@ -170,7 +355,5 @@ TEST_CASE("Loss policies, gating residuals and a training stack allocate nothing
   };
   step();
   step();
-  const long before = g_allocations.load();
-  step();
-  CHECK(g_allocations.load() - before == 0);
+  CHECK(allocations_in(step) == Counts{});
 }
