@@ -13,7 +13,8 @@
 //    so out[t] must be exactly Σ_s w_s e_{id_s} + (t Σ_s w_s) e_last.
 // 2. The path users reach: MoELayer with a router that returns the assignment (optionally capacity-limited,
 //    then with distinct ids per token, as routers guarantee) and marker expert banks (one or two, so the
-//    per-bank offsets are exercised): forward throws moe::Error exactly when an id is out of range, else
+//    per-bank offsets are exercised; reading gathered rows or, token-indexed, the tokens through the plan's
+//    row_token): inference and training forwards throw moe::Error exactly when an id is out of range, else
 //    y is exactly the marker sum of the kept slots, the banks saw each kept (token, expert) pair exactly
 //    once, tokens_per_expert / experts_per_token / dropped_slots agree with the ids, and the capacity drops
 //    are the documented ones. Backward: dx = (Σ_kept w_s dy_last) e_last exactly, and the router receives
@@ -26,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -208,6 +210,9 @@ class ScriptedRouter {
 
 // Expert `first + e` writes the one-hot e_{first+e} and copies the last column (the token index) of its row;
 // records (expert, token) for every row it runs. Backward: the last column passes its gradient through.
+// TokenIndexed: also reads its rows straight from the tokens (moe::TokenIndexedBank), so an inference forward
+// of a layer of such banks takes the plan's row_token instead of a gathered copy.
+template <bool TokenIndexed>
 class MarkerBank {
  public:
   using Scalar = float;
@@ -220,14 +225,28 @@ class MarkerBank {
   void visit_parameters(F&&) {}
   void forward(moe::ConstMatrixView<float> xs, const Index* offsets, moe::MatrixView<float> ys, moe::Arena& arena) const {
     if (arena.measuring()) return;
+    run(offsets, ys, [&](Index r) { return xs(r, d_ - 1); });
+  }
+  void forward_tokens(moe::ConstMatrixView<float> x, const Index* row_token, const Index* offsets,
+                      moe::MatrixView<float> ys, moe::Arena& arena) const
+    requires TokenIndexed
+  {
+    if (arena.measuring()) return;
+    run(offsets, ys, [&](Index r) {
+      MOE_FUZZ_CHECK(row_token[r] >= 0 && row_token[r] < x.rows(), "MarkerBank: row " << r << " token " << row_token[r]);
+      return x(row_token[r], d_ - 1);
+    });
+  }
+  template <class Marker>
+  void run(const Index* offsets, moe::MatrixView<float> ys, Marker&& marker) const {
     for (Index e = 0; e < n_; ++e) {
       MOE_FUZZ_CHECK(offsets[e] <= offsets[e + 1] && offsets[e + 1] <= ys.rows(),
                      "MarkerBank: expert " << first_ + e << " rows [" << offsets[e] << ", " << offsets[e + 1] << ") of " << ys.rows());
       for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
         std::fill_n(ys.row(r), d_, 0.0f);
         ys(r, first_ + e) = 1.0f;
-        ys(r, d_ - 1) = xs(r, d_ - 1);
-        seen_->emplace_back(first_ + e, static_cast<Index>(xs(r, d_ - 1)));
+        ys(r, d_ - 1) = marker(r);
+        seen_->emplace_back(first_ + e, static_cast<Index>(ys(r, d_ - 1)));
       }
     }
   }
@@ -274,18 +293,30 @@ void check_layer(moe::MoELayer<R, Banks...>& layer, const Assignment& a, const s
     for (Index j = 0; j < d - 1; ++j) x(t, j) = static_cast<float>(in.below(7)) - 3.0f;  // ignored by the markers
     x(t, d - 1) = static_cast<float>(t);
   }
+  const bool reject = a.out_of_range() && T > 0;
+  // Inference forward (token-indexed banks read the tokens in place): the same output as the training one.
+  Matrix y_inference = Matrix::Constant(T, d, std::numeric_limits<float>::quiet_NaN());
+  moe::Workspace ws;
+  bool threw = false;
+  try {
+    layer.forward(x, y_inference, ws);
+  } catch (const moe::Error&) {
+    threw = true;
+  }
+  MOE_FUZZ_CHECK(threw == reject, "MoELayer::forward (inference) " << (threw ? "rejected" : "accepted")
+                                                                   << " an assignment with out_of_range = " << a.out_of_range());
+
   Matrix y = Matrix::Constant(T, d, std::numeric_limits<float>::quiet_NaN());
   const Matrix y_before = y;
   moe::TrainingContext<float> ctx;
   moe::ForwardResult<float> res;
-  bool threw = false;
+  threw = false;
   seen.clear();
   try {
     res = layer.forward(x, y, ctx);
   } catch (const moe::Error&) {
     threw = true;
   }
-  const bool reject = a.out_of_range() && T > 0;
   MOE_FUZZ_CHECK(threw == reject, "MoELayer::forward " << (threw ? "rejected" : "accepted") << " an assignment with out_of_range = "
                                                         << a.out_of_range());
   if (threw) {
@@ -328,12 +359,13 @@ void check_layer(moe::MoELayer<R, Banks...>& layer, const Assignment& a, const s
   std::sort(expected_pairs.begin(), expected_pairs.end());
   MOE_FUZZ_CHECK(seen == expected_pairs, "MoELayer: the banks ran " << seen.size() << " (expert, token) rows, expected "
                                                                     << expected_pairs.size() << " (or other pairs)");
-  // Combined output: exactly the marker sum of the kept slots.
+  // Combined output: exactly the marker sum of the kept slots, in both forwards.
   for (Index t = 0; t < T; ++t) {
     const std::vector<double> want = marker_sum(a, kept_ids, a.w, t);
     for (Index j = 0; j < d; ++j)
-      MOE_FUZZ_CHECK(double(y(t, j)) == want[static_cast<std::size_t>(j)],
-                     "MoELayer: y(" << t << ", " << j << ") = " << y(t, j) << ", expected " << want[static_cast<std::size_t>(j)]);
+      MOE_FUZZ_CHECK(double(y(t, j)) == want[static_cast<std::size_t>(j)] && double(y_inference(t, j)) == want[static_cast<std::size_t>(j)],
+                     "MoELayer: y(" << t << ", " << j << ") = " << y(t, j) << " (inference " << y_inference(t, j)
+                                    << "), expected " << want[static_cast<std::size_t>(j)]);
   }
 
   // Backward with power-of-two dy: dx = (Σ_kept w dy_last) e_last; the router gets dy[t, id] + t dy[t, last].
@@ -357,17 +389,25 @@ void check_layer(moe::MoELayer<R, Banks...>& layer, const Assignment& a, const s
   }
 }
 
+// One bank, or two banks splitting the experts at `split`; token-indexed banks or gathered rows.
 template <class R>
 void run_layer(R router, const Assignment& a, const std::vector<Index>& kept_ids, std::vector<std::pair<Index, Index>>& seen,
-               const std::vector<float>& dweights, Index split, ByteReader& in) {
+               const std::vector<float>& dweights, Index split, bool token_indexed, ByteReader& in) {
   const Index d = a.E + 1;
-  if (split > 0) {
-    moe::MoELayer<R, MarkerBank, MarkerBank> layer(std::move(router), MarkerBank(0, split, d, &seen),
-                                                   MarkerBank(split, a.E - split, d, &seen));
-    check_layer(layer, a, kept_ids, seen, dweights, in);
+  const auto build = [&]<bool TI>(std::bool_constant<TI>) {
+    using B = MarkerBank<TI>;
+    if (split > 0) {
+      moe::MoELayer<R, B, B> layer(std::move(router), B(0, split, d, &seen), B(split, a.E - split, d, &seen));
+      check_layer(layer, a, kept_ids, seen, dweights, in);
+    } else {
+      moe::MoELayer<R, B> layer(std::move(router), B(0, a.E, d, &seen));
+      check_layer(layer, a, kept_ids, seen, dweights, in);
+    }
+  };
+  if (token_indexed) {
+    build(std::true_type{});
   } else {
-    moe::MoELayer<R, MarkerBank> layer(std::move(router), MarkerBank(0, a.E, d, &seen));
-    check_layer(layer, a, kept_ids, seen, dweights, in);
+    build(std::false_type{});
   }
 }
 
@@ -381,6 +421,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   a.k = 1 + in.below(k_max_top_k);
   const std::uint8_t mode = in.byte();
   const bool capacity = (mode & 1) != 0;
+  const bool token_indexed = (mode & 4) != 0;
   const Index split = a.E >= 2 && (mode & 2) != 0 ? 1 + in.below(a.E - 1) : 0;
   a.ids.resize(static_cast<std::size_t>(a.T * a.k));
   a.w.resize(a.ids.size());
@@ -409,9 +450,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const moe::routers::CapacityOptions o{.capacity_factor = in.pick(k_factor),
                                           .drop_policy = static_cast<moe::routers::DropPolicy>(in.below(2))};
     const std::vector<Index> kept = a.out_of_range() ? a.ids : capacity_drops(a, o);
-    run_layer(moe::routers::CapacityLimited<ScriptedRouter>(router, o), a, kept, seen, dweights, split, in);
+    run_layer(moe::routers::CapacityLimited<ScriptedRouter>(router, o), a, kept, seen, dweights, split, token_indexed, in);
   } else {
-    run_layer(router, a, a.ids, seen, dweights, split, in);
+    run_layer(router, a, a.ids, seen, dweights, split, token_indexed, in);
   }
   return 0;
 }

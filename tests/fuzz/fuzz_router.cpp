@@ -13,7 +13,8 @@
 //  - a token's routing does not depend on another token's row (bitwise), for the token-independent routers;
 //  - the layer: throws moe::Error exactly when x holds NaN or ±inf (and never otherwise), routes bitwise as the
 //    router alone, tokens_per_expert and experts_per_token count the ids, dropped_slots counts the drops, and
-//    y = (Σ kept weights)·x within γ_{k+1} (plus 2^-150 per subnormal rounding).
+//    y = (Σ kept weights)·x within γ_{k+1} (plus 2^-150 per subnormal rounding); a training forward routes
+//    the same, and its backward (through whatever the forward saved) runs and accepts a finite dy.
 // A violated oracle aborts with a message.
 
 #include <algorithm>
@@ -246,8 +247,19 @@ bool top_k_reference(const routers::TopKRouter<float>& r, const float* s, std::v
 }
 
 // I1 for one token of a TopKRouter: ids, the documented choice, the weights. `s` is the saved row.
+const char* score_name(routers::ScoreFunction f) {
+  switch (f) {
+    case routers::ScoreFunction::softmax: return "softmax";
+    case routers::ScoreFunction::sigmoid: return "sigmoid";
+    case routers::ScoreFunction::sqrt_softplus: return "sqrt-softplus";
+  }
+  return "?";
+}
+
+// `finite_logits`: every (scaled) logit of the token is known to be finite; then the documented exception
+// ("a row without a finite logit gets weight 0") does not apply and a renormalised row must sum to the scale.
 void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, const Index* id, const float* w,
-                       const char* who, Index t) {
+                       bool finite_logits, const char* who, Index t) {
   const auto& o = r.options();
   const Index E = r.n_experts(), k = r.top_k();
   check_ids(id, k, E, false, who, t);
@@ -266,14 +278,24 @@ void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, cons
   }
   const float scale = static_cast<float>(o.routed_scaling_factor);
   if (o.softmax_after_top_k) {
-    bool zero_ok = true;  // every chosen logit -inf: the softmax row is 0
+    bool zero_ok = !finite_logits;  // every chosen logit -inf: the softmax row is 0
     for (Index j = 0; j < k; ++j) zero_ok = zero_ok && s[id[j]] == -std::numeric_limits<float>::infinity();
     check_weights(w, id, k, E, SumRule::normalized, scale, zero_ok, who, t);
     return;
   }
   if (o.renormalize) {
-    bool zero_ok = true;  // no chosen score above 0: the weights stay the (zero) scores
-    for (Index j = 0; j < k; ++j) zero_ok = zero_ok && !(s[id[j]] > 0.0f);
+    bool zero_ok = !finite_logits;  // no finite logit, no chosen score above 0: the weights stay the zero scores
+    bool all_zero_scores = true;
+    for (Index j = 0; j < k; ++j) {
+      zero_ok = zero_ok && !(s[id[j]] > 0.0f);
+      all_zero_scores = all_zero_scores && !(s[id[j]] > 0.0f);
+    }
+    // The case the numeric policy leaves out: finite logits whose scores all underflow to 0 (sigmoid or
+    // sqrt-softplus of logits below about -104) leave the weights at 0 instead of summing to the scale.
+    MOE_FUZZ_CHECK(!(finite_logits && all_zero_scores),
+                   who << ": token " << t << " has finite logits but every chosen " << score_name(o.score)
+                       << " score is 0 (the logits underflow), so its renormalised weights are all 0, not "
+                       << scale << "; chosen ids " << id[0] << (k > 1 ? ", ..." : ""));
     check_weights(w, id, k, E, SumRule::normalized, scale, zero_ok, who, t);
     return;
   }
@@ -289,29 +311,65 @@ void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, cons
   check_weights(w, id, k, E, rule, scale, false, who, t);
 }
 
-void check_top_k(const routers::TopKRouter<float>& r, const Routed& out, const char* who) {
+void check_top_k(const routers::TopKRouter<float>& r, const Routed& out, bool finite_logits, const char* who) {
   for (Index t = 0; t < out.n_tokens; ++t)
-    check_top_k_token(r, out.saved.data() + t * r.saved_width(), out.id(t), out.weight(t), who, t);
+    check_top_k_token(r, out.saved.data() + t * r.saved_width(), out.id(t), out.weight(t), finite_logits, who, t);
+}
+
+// True when every logit x Wᵀ (+ extra, scaled by 1/temperature, x jittered by up to 2x) is certainly finite in
+// f32: x and W finite and Σ_j max_t |x_tj| |W_ej| (+ extra) far below FLT_MAX.
+bool logits_finite(const Matrix& x, moe::ConstMatrixView<float> w, double temperature, double extra = 0) {
+  if (!moe::fuzz::all_finite(x.data(), static_cast<std::size_t>(x.size())) || !std::isfinite(extra)) return false;
+  std::vector<double> col_max(static_cast<std::size_t>(x.cols()), 0.0);
+  for (Index t = 0; t < x.rows(); ++t)
+    for (Index j = 0; j < x.cols(); ++j)
+      col_max[static_cast<std::size_t>(j)] = std::max(col_max[static_cast<std::size_t>(j)], std::abs(double(x(t, j))));
+  double worst = 0;
+  for (Index e = 0; e < w.rows(); ++e) {
+    double bound = extra;
+    for (Index j = 0; j < w.cols(); ++j) {
+      if (!std::isfinite(w(e, j))) return false;
+      bound += 2.0 * col_max[static_cast<std::size_t>(j)] * std::abs(double(w(e, j)));
+    }
+    worst = std::max(worst, bound);
+  }
+  return worst * std::max(1.0, 1.0 / temperature) < 1e37;
+}
+
+// The same for logits given directly.
+bool logits_finite(const Matrix& z, double temperature) {
+  double worst = 0;
+  for (Index i = 0; i < z.size(); ++i) {
+    if (!std::isfinite(z.data()[i])) return false;
+    worst = std::max(worst, std::abs(double(z.data()[i])));
+  }
+  return worst * std::max(1.0, 1.0 / temperature) < 1e37;
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // The other routers' oracles.
 
-void check_null_experts(const routers::NullExpertRouter<float>& r, const Routed& out) {
+void check_null_experts(const routers::NullExpertRouter<float>& r, const Routed& out, bool finite_logits) {
   const Index n = r.n_experts(), width = r.saved_width(), k = r.top_k();
   for (Index t = 0; t < out.n_tokens; ++t) {
     const Index* id = out.id(t);
     const float* p = out.saved.data() + t * width;
     check_ids(id, k, n, true, "NullExpertRouter", t);
     const auto all = reference_top_k(p, width, k);
-    bool zero_ok = true;
+    bool zero_ok = true, any_true = false;
     for (Index s = 0; s < k; ++s) {
       const Index want = all[static_cast<std::size_t>(s)] < n ? all[static_cast<std::size_t>(s)] : -1;
       MOE_FUZZ_CHECK(id[s] == want, "NullExpertRouter: token " << t << " slot " << s << " holds " << id[s]
                                                                << ", the documented choice is " << want);
       if (id[s] >= 0) zero_ok = zero_ok && !(p[id[s]] > 0.0f);
+      any_true = any_true || id[s] >= 0;
     }
-    check_weights(out.weight(t), id, k, n, SumRule::normalized, 1.0f, zero_ok, "NullExpertRouter", t);
+    // No true expert chosen: every slot unused, weights 0. Otherwise the true weights sum to 1, unless no logit is
+    // finite (the documented exception); finite logits whose chosen probabilities all underflow are not one.
+    MOE_FUZZ_CHECK(!(any_true && zero_ok && finite_logits),
+                   "NullExpertRouter: token " << t << " has finite logits and chose true experts whose probabilities "
+                                              << "all underflow to 0, so their renormalised weights are all 0, not 1");
+    check_weights(out.weight(t), id, k, n, SumRule::normalized, 1.0f, zero_ok || !any_true, "NullExpertRouter", t);
   }
 }
 
@@ -484,7 +542,24 @@ void check_layer(const R& router, const LayerCase& c, const Routed& direct, Byte
                                                   << ", ids show " << count[static_cast<std::size_t>(e)]);
   MOE_FUZZ_CHECK(res.dropped_slots == direct.stats.dropped_slots, "MoELayer: dropped_slots " << res.dropped_slots
                                                                      << ", the router reported " << direct.stats.dropped_slots);
-  (void)in;
+
+  // A training forward routes the same (bitwise), and its backward runs on whatever the forward saved (NaN or
+  // infinite logits, unused slots) without a sanitizer report or an exception for a finite dy.
+  moe::TrainingContext<float> ctx;
+  Matrix y2(T, d), dy(T, d), dx(T, d);
+  const auto train = layer.forward(*c.x, y2, ctx, c.sequence_starts);
+  for (Index i = 0; i < T * k; ++i) {
+    const auto u = static_cast<std::size_t>(i);
+    MOE_FUZZ_CHECK(train.expert_ids[u] == res.expert_ids[u] &&
+                       std::memcmp(&train.expert_weights[u], &res.expert_weights[u], sizeof(float)) == 0,
+                   "MoELayer: the training forward routed slot " << i << " differently");
+  }
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = in.moderate_float();
+  try {
+    layer.backward(dy, dx, ctx);
+  } catch (const moe::Error& e) {
+    MOE_FUZZ_CHECK(false, "MoELayer::backward threw on a finite dy: " << e.what());
+  }
 }
 
 // B3: a token's routing is a function of its own row. Replaces row b by a benign or special row and requires
@@ -518,7 +593,7 @@ void check_token_independence(const Matrix& x, const Routed& base, Index saved_w
 // One fuzz case.
 
 enum class Kind { top_k, top_k_softmax, capacity, null_experts, dense_to_sparse, expert_choice, sequence_level,
-                  gating_residual, with_losses, count };
+                  gating_residual, with_losses, null_experts_with_losses, capacity_with_losses, count };
 
 struct Case {
   Index T = 0, E = 1, k = 1, d = 1;
@@ -568,12 +643,12 @@ void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
     Matrix z(c.T, c.E);
     fill_matrix(in, z);
     const Routed out = route_from_logits(*r, z);
-    check_top_k(*r, out, "TopKRouter::route_logits");
+    check_top_k(*r, out, logits_finite(z, r->options().temperature), "TopKRouter::route_logits");
     return;
   }
   read_tokens(in, c);
   const Routed out = route_plain(*r, c.x);
-  check_top_k(*r, out, "TopKRouter");
+  check_top_k(*r, out, logits_finite(c.x, std::as_const(*r).gate(), r->options().temperature), "TopKRouter");
   check_token_independence(c.x, out, r->saved_width(), in, [&](const Matrix& x2) { return route_plain(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
@@ -596,10 +671,22 @@ void run_capacity(ByteReader& in, Case& c) {
   if (!r->router().bias().empty()) in.fill(r->router().bias().data(), r->router().bias().size());
   read_tokens(in, c);
   const Routed inner = route_plain(r->router(), c.x);
-  check_top_k(r->router(), inner, "CapacityLimited's inner router");
+  check_top_k(r->router(), inner, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
+              "CapacityLimited's inner router");
   const Routed out = route_with_stats(*r, c.x);
   check_capacity(*r, inner, out);
   check_layer(*r, layer_case(c), out, in);
+}
+
+// Every logit of a NullExpertRouter (its gate, and its null projection when separate) certainly finite.
+bool null_logits_finite(routers::NullExpertRouter<float>& r, const Matrix& x) {
+  if (!logits_finite(x, r.gate(), 1.0)) return false;
+  if (r.n_null_experts() == 0) return true;
+  try {
+    return logits_finite(x, r.null_gate(), 1.0);
+  } catch (const moe::Error&) {
+    return true;  // one gate holds the null rows too: checked above
+  }
 }
 
 void run_null_experts(ByteReader& in, Case& c) {
@@ -618,12 +705,12 @@ void run_null_experts(ByteReader& in, Case& c) {
   if (c.logits_mode) {
     Matrix z(c.T, c.E + m);
     fill_matrix(in, z);
-    check_null_experts(*r, route_from_logits(*r, z));
+    check_null_experts(*r, route_from_logits(*r, z), logits_finite(z, 1.0));
     return;
   }
   read_tokens(in, c);
   const Routed out = route_plain(*r, c.x);
-  check_null_experts(*r, out);
+  check_null_experts(*r, out, null_logits_finite(*r, c.x));
   check_token_independence(c.x, out, r->saved_width(), in, [&](const Matrix& x2) { return route_plain(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
@@ -701,6 +788,8 @@ void run_sequence_level(ByteReader& in, Case& c) {
     sequence_of_token[static_cast<std::size_t>(t)] = static_cast<Index>(starts.size()) - 1;
   }
   const auto n_seq = static_cast<Index>(starts.size());
+  // A sequence's mean has |mean_j| <= max_t |x_tj|: the same bound as the tokens'.
+  const bool finite = logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature);
   const Routed out = run_router(c.T, c.k, r->saved_width(),
                                 [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, routers::RouteStats& st) {
                                   r->route(measuring ? moe::ConstMatrixView<float>::shape_only(c.T, c.d) : moe::ConstMatrixView<float>(c.x),
@@ -709,7 +798,7 @@ void run_sequence_level(ByteReader& in, Case& c) {
   for (Index t = 0; t < c.T; ++t) {
     const Index q = sequence_of_token[static_cast<std::size_t>(t)];
     const Index first = starts[static_cast<std::size_t>(q)];
-    check_top_k_token(r->inner(), out.saved.data() + q * r->saved_width(), out.id(t), out.weight(t), "SequenceLevel", t);
+    check_top_k_token(r->inner(), out.saved.data() + q * r->saved_width(), out.id(t), out.weight(t), finite, "SequenceLevel", t);
     for (Index s = 0; s < c.k; ++s)
       MOE_FUZZ_CHECK(out.id(t)[s] == out.id(first)[s] && std::memcmp(out.weight(t) + s, out.weight(first) + s, sizeof(float)) == 0,
                      "SequenceLevel: token " << t << " slot " << s << " differs from its sequence's first token " << first);
@@ -741,7 +830,18 @@ void run_gating_residual(ByteReader& in, Case& c) {
   r->bind_forward(bound ? moe::ConstMatrixView<float>(previous) : moe::ConstMatrixView<float>(),
                   bound && in.flag() ? moe::MatrixView<float>(logits_out) : moe::MatrixView<float>());
   const Routed out = route_plain(*r, c.x);
-  check_top_k(r->router(), out, "GatingResidual");
+  // The residual adds previous · mapᵀ: bounded by Σ|previous| |map| when bound.
+  double extra = 0;
+  if (bound) {
+    for (Index t = 0; t < c.T; ++t)
+      for (Index e = 0; e < c.E; ++e) {
+        double row = 0;
+        for (Index f = 0; f < c.E; ++f) row += std::abs(double(previous(t, f)) * double(std::as_const(*r).gate_map()(e, f)));
+        extra = std::isfinite(row) ? std::max(extra, row) : std::numeric_limits<double>::infinity();
+      }
+  }
+  check_top_k(r->router(), out, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature, extra),
+              "GatingResidual");
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -761,7 +861,8 @@ void run_with_losses(ByteReader& in, Case& c) {
   if (!r->router().bias().empty()) in.fill(r->router().bias().data(), r->router().bias().size());
   read_tokens(in, c);
   const Routed out = route_with_stats(*r, c.x);
-  check_top_k(r->router(), out, "WithLosses");
+  check_top_k(r->router(), out, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
+              "WithLosses");
   // The losses read the logits the choice is made on: the same choice as the router alone, bitwise.
   const Routed alone = route_plain(r->router(), c.x);
   for (std::size_t i = 0; i < out.ids.size(); ++i)
@@ -781,6 +882,67 @@ void run_with_losses(ByteReader& in, Case& c) {
     for (Index i = 0; i < 2; ++i)
       MOE_FUZZ_CHECK(std::isfinite(out.stats.losses[static_cast<std::size_t>(i)]),
                      "WithLosses: loss " << i << " = " << out.stats.losses[static_cast<std::size_t>(i)] << " from finite logits");
+  check_layer(*r, layer_case(c), out, in);
+}
+
+// AdaMoE's null experts with balance losses over the n + m columns: the same choice as the router alone.
+void run_null_experts_with_losses(ByteReader& in, Case& c) {
+  const Index m = in.below(9);
+  c.k = 1 + in.below(c.E + m);
+  const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
+  using R = routers::WithLosses<routers::NullExpertRouter<float>, moe::losses::SwitchLoss, moe::losses::ZLoss>;
+  std::optional<R> r;
+  try {
+    r.emplace(routers::NullExpertRouter<float>(cfg, {.n_null_experts = m, .separate_null_projection = in.flag()}),
+              moe::losses::SwitchLoss{}, moe::losses::ZLoss{});
+  } catch (const moe::Error&) {
+    return;
+  }
+  fill_matrix(in, r->router().gate());
+  if (m > 0 && in.flag()) {
+    try {
+      fill_matrix(in, r->router().null_gate());
+    } catch (const moe::Error&) {  // one gate holds the null rows: nothing separate to fill
+    }
+  }
+  read_tokens(in, c);
+  const Routed out = route_with_stats(*r, c.x);
+  const Routed alone = route_plain(r->router(), c.x);
+  check_null_experts(r->router(), alone, null_logits_finite(r->router(), c.x));
+  for (std::size_t i = 0; i < out.ids.size(); ++i)
+    MOE_FUZZ_CHECK(out.ids[i] == alone.ids[i] && std::memcmp(&out.w[i], &alone.w[i], sizeof(float)) == 0,
+                   "WithLosses<NullExpertRouter>: slot " << i << " differs from the router alone");
+  check_layer(*r, layer_case(c), out, in);
+}
+
+// Megatron's order: the losses see the choice before dropping, the capacity limit drops after.
+void run_capacity_with_losses(ByteReader& in, Case& c) {
+  static constexpr double k_factor[] = {1.0, 1.25, 0.5, 0.01};
+  const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
+  const TopKSetup setup = read_top_k_setup(in, c.E);
+  using Inner = routers::WithLosses<routers::TopKRouter<float>, moe::losses::SwitchLoss, moe::losses::ZLoss>;
+  std::optional<routers::CapacityLimited<Inner>> r;
+  const routers::CapacityOptions options{.capacity_factor = in.pick(k_factor),
+                                         .drop_policy = static_cast<routers::DropPolicy>(in.below(2))};
+  try {
+    routers::TopKRouter<float> top_k(cfg, setup.options);
+    configure(top_k, setup);
+    r.emplace(Inner(std::move(top_k), moe::losses::SwitchLoss{}, moe::losses::ZLoss{}), options);
+  } catch (const moe::Error&) {
+    return;
+  }
+  auto& top_k = r->router().router();
+  fill_matrix(in, top_k.gate());
+  if (!top_k.bias().empty()) in.fill(top_k.bias().data(), top_k.bias().size());
+  read_tokens(in, c);
+  const Routed inner = route_with_stats(r->router(), c.x);
+  check_top_k(top_k, inner, logits_finite(c.x, std::as_const(top_k).gate(), setup.options.temperature),
+              "CapacityLimited<WithLosses>'s inner router");
+  const Routed out = route_with_stats(*r, c.x);
+  // The same drop rules as CapacityLimited<TopKRouter>, from the inner choice; the losses come through.
+  const routers::CapacityLimited<routers::TopKRouter<float>> plain(top_k, options);
+  check_capacity(plain, inner, out);
+  MOE_FUZZ_CHECK(out.stats.n_losses == 2, "CapacityLimited<WithLosses>: " << out.stats.n_losses << " losses reported");
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -805,6 +967,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case Kind::sequence_level: run_sequence_level(in, c); break;
     case Kind::gating_residual: run_gating_residual(in, c); break;
     case Kind::with_losses: run_with_losses(in, c); break;
+    case Kind::null_experts_with_losses: run_null_experts_with_losses(in, c); break;
+    case Kind::capacity_with_losses: run_capacity_with_losses(in, c); break;
     case Kind::count: break;
   }
   return 0;

@@ -37,7 +37,7 @@ def write(target, name, data):
 # fuzz_router: kind, T (% 65), E (1 + % 64), k (1 + % E), d (1 + % 8), logits mode (< 64), then the kind's options.
 
 KINDS = ["top_k", "top_k_softmax", "capacity", "null_experts", "dense_to_sparse", "expert_choice", "sequence_level",
-         "gating_residual", "with_losses"]
+         "gating_residual", "with_losses", "null_experts_with_losses", "capacity_with_losses"]
 
 
 def header(kind, T, E, k, d, logits=False):
@@ -70,20 +70,21 @@ def router_seeds():
     seeds = {}
     for kind in KINDS:
         h = header(kind, T, E, k, d)
-        if kind in ("top_k", "top_k_softmax", "sequence_level", "gating_residual", "with_losses", "capacity"):
+        if kind in ("top_k", "top_k_softmax", "sequence_level", "gating_residual", "with_losses", "capacity",
+                    "capacity_with_losses"):
             opts = top_k_options()
             if kind == "top_k_softmax":
                 opts += bytes([1])
-            if kind == "capacity":
+            if kind in ("capacity", "capacity_with_losses"):
                 opts += bytes([1, 0])  # factor 1.25, probability
-        elif kind == "null_experts":
+        elif kind in ("null_experts", "null_experts_with_losses"):
             opts = NULL_OPTIONS
         elif kind == "dense_to_sparse":
             opts = D2S_SOFT
         else:  # expert_choice
             opts = bytes([0])
         # Fills after the gate's: the null projection (separate), GatingResidual's map.
-        more = gen if kind in ("null_experts", "gating_residual") else b""
+        more = {"null_experts": gen, "gating_residual": gen, "null_experts_with_losses": bytes([1, GENERATED])}.get(kind, b"")
         seeds[kind + "_moderate"] = h + opts + gen + more + finite_x
         seeds[kind + "_ties"] = h + opts + bytes([SMALL_INTS]) + more + bytes([200, SMALL_INTS])
         seeds[kind + "_special_gate"] = h + opts + fill_special(E * d) + more + finite_x
@@ -110,7 +111,8 @@ def router_seeds():
         "invalid_temperature": top_k_options(temperature=8),
     }.items():
         seeds["top_k_" + name] = header("top_k", T, E, k, d) + opts + gen + bytes([200, GENERATED])
-        seeds["top_k_" + name + "_special"] = header("top_k", T, E, k, d) + opts + fill_special(E * d) + finite_x
+        if name in ("sigmoid", "sqrt_softplus_unnormalised", "softmax_after_top_k", "bias", "groups"):
+            seeds["top_k_" + name + "_special"] = header("top_k", T, E, k, d) + opts + fill_special(E * d) + finite_x
     # Logits given directly, every value special.
     for kind in ("top_k", "null_experts", "dense_to_sparse"):
         h = header(kind, T, E, k, d, logits=True)
@@ -133,7 +135,8 @@ def router_seeds():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# fuzz_dispatch: T (% 65), E (1 + % 64), k (1 + % 16), mode (1 capacity, 2 two banks) [split], then per slot
+# fuzz_dispatch: T (% 65), E (1 + % 64), k (1 + % 16), mode (1 capacity, 2 two banks, 4 token-indexed banks)
+# [split], then per slot
 # an id code (< 150 valid: next byte % E; < 180 duplicate: next byte; < 200 -1; < 210 other negative: 4 bytes;
 # < 215 INT64_MIN; < 235 just out of range: next byte; < 240 INT64_MAX) and a weight code (< 8: 0; else ±2^-(c % 11)).
 
@@ -155,10 +158,10 @@ def dispatch_seeds():
     T, E, k = 8, 6, 2
     n = T * k
     seeds["valid"] = dispatch(T, E, k, 0, [(valid(i % E), 8 + i % 11) for i in range(n)])
-    seeds["valid_two_banks"] = dispatch(T, E, k, 2, [(valid((i * 5) % E), 9) for i in range(n)], split=2)
+    seeds["valid_two_banks"] = dispatch(T, E, k, 2 | 4, [(valid((i * 5) % E), 9) for i in range(n)], split=2)
     seeds["all_one_expert"] = dispatch(T, E, k, 0, [(valid(3), 8) for _ in range(n)])
     seeds["duplicates"] = dispatch(T, E, k, 0, [(valid(1), 8) if i % 2 == 0 else (bytes([160, 0]), 9) for i in range(n)])
-    seeds["unused"] = dispatch(T, E, k, 0, [(bytes([190]), 8) if i % 3 else (valid(i % E), 10) for i in range(n)])
+    seeds["unused"] = dispatch(T, E, k, 4, [(bytes([190]), 8) if i % 3 else (valid(i % E), 10) for i in range(n)])
     seeds["negatives"] = dispatch(T, E, k, 0, [(bytes([205, 0, 0, 1, 2]), 8) if i % 2 else (bytes([212]), 8)
                                                for i in range(n)])
     seeds["out_of_range"] = dispatch(T, E, k, 0, [(valid(0), 8)] * (n - 1) + [(bytes([220, 0]), 8)])
@@ -169,12 +172,12 @@ def dispatch_seeds():
         for factor in (3, 5):
             seeds[f"capacity_{factor}_{policy}"] = dispatch(
                 16, 4, 2, 1, [(valid(i % 2), 8 + i % 11) for i in range(32)], tail=bytes([0] * 3 + [factor, policy]))
-    seeds["capacity_two_banks_unused"] = dispatch(T, E, k, 3, [(bytes([190]), 8) if i % 4 == 0 else (valid(i % E), 9)
+    seeds["capacity_two_banks_unused"] = dispatch(T, E, k, 3 | 4, [(bytes([190]), 8) if i % 4 == 0 else (valid(i % E), 9)
                                                                for i in range(n)], split=3, tail=bytes([0, 4, 0]))
     seeds["empty_batch"] = dispatch(0, E, k, 0, [])
     seeds["one_token_one_expert"] = dispatch(1, 1, 1, 0, [(valid(0), 8)])
     seeds["k16"] = dispatch(4, 64, 16, 2, [(valid(i * 7 % 64), 8 + i % 11) for i in range(64)], split=40)
-    seeds["t64_e64"] = dispatch(64, 64, 1, 0, [(valid(i), 8 + i % 11) for i in range(64)])
+    seeds["t64_e64"] = dispatch(64, 64, 1, 4, [(valid(i), 8 + i % 11) for i in range(64)])
     for name, data in seeds.items():
         write("fuzz_dispatch", name, data)
 
