@@ -91,10 +91,15 @@ void softmax_row(Arch, const T* in, T* out, Index n) {
     const Index n_vec = n - n % lanes;
     if (n_vec > 0) {
       const B vmax(max);
+      // exp's argument is floored at -1000 (below every exp underflow, so exp gives exactly 0 either way):
+      // xsimd's exp converts round(x / ln 2) to an integer, and for -inf (a NaN or -inf logit, or
+      // -FLT_MAX - max) that conversion is undefined (the double -> int64 cast is scalar on AVX2 and
+      // AVX-512F; -fsanitize=float-cast-overflow stops there).
+      const B lowest_arg(T(-1000));
       B vsum(T(0));
       for (; i < n_vec; i += lanes) {
         const B v = B::load_unaligned(in + i);
-        const B e = xsimd::exp(xsimd::select(xsimd::isnan(v), B(-inf), v) - vmax);  // exp(-inf) = 0
+        const B e = xsimd::exp(xsimd::max(xsimd::select(xsimd::isnan(v), B(-inf), v) - vmax, lowest_arg));  // exp(-1000) = 0
         e.store_unaligned(out + i);
         vsum += e;
       }
