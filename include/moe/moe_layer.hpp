@@ -101,7 +101,11 @@ class TrainingContext {
 ///               per bank, in pack order) and always-on ones (moe::SharedBank, e.g. experts::Shared<...>:
 ///               every token goes through them and their output is added; they take no routed ids)
 ///
-/// Threading: `forward(x, y, ws)` is const; concurrent calls are safe with one Workspace per caller.
+/// Threading: `forward(x, y, ws)` is const; concurrent calls are safe with one Workspace per caller, and so
+/// are concurrent training forwards with one TrainingContext each (except with losses::GlobalBatchLoss, whose
+/// buffer training forwards update). backward() is not: it accumulates into the layer's own gradient buffers,
+/// so run the backwards of concurrent forwards one after another, or give each thread its own layer
+/// (tests/concurrency_test.cpp, RELIABILITY.md T1/T2).
 template <class R, class... Banks>
 class MoELayer {
   static_assert(moe::Router<R>,
