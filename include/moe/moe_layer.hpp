@@ -226,8 +226,8 @@ class MoELayer {
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();
     ctx.record_ = Record{};
+    if (x.rows() == 0) return {};  // backward on 0 tokens reads no weight: no versions to record
     record_versions(ctx);
-    if (x.rows() == 0) return {};
     ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, router_input.data() != nullptr));
     Arena arena(ctx.forward_ws_);
     ctx.record_ = run(x, y, arena, true, sequence_starts, router_input);
@@ -267,9 +267,9 @@ class MoELayer {
                     "moe::MoELayer::backward: the forward had a router_input: give d_router_input (", dy.rows(), ", ",
                     d_model(), ")");
     check_finite(dy, "moe::MoELayer::backward: dy");
+    if (dy.rows() == 0) return;
     if (const std::string name = modified_parameter(ctx); !name.empty())
       throw Error(detail::stale_backward_message("moe::MoELayer::backward", name));
-    if (dy.rows() == 0) return;
     ctx.backward_ws_.reserve(backward_bytes(dy.rows()));
     Arena arena(ctx.backward_ws_);
     run_backward(ctx.record_, dy, dx, d_router_input, arena);

@@ -130,6 +130,7 @@ class Stack {
                         dx.cols() == d_model(),
                     "moe::Stack::backward: dy is (", dy.rows(), ", ", dy.cols(), ") and dx (", dx.rows(), ", ",
                     dx.cols(), "), expected (", ctx.n_tokens_, ", ", d_model(), ")");
+    if (dy.rows() == 0) return;  // no token: no gradient, and no weight read
     // Every layer is checked before the top one runs its backward: nothing is written when one is stale.
     for (std::size_t l = 0; l < layers_.size(); ++l)
       if (const std::string name = layers_[l].modified_parameter(ctx.layers_[l]); !name.empty())

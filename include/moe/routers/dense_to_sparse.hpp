@@ -75,6 +75,7 @@ class DenseToSparseGate {
 
   /// The gate weight W_g, (n_experts, d_model).
   MatrixView<T> gate() { return gate_.block(0).value(); }
+  ConstMatrixView<T> gate() const { return gate_.block(0).value(); }
 
   /// τ of the schedule at `step`.
   static double temperature_at(const DenseToSparseOptions& o, std::uint64_t step) {

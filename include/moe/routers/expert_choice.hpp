@@ -64,6 +64,7 @@ class ExpertChoiceRouter {
 
   /// The gate weight W_g, (n_experts, d_model).
   MatrixView<T> gate() { return gate_.block(0).value(); }
+  ConstMatrixView<T> gate() const { return gate_.block(0).value(); }
   /// Fills W_g from U(-1/sqrt(d_model), 1/sqrt(d_model)).
   void init(Rng& rng) { gate_.init(rng); }
   /// f(name, Parameter&) for W_g ("gate").

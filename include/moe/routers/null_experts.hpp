@@ -58,8 +58,13 @@ class NullExpertRouter {
 
   /// The gate, (n, d_model), or (n + m, d_model) with the null rows last when there is no separate projection.
   MatrixView<T> gate() { return gate_.block(0).value(); }
+  ConstMatrixView<T> gate() const { return gate_.block(0).value(); }
   /// The null projection (m, d_model); only with separate_null_projection.
   MatrixView<T> null_gate() {
+    moe::detail::require(separate_, "moe::routers::NullExpertRouter::null_gate: options.separate_null_projection is false");
+    return gate_.block(1).value();
+  }
+  ConstMatrixView<T> null_gate() const {
     moe::detail::require(separate_, "moe::routers::NullExpertRouter::null_gate: options.separate_null_projection is false");
     return gate_.block(1).value();
   }
