@@ -1,27 +1,30 @@
 // RELIABILITY F4 / D3: differential fuzzing of the native SIMD arch against the scalar fallback.
 //
-// Bytes -> a tiny layer (n_tokens <= 12, n_experts <= 40, top_k <= min(n_experts, 20), d_model and d_ff <= 20,
-// so every SIMD width meets full registers and tails in the router's softmax and top-k and in the expert GEMMs), softmax top-k router (renormalised or not, or softmax after
-// top-k; temperature), FFN experts (ReLU or SiLU, gated or plain, with or without biases), values in about
-// [-2, 2] (exact small integers and ties included), dy. The same layer is instantiated twice in one binary,
-//   MoELayer<TopKRouter<float, A>, FFN<float, Act, Gated, A>> with A = kernels::default_arch and kernels::scalar,
+// Bytes -> a tiny layer: n_tokens <= 12, n_experts <= 40 and top_k <= min(n_experts, 20) (router rows that fill
+// whole AVX2 / AVX-512 registers and leave tails in softmax_row and top_k), d_model and d_ff <= 20 (the same in
+// the expert GEMMs); a softmax top-k router (renormalised or not, or softmax after top-k; temperature); FFN
+// experts (ReLU or SiLU, gated or plain, with or without biases); values in about [-2, 2] (exact small integers
+// and ties included); dy. The same layer is instantiated twice in one binary,
+//   MoELayer<TopKRouter<float, A>, FFN<float, Act, Gated, A>>, A = kernels::default_arch and kernels::scalar,
 // given the same parameters, and runs a training forward and a backward.
 //
 // Oracle:
 //  - both throw moe::Error or neither (x or dy holding NaN / ±inf must throw, in both);
-//  - a double reference of the layer carries, for every value it computes, a bound on how far ANY correct f32
-//    implementation may be from it (a running error bound: RELIABILITY N1's γ_{K+2}·Σ|terms| for every sum of K
-//    products in any order, with or without FMA; u per element-wise operation; the documented accuracy of
-//    exp in the softmax (10 eps32 per exp, RELIABILITY N3) and of the activations (activation_test.cpp:
-//    10 eps32 |f| + 2 eps32 |x f'(x)| + 100 FLT_MIN); first-order propagation of input errors through every
-//    operation, Lipschitz constants for the activations (ReLU 1, SiLU 1.1; derivatives: SiLU' 0.5, ReLU' a
-//    0/1 jump, taken as 1/2 ± 1/2 when the input's interval straddles 0); 2^-149 per operation for
-//    subnormal rounding; 2^-52 relative for the reference's own double rounding);
+//  - a double reference of the layer carries, for every value it computes, a bound e on how far ANY correct f32
+//    implementation may be from it, propagated to first order through every operation: RELIABILITY N1's
+//    γ_{K+2}·Σ|terms| for every sum of K products in any order, with or without FMA; u per element-wise
+//    operation; in the softmax, |ln(s(ẑ)/s(z))| <= 2 max|ẑ - z| for the inputs' errors plus the rounding of
+//    (z - max), exp within 10 eps32 (RELIABILITY N3), the f32 lane sum (γ_n) and the scaling; the activations'
+//    documented accuracy (tests/kernels/activation_test.cpp: 10 eps32 |f| + 2 eps32 |x f'(x)| + 100 FLT_MIN) and
+//    Lipschitz constants (ReLU 1, SiLU 1.1; derivatives: SiLU' 1/2, ReLU' a 0/1 jump taken as 1/2 ± 1/2 when the
+//    input's interval straddles 0); 2^-149 per operation for subnormal rounding; 2^-52 relative for the
+//    reference's own rounding. (GELU is left to the kernel tests: its derivative's accuracy is not documented.)
 //  - selection: a token's chosen set must be the reference's top-k unless the k-th and (k+1)-th key intervals
 //    overlap (a near-tie); the two archs may differ only on such tokens;
 //  - outputs y, the input gradient dx, the weights the router returned and (when no token's choice differs)
-//    every parameter gradient: each arch within the bound e of the reference, hence |native - scalar| <= 2e.
-// A violated oracle aborts with a message naming the tensor, the element, both values and the bound.
+//    every parameter gradient: each arch within e of the reference, hence |native - scalar| <= 2e.
+// A violated oracle aborts with a message naming the tensor, the element, both values and the bound. With
+// MOE_FUZZ_STATS set, the replay prints how tight the bound was (the largest |arch - reference| / e seen).
 
 #include <algorithm>
 #include <cmath>
@@ -86,21 +89,30 @@ EV div(EV a, EV b) {
   return rounded(v, (a.e + std::abs(v) * b.e) / den);
 }
 
-// Σ a_i b_i over K terms, computed in any order with or without FMA, plus `extra` exact additions (bias,
-// accumulation into an existing value): γ_{K + 2 + extra}·Σ|a_i b_i| around the perturbed inputs.
-EV dot(const std::vector<EV>& a, const std::vector<EV>& b, Index extra = 0) {
-  double v = 0, carried = 0, mag = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    v += a[i].v * b[i].v;
-    carried += std::abs(a[i].v) * b[i].e + std::abs(b[i].v) * a[i].e + a[i].e * b[i].e;
-    mag += (std::abs(a[i].v) + a[i].e) * (std::abs(b[i].v) + b[i].e);
+// Σ a_i b_i over K terms, computed in any order with or without FMA: the carried input errors plus
+// γ_{K+2}·Σ|a_i b_i| around the perturbed inputs (RELIABILITY N1). A bias or an accumulation into an existing
+// value is one more term (times 1). Accumulated term by term (no allocation: the reference runs per input).
+class Dot {
+ public:
+  void add(EV a, EV b) {
+    v_ += a.v * b.v;
+    carried_ += std::abs(a.v) * b.e + std::abs(b.v) * a.e + a.e * b.e;
+    mag_ += (std::abs(a.v) + a.e) * (std::abs(b.v) + b.e);
+    ++K_;
   }
-  const auto K = static_cast<Index>(a.size()) + extra;
-  return {v, carried + gamma(K + 2) * mag + double(K + 2) * (k_u64 * mag + k_sub)};
-}
+  void add(double a, double b) { add(exact(a), exact(b)); }
+  EV result() const { return {v_, carried_ + gamma(K_ + 2) * mag_ + double(K_ + 2) * (k_u64 * mag_ + k_sub)}; }
 
-// A sum of EVs in any order.
-EV sum(const std::vector<EV>& terms) { return dot(terms, std::vector<EV>(terms.size(), exact(1.0))); }
+ private:
+  double v_ = 0, carried_ = 0, mag_ = 0;
+  Index K_ = 0;
+};
+
+EV dot(const std::vector<EV>& a, const std::vector<EV>& b) {
+  Dot acc;
+  for (std::size_t i = 0; i < a.size(); ++i) acc.add(a[i], b[i]);
+  return acc.result();
+}
 
 // Softmax of a row of EVs, as kernels::softmax_row computes it (max shift, exp, sum, one scale), within the
 // perturbation of its inputs (|ln(s(ẑ)/s(z))| <= 2 max e) and its own rounding: (ẑ_j - m) rounded (u|ẑ_j - m|
@@ -281,12 +293,9 @@ struct Reference {
     const Matrix& g = *wg;
     std::vector<EV> z(static_cast<std::size_t>(s.E));
     for (Index e = 0; e < s.E; ++e) {
-      std::vector<EV> a, bb;
-      for (Index i = 0; i < s.d; ++i) {
-        a.push_back(exact(x(t, i)));
-        bb.push_back(exact(g(e, i)));
-      }
-      z[static_cast<std::size_t>(e)] = dot(a, bb);
+      Dot acc;
+      for (Index i = 0; i < s.d; ++i) acc.add(x(t, i), g(e, i));
+      z[static_cast<std::size_t>(e)] = acc.result();
       if (s.options.temperature != 1.0)
         z[static_cast<std::size_t>(e)] = mul(z[static_cast<std::size_t>(e)], exact(static_cast<float>(1.0 / s.options.temperature)));
     }
@@ -358,156 +367,138 @@ struct Reference {
       auto& h = r.h[static_cast<std::size_t>(j)];
       auto& ye = r.ye[static_cast<std::size_t>(j)];
       for (Index c = 0; c < F; ++c) {
-        std::vector<EV> a, row1, row3;
+        Dot gate, lin;
         for (Index i = 0; i < d; ++i) {
-          a.push_back(exact(x(t, i)));
-          row1.push_back(exact(w1(e, c, i)));
-          if (s.gated) row3.push_back(exact(w3(e, c, i)));
+          gate.add(x(t, i), w1(e, c, i));
+          if (s.gated) lin.add(x(t, i), w3(e, c, i));
         }
         if (s.bias) {  // the bias as one more term
-          a.push_back(exact(1.0));
-          row1.push_back(exact(b1(e, c)));
-          if (s.gated) row3.push_back(exact(b3(e, c)));
+          gate.add(1.0, b1(e, c));
+          if (s.gated) lin.add(1.0, b3(e, c));
         }
-        const EV gc = dot(a, row1), uc = s.gated ? dot(a, row3) : EV{};
+        const EV gc = gate.result(), uc = s.gated ? lin.result() : EV{};
         g.push_back(gc);
         up.push_back(uc);
         act.push_back(Act::apply(gc));
         h.push_back(s.gated ? mul(act.back(), uc) : act.back());
       }
       for (Index o = 0; o < d; ++o) {
-        std::vector<EV> w2row, hb = h;
-        for (Index c = 0; c < F; ++c) w2row.push_back(exact(w2(e, o, c)));
-        if (s.bias) {
-          w2row.push_back(exact(b2(e, o)));
-          hb.push_back(exact(1.0));
-        }
-        ye.push_back(dot(w2row, hb));
+        Dot out;
+        for (Index c = 0; c < F; ++c) out.add(exact(w2(e, o, c)), h[static_cast<std::size_t>(c)]);
+        if (s.bias) out.add(b2(e, o), 1.0);
+        ye.push_back(out.result());
       }
     }
     r.y.clear();
     for (Index o = 0; o < d; ++o) {
-      std::vector<EV> terms;
-      for (Index j = 0; j < k; ++j) terms.push_back(r.ye[static_cast<std::size_t>(j)][static_cast<std::size_t>(o)]);
-      r.y.push_back(dot(r.w, terms));
+      Dot combine;
+      for (Index j = 0; j < k; ++j)
+        combine.add(r.w[static_cast<std::size_t>(j)], r.ye[static_cast<std::size_t>(j)][static_cast<std::size_t>(o)]);
+      r.y.push_back(combine.result());
     }
   }
 };
 
-// Gradients of the reference; `skip` tokens are left out (their choice differs between the archs).
+// Gradients of the reference, for the tokens of `tok` (each with its arch's choice).
 struct Grads {
-  std::vector<std::vector<EV>> dx;                     // (T, d)
-  std::map<std::string, std::vector<std::vector<EV>>> param;  // name -> rows of EVs
+  std::vector<std::vector<EV>> dx;                            // (T, d)
+  std::map<std::string, std::vector<std::vector<EV>>> param;  // name -> rows of EVs, the parameter's shape
 };
 
 template <class Act>
 Grads reference_backward(const Reference& ref, std::vector<TokenRef>& tok, const Matrix& dy) {
   const Shape& s = ref.s;
   const Index T = s.T, k = s.k, d = s.d, F = s.d_ff, E = s.E;
+  const auto at = [](auto& v, Index i) -> auto& { return v[static_cast<std::size_t>(i)]; };
   Grads out;
   out.dx.assign(static_cast<std::size_t>(T), std::vector<EV>(static_cast<std::size_t>(d)));
-  // Per token and slot: dys, dh, dg, du and the expert's dx rows.
+  // Per token and slot: dL/d(expert output) dys (d), dL/d(gate pre-activation) dg and dL/d(up) du (d_ff).
   std::vector<std::vector<std::vector<EV>>> dys(static_cast<std::size_t>(T)), dg = dys, du = dys;
   std::vector<std::vector<EV>> dz(static_cast<std::size_t>(T), std::vector<EV>(static_cast<std::size_t>(E)));
+  std::vector<EV> dweights, g, dgs, dus;
+  std::vector<std::vector<EV>> dxs;  // (k, d) each slot's dL/d(grouped row)
+  const float inv_temperature = static_cast<float>(1.0 / s.options.temperature);
   for (Index t = 0; t < T; ++t) {
-    TokenRef& r = tok[static_cast<std::size_t>(t)];
-    std::vector<EV> dyt;
-    for (Index o = 0; o < d; ++o) dyt.push_back(exact(dy(t, o)));
-    std::vector<EV> dweights;
-    std::vector<std::vector<EV>> dxs;
+    TokenRef& r = at(tok, t);
+    dweights.assign(static_cast<std::size_t>(k), EV{});
+    dxs.assign(static_cast<std::size_t>(k), std::vector<EV>(static_cast<std::size_t>(d)));
     for (Index j = 0; j < k; ++j) {
-      const auto J = static_cast<std::size_t>(j);
-      const Index e = r.chosen[J];
-      dweights.push_back(dot(dyt, r.ye[J]));
-      std::vector<EV> dy_slot;
-      for (Index o = 0; o < d; ++o) dy_slot.push_back(mul(r.w[J], dyt[static_cast<std::size_t>(o)]));
-      // dh = dys W2 (K = d)
-      std::vector<EV> dgs, dus;
+      const Index e = at(r.chosen, j);
+      Dot dw;  // dL/dw = <dy, expert output>
+      for (Index o = 0; o < d; ++o) dw.add(exact(dy(t, o)), at(at(r.ye, j), o));
+      at(dweights, j) = dw.result();
+      std::vector<EV> dy_slot(static_cast<std::size_t>(d));
+      for (Index o = 0; o < d; ++o) at(dy_slot, o) = mul(at(r.w, j), exact(dy(t, o)));
+      dgs.clear();
+      dus.clear();
       for (Index c = 0; c < F; ++c) {
-        std::vector<EV> w2col;
-        for (Index o = 0; o < d; ++o) w2col.push_back(exact(ref.w2(e, o, c)));
-        const EV dh = dot(dy_slot, w2col);
-        const auto C = static_cast<std::size_t>(c);
+        Dot dh;  // dh = dys W2 (K = d)
+        for (Index o = 0; o < d; ++o) dh.add(at(dy_slot, o), exact(ref.w2(e, o, c)));
+        const EV dhc = dh.result(), gc = at(at(r.g, j), c);
         if (s.gated) {
-          dus.push_back(mul(dh, Act::apply(r.g[J][C])));
-          dgs.push_back(mul(mul(dh, r.up[J][C]), Act::derivative(r.g[J][C])));
+          dus.push_back(mul(dhc, Act::apply(gc)));
+          dgs.push_back(mul(mul(dhc, at(at(r.up, j), c)), Act::derivative(gc)));
         } else {
-          dgs.push_back(mul(dh, Act::derivative(r.g[J][C])));
+          dgs.push_back(mul(dhc, Act::derivative(gc)));
         }
       }
-      // dx rows = dg W1 (+ du W3), K = F (2F)
-      std::vector<EV> row;
       for (Index i = 0; i < d; ++i) {
-        std::vector<EV> a = dgs, b;
-        for (Index c = 0; c < F; ++c) b.push_back(exact(ref.w1(e, c, i)));
-        if (s.gated) {
-          a.insert(a.end(), dus.begin(), dus.end());
-          for (Index c = 0; c < F; ++c) b.push_back(exact(ref.w3(e, c, i)));
-        }
-        row.push_back(dot(a, b));
+        Dot row;  // dx row = dg W1 (+ du W3): K = d_ff (2 d_ff)
+        for (Index c = 0; c < F; ++c) row.add(at(dgs, c), exact(ref.w1(e, c, i)));
+        if (s.gated)
+          for (Index c = 0; c < F; ++c) row.add(at(dus, c), exact(ref.w3(e, c, i)));
+        at(at(dxs, j), i) = row.result();
       }
-      dxs.push_back(row);
-      dys[static_cast<std::size_t>(t)].push_back(dy_slot);
-      dg[static_cast<std::size_t>(t)].push_back(dgs);
-      du[static_cast<std::size_t>(t)].push_back(dus);
+      at(dys, t).push_back(std::move(dy_slot));
+      at(dg, t).push_back(dgs);
+      at(du, t).push_back(dus);
     }
-    // Router: dlogits from dweights.
-    std::vector<EV> g = dweights;
-    std::vector<EV>& dzt = dz[static_cast<std::size_t>(t)];
+    // Router: dlogits from dweights (TopKRouter::logits_backward).
+    g = dweights;
+    std::vector<EV>& dzt = at(dz, t);
     for (auto& v : dzt) v = exact(0.0);
     if (s.options.softmax_after_top_k) {
       const EV dotv = dot(g, r.w);
-      for (Index j = 0; j < k; ++j) g[static_cast<std::size_t>(j)] = mul(r.w[static_cast<std::size_t>(j)], sub(g[static_cast<std::size_t>(j)], dotv));
-      for (Index j = 0; j < k; ++j) dzt[static_cast<std::size_t>(r.chosen[static_cast<std::size_t>(j)])] = g[static_cast<std::size_t>(j)];
+      for (Index j = 0; j < k; ++j) at(g, j) = mul(at(r.w, j), sub(at(g, j), dotv));
+      for (Index j = 0; j < k; ++j) at(dzt, at(r.chosen, j)) = at(g, j);
     } else {
       if (s.options.renormalize) {
-        std::vector<EV> u;
-        for (Index e : r.chosen) u.push_back(r.scores[static_cast<std::size_t>(e)]);
-        EV total = u[0];
-        for (Index j = 1; j < k; ++j) total = add(total, u[static_cast<std::size_t>(j)]);
-        std::vector<EV> q;
-        for (const EV& ui : u) q.push_back(div(ui, total));
-        const EV dotv = dot(g, q);
-        for (Index j = 0; j < k; ++j) g[static_cast<std::size_t>(j)] = div(sub(g[static_cast<std::size_t>(j)], dotv), total);
+        EV total = at(r.scores, at(r.chosen, 0));
+        for (Index j = 1; j < k; ++j) total = add(total, at(r.scores, at(r.chosen, j)));
+        Dot dotv;
+        for (Index j = 0; j < k; ++j) dotv.add(at(g, j), div(at(r.scores, at(r.chosen, j)), total));
+        const EV dv = dotv.result();
+        for (Index j = 0; j < k; ++j) at(g, j) = div(sub(at(g, j), dv), total);
       }
-      for (Index j = 0; j < k; ++j) dzt[static_cast<std::size_t>(r.chosen[static_cast<std::size_t>(j)])] = g[static_cast<std::size_t>(j)];
+      for (Index j = 0; j < k; ++j) at(dzt, at(r.chosen, j)) = at(g, j);
       const EV dotv = dot(dzt, r.scores);
-      for (Index e = 0; e < E; ++e)
-        dzt[static_cast<std::size_t>(e)] = mul(r.scores[static_cast<std::size_t>(e)], sub(dzt[static_cast<std::size_t>(e)], dotv));
+      for (Index e = 0; e < E; ++e) at(dzt, e) = mul(at(r.scores, e), sub(at(dzt, e), dotv));
     }
     if (s.options.temperature != 1.0)
-      for (auto& v : dzt) v = mul(v, exact(static_cast<float>(1.0 / s.options.temperature)));
+      for (auto& v : dzt) v = mul(v, exact(inv_temperature));
     // dx = Σ_slots dxs, then += dz Wg (K = E, plus the accumulation).
     const Matrix& wg = *ref.wg;
     for (Index i = 0; i < d; ++i) {
-      std::vector<EV> parts;
-      for (Index j = 0; j < k; ++j) parts.push_back(dxs[static_cast<std::size_t>(j)][static_cast<std::size_t>(i)]);
-      const EV expert_part = k == 1 ? parts[0] : sum(parts);
-      std::vector<EV> a = dzt, b;
-      for (Index e = 0; e < E; ++e) b.push_back(exact(wg(e, i)));
-      a.push_back(expert_part);
-      b.push_back(exact(1.0));
-      out.dx[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)] = dot(a, b);
+      EV expert_part = at(at(dxs, 0), i);
+      if (k > 1) {
+        Dot sum;
+        for (Index j = 0; j < k; ++j) sum.add(at(at(dxs, j), i), exact(1.0));
+        expert_part = sum.result();
+      }
+      Dot total;
+      for (Index e = 0; e < E; ++e) total.add(at(dzt, e), exact(wg(e, i)));
+      total.add(expert_part, exact(1.0));
+      at(at(out.dx, t), i) = total.result();
     }
   }
   // Parameter gradients: sums over tokens (router) or over each expert's rows (banks), rows in token order.
-  auto rows_of = [&](Index e) {
-    std::vector<std::pair<Index, Index>> rows;  // (token, slot)
-    for (Index t = 0; t < T; ++t)
-      for (Index j = 0; j < k; ++j)
-        if (tok[static_cast<std::size_t>(t)].chosen[static_cast<std::size_t>(j)] == e) rows.emplace_back(t, j);
-    return rows;
-  };
   auto& gwg = out.param["router.gate"];
   gwg.assign(static_cast<std::size_t>(E), std::vector<EV>(static_cast<std::size_t>(d)));
   for (Index e = 0; e < E; ++e)
     for (Index i = 0; i < d; ++i) {
-      std::vector<EV> a, b;
-      for (Index t = 0; t < T; ++t) {
-        a.push_back(dz[static_cast<std::size_t>(t)][static_cast<std::size_t>(e)]);
-        b.push_back(exact(ref.x(t, i)));
-      }
-      gwg[static_cast<std::size_t>(e)][static_cast<std::size_t>(i)] = dot(a, b);
+      Dot acc;
+      for (Index t = 0; t < T; ++t) acc.add(at(at(dz, t), e), exact(ref.x(t, i)));
+      at(at(gwg, e), i) = acc.result();
     }
   auto& gw1 = out.param["bank0.w1"];
   auto& gw3 = out.param["bank0.w3"];
@@ -521,32 +512,39 @@ Grads reference_backward(const Reference& ref, std::vector<TokenRef>& tok, const
   gb1.assign(static_cast<std::size_t>(E), std::vector<EV>(static_cast<std::size_t>(F)));
   gb3 = gb1;
   gb2.assign(static_cast<std::size_t>(E), std::vector<EV>(static_cast<std::size_t>(d)));
+  std::vector<std::pair<Index, Index>> rows;  // (token, slot) of one expert
   for (Index e = 0; e < E; ++e) {
-    const auto rows = rows_of(e);
+    rows.clear();
+    for (Index t = 0; t < T; ++t)
+      for (Index j = 0; j < k; ++j)
+        if (at(at(tok, t).chosen, j) == e) rows.emplace_back(t, j);
     for (Index c = 0; c < F; ++c) {
-      std::vector<EV> dgc, duc;
-      for (const auto& [t, j] : rows) {
-        dgc.push_back(dg[static_cast<std::size_t>(t)][static_cast<std::size_t>(j)][static_cast<std::size_t>(c)]);
-        if (s.gated) duc.push_back(du[static_cast<std::size_t>(t)][static_cast<std::size_t>(j)][static_cast<std::size_t>(c)]);
-      }
       for (Index i = 0; i < d; ++i) {
-        std::vector<EV> xs;
-        for (const auto& [t, j] : rows) xs.push_back(exact(ref.x(t, i)));
-        gw1[static_cast<std::size_t>(e * F + c)][static_cast<std::size_t>(i)] = dot(dgc, xs);
-        if (s.gated) gw3[static_cast<std::size_t>(e * F + c)][static_cast<std::size_t>(i)] = dot(duc, xs);
+        Dot w1, w3;
+        for (const auto& [t, j] : rows) {
+          w1.add(at(at(at(dg, t), j), c), exact(ref.x(t, i)));
+          if (s.gated) w3.add(at(at(at(du, t), j), c), exact(ref.x(t, i)));
+        }
+        at(at(gw1, e * F + c), i) = w1.result();
+        if (s.gated) at(at(gw3, e * F + c), i) = w3.result();
       }
-      gb1[static_cast<std::size_t>(e)][static_cast<std::size_t>(c)] = sum(dgc);
-      if (s.gated) gb3[static_cast<std::size_t>(e)][static_cast<std::size_t>(c)] = sum(duc);
+      Dot b1, b3;
+      for (const auto& [t, j] : rows) {
+        b1.add(at(at(at(dg, t), j), c), exact(1.0));
+        if (s.gated) b3.add(at(at(at(du, t), j), c), exact(1.0));
+      }
+      at(at(gb1, e), c) = b1.result();
+      if (s.gated) at(at(gb3, e), c) = b3.result();
     }
     for (Index o = 0; o < d; ++o) {
-      std::vector<EV> dyo;
-      for (const auto& [t, j] : rows) dyo.push_back(dys[static_cast<std::size_t>(t)][static_cast<std::size_t>(j)][static_cast<std::size_t>(o)]);
       for (Index c = 0; c < F; ++c) {
-        std::vector<EV> hc;
-        for (const auto& [t, j] : rows) hc.push_back(tok[static_cast<std::size_t>(t)].h[static_cast<std::size_t>(j)][static_cast<std::size_t>(c)]);
-        gw2[static_cast<std::size_t>(e * d + o)][static_cast<std::size_t>(c)] = dot(dyo, hc);
+        Dot w2;
+        for (const auto& [t, j] : rows) w2.add(at(at(at(dys, t), j), o), at(at(at(tok, t).h, j), c));
+        at(at(gw2, e * d + o), c) = w2.result();
       }
-      gb2[static_cast<std::size_t>(e)][static_cast<std::size_t>(o)] = sum(dyo);
+      Dot b2;
+      for (const auto& [t, j] : rows) b2.add(at(at(at(dys, t), j), o), exact(1.0));
+      at(at(gb2, e), o) = b2.result();
     }
   }
   return out;
