@@ -9,8 +9,8 @@
 //    (top-k of the keys, ties to the lower id, NaN below -inf; groups; capacity drop policy; expert choice);
 //  - weights never NaN; finite and in [0, scale] but for unnormalised sqrt-softplus (+inf allowed); a
 //    renormalised row (and NullExpertRouter's true experts) sums to the scaling factor within (4k + 2)·u; all 0
-//    only as documented, for a row without a finite logit (when every logit is certainly finite, from the
-//    logits given or a bound on Σ|x||W|, a zero row is a failure); unnormalised probabilities sum to at most
+//    only when every chosen score is 0 (no finite logit, or the underflow defect docs/routers.md documents);
+//    unnormalised probabilities sum to at most
 //    1 + (E + k + 4)·u;
 //  - a token's routing does not depend on another token's row (bitwise), for the token-independent routers;
 //  - the layer: throws moe::Error exactly when x holds NaN or ±inf (and never otherwise), routes bitwise as the
