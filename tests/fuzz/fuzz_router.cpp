@@ -9,9 +9,8 @@
 //    (top-k of the keys, ties to the lower id, NaN below -inf; groups; capacity drop policy; expert choice);
 //  - weights never NaN; finite and in [0, scale] but for unnormalised sqrt-softplus (+inf allowed); a
 //    renormalised row (and NullExpertRouter's true experts) sums to the scaling factor within (4k + 2)·u; all 0
-//    only when every chosen score is 0 (no finite logit, or the underflow defect docs/routers.md documents);
-//    unnormalised probabilities sum to at most
-//    1 + (E + k + 4)·u;
+//    only without a finite chosen logit (scores that underflow in f32 are renormalised in log space);
+//    unnormalised probabilities sum to at most 1 + (E + k + 4)·u;
 //  - a token's routing does not depend on another token's row (bitwise), for the token-independent routers;
 //  - the layer: throws moe::Error exactly when x holds NaN or ±inf (and never otherwise), routes bitwise as the
 //    router alone, tokens_per_expert and experts_per_token count the ids, dropped_slots counts the drops, and
@@ -252,8 +251,9 @@ bool top_k_reference(const routers::TopKRouter<float>& r, const float* s, std::v
 
 // `finite_logits`: every (scaled) logit of the token is known to be finite; then the documented exception
 // ("a row without a finite logit gets weight 0") does not apply and a renormalised row must sum to the scale.
-void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, const Index* id, const float* w,
-                       bool finite_logits, const char* who, Index t) {
+// `chosen_logits` (top_k) is the saved block of the chosen logits when the router renormalises.
+void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, const float* chosen_logits, const Index* id,
+                       const float* w, bool finite_logits, const char* who, Index t) {
   const auto& o = r.options();
   const Index E = r.n_experts(), k = r.top_k();
   check_ids(id, k, E, false, who, t);
@@ -278,12 +278,16 @@ void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, cons
     return;
   }
   if (o.renormalize) {
-    // Every chosen score 0 (no finite logit, or finite logits whose sigmoid / sqrt-softplus / softmax score
-    // underflows in f32): the weights stay the zero scores. The second case is a known defect, documented in
-    // docs/routers.md ("Numeric policy") until renormalisation moves to log space; the fuzzer found it
-    // (reproducers: tests/fuzz/corpus/fuzz_router/underflow_*). Any other zero row is a failure.
-    bool zero_ok = true;
-    for (Index j = 0; j < k; ++j) zero_ok = zero_ok && !(s[id[j]] > 0.0f);
+    // All 0 only without a finite chosen logit. Finite logits whose scores underflow in f32 (sigmoid or
+    // sqrt-softplus far below 0, softmax scores of 0 chosen through the bias or the groups) are renormalised
+    // in log space (reproducers: tests/fuzz/corpus/fuzz_router/underflow_*).
+    bool zero_ok = !finite_logits;
+    for (Index j = 0; j < k; ++j) {
+      zero_ok = zero_ok && !(s[id[j]] > 0.0f) && !(chosen_logits[j] > -std::numeric_limits<float>::infinity());
+      MOE_FUZZ_CHECK(s[id[j]] == 0.0f || chosen_logits[j] > -std::numeric_limits<float>::infinity(),
+                     who << ": token " << t << " slot " << j << " has score " << s[id[j]] << " but saved logit "
+                         << chosen_logits[j]);
+    }
     check_weights(w, id, k, E, SumRule::normalized, scale, zero_ok, who, t);
     return;
   }
@@ -299,9 +303,16 @@ void check_top_k_token(const routers::TopKRouter<float>& r, const float* s, cons
   check_weights(w, id, k, E, rule, scale, false, who, t);
 }
 
+// The saved scores (T, E) and chosen logits (T, top_k) of token t of T.
+const float* scores_row(const routers::TopKRouter<float>& r, const float* saved, Index t) { return saved + t * r.n_experts(); }
+const float* chosen_logits_row(const routers::TopKRouter<float>& r, const float* saved, Index T, Index t) {
+  return saved + T * r.n_experts() + t * r.top_k();
+}
+
 void check_top_k(const routers::TopKRouter<float>& r, const Routed& out, bool finite_logits, const char* who) {
   for (Index t = 0; t < out.n_tokens; ++t)
-    check_top_k_token(r, out.saved.data() + t * r.saved_width(), out.id(t), out.weight(t), finite_logits, who, t);
+    check_top_k_token(r, scores_row(r, out.saved.data(), t), chosen_logits_row(r, out.saved.data(), out.n_tokens, t),
+                      out.id(t), out.weight(t), finite_logits, who, t);
 }
 
 // True when every logit x Wᵀ (+ extra, scaled by 1/temperature, x jittered by up to 2x) is certainly finite in
@@ -338,10 +349,11 @@ bool logits_finite(const Matrix& z, double temperature) {
 // The other routers' oracles.
 
 void check_null_experts(const routers::NullExpertRouter<float>& r, const Routed& out) {
-  const Index n = r.n_experts(), width = r.saved_width(), k = r.top_k();
+  const Index n = r.n_experts(), width = n + r.n_null_experts(), k = r.top_k();
   for (Index t = 0; t < out.n_tokens; ++t) {
     const Index* id = out.id(t);
-    const float* p = out.saved.data() + t * width;
+    const float* p = out.saved.data() + t * width;                 // (n + m) probabilities
+    const float* z = out.saved.data() + out.n_tokens * width + t * k;  // (k) chosen true logits
     check_ids(id, k, n, true, "NullExpertRouter", t);
     const auto all = reference_top_k(p, width, k);
     bool zero_ok = true, any_true = false;
@@ -349,11 +361,11 @@ void check_null_experts(const routers::NullExpertRouter<float>& r, const Routed&
       const Index want = all[static_cast<std::size_t>(s)] < n ? all[static_cast<std::size_t>(s)] : -1;
       MOE_FUZZ_CHECK(id[s] == want, "NullExpertRouter: token " << t << " slot " << s << " holds " << id[s]
                                                                << ", the documented choice is " << want);
-      if (id[s] >= 0) zero_ok = zero_ok && !(p[id[s]] > 0.0f);
+      if (id[s] >= 0) zero_ok = zero_ok && !(p[id[s]] > 0.0f) && !(z[s] > -std::numeric_limits<float>::infinity());
       any_true = any_true || id[s] >= 0;
     }
-    // No true expert chosen: every slot unused, weights 0. Otherwise the true weights sum to 1, unless every chosen
-    // probability is 0 (no finite logit, or the known underflow defect of docs/routers.md "Numeric policy").
+    // No true expert chosen: every slot unused, weights 0. Otherwise the true weights sum to 1, unless no chosen
+    // true expert has a finite logit (probabilities that underflow are renormalised in log space).
     check_weights(out.weight(t), id, k, n, SumRule::normalized, 1.0f, zero_ok || !any_true, "NullExpertRouter", t);
   }
 }
@@ -548,9 +560,11 @@ void check_layer(const R& router, const LayerCase& c, const Routed& direct, Byte
 }
 
 // B3: a token's routing is a function of its own row. Replaces row b by a benign or special row and requires
-// every other token's ids, weights and saved row to stay bitwise equal.
+// every other token's ids, weights and saved rows to stay bitwise equal. The saved block is (T, width) blocks
+// one after the other, of the widths `saved_blocks`.
 template <class Route>
-void check_token_independence(const Matrix& x, const Routed& base, Index saved_width, ByteReader& in, Route&& route) {
+void check_token_independence(const Matrix& x, const Routed& base, std::initializer_list<Index> saved_blocks,
+                              ByteReader& in, Route&& route) {
   const Index T = x.rows();
   if (T < 2) return;
   const Index b = in.below(T);
@@ -566,10 +580,15 @@ void check_token_independence(const Matrix& x, const Routed& base, Index saved_w
                      "token " << t << " slot " << s << " changed from (" << base.ids[i] << ", " << base.w[i] << ") to ("
                               << other.ids[i] << ", " << other.w[i] << ") when only token " << b << "'s row changed");
     }
-    for (Index j = 0; j < saved_width; ++j) {
-      const auto i = static_cast<std::size_t>(t * saved_width + j);
-      MOE_FUZZ_CHECK(std::memcmp(&base.saved[i], &other.saved[i], sizeof(float)) == 0,
-                     "token " << t << " saved[" << j << "] changed when only token " << b << "'s row changed");
+    Index block_start = 0;
+    for (const Index width : saved_blocks) {
+      for (Index j = 0; j < width; ++j) {
+        const auto i = static_cast<std::size_t>(block_start + t * width + j);
+        MOE_FUZZ_CHECK(std::memcmp(&base.saved[i], &other.saved[i], sizeof(float)) == 0,
+                       "token " << t << " saved[" << j << "] of a block of width " << width
+                                << " changed when only token " << b << "'s row changed");
+      }
+      block_start += T * width;
     }
   }
 }
@@ -634,7 +653,8 @@ void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
   read_tokens(in, c);
   const Routed out = route_plain(*r, c.x);
   check_top_k(*r, out, logits_finite(c.x, std::as_const(*r).gate(), r->options().temperature), "TopKRouter");
-  check_token_independence(c.x, out, r->saved_width(), in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  // The scores, then the chosen logits.
+  check_token_independence(c.x, out, {r->n_experts(), r->saved_width() - r->n_experts()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -685,7 +705,8 @@ void run_null_experts(ByteReader& in, Case& c) {
   read_tokens(in, c);
   const Routed out = route_plain(*r, c.x);
   check_null_experts(*r, out);
-  check_token_independence(c.x, out, r->saved_width(), in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  // The probabilities, then the chosen logits.
+  check_token_independence(c.x, out, {r->n_experts() + r->n_null_experts(), r->top_k()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -720,7 +741,7 @@ void run_dense_to_sparse(ByteReader& in, Case& c) {
   read_tokens(in, c);
   const Routed out = route_plain(*r, c.x);
   check_dense_to_sparse(*r, out);
-  check_token_independence(c.x, out, r->saved_width(), in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  check_token_independence(c.x, out, {r->saved_width()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -772,7 +793,10 @@ void run_sequence_level(ByteReader& in, Case& c) {
   for (Index t = 0; t < c.T; ++t) {
     const Index q = sequence_of_token[static_cast<std::size_t>(t)];
     const Index first = starts[static_cast<std::size_t>(q)];
-    check_top_k_token(r->inner(), out.saved.data() + q * r->saved_width(), out.id(t), out.weight(t), finite, "SequenceLevel", t);
+    // The inner router saw n_seq rows: its blocks are (n_seq, E) scores and (n_seq, top_k) chosen logits.
+    check_top_k_token(r->inner(), scores_row(r->inner(), out.saved.data(), q),
+                      chosen_logits_row(r->inner(), out.saved.data(), n_seq, q), out.id(t), out.weight(t), finite,
+                      "SequenceLevel", t);
     for (Index s = 0; s < c.k; ++s)
       MOE_FUZZ_CHECK(out.id(t)[s] == out.id(first)[s] && std::memcmp(out.weight(t) + s, out.weight(first) + s, sizeof(float)) == 0,
                      "SequenceLevel: token " << t << " slot " << s << " differs from its sequence's first token " << first);

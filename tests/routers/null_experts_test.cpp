@@ -145,6 +145,36 @@ TEST_CASE("NullExpertRouter::route_backward matches central finite differences i
   WARN("NullExpertRouter: max |analytic - numeric| = " << worst);
 }
 
+// True experts chosen with probability 0 (the nulls take all the mass): their weights are the softmax of
+// their logits (renormalisation in log space), in f32 and, with the gradient, in double.
+TEST_CASE("NullExpertRouter renormalises in log space where the true experts' probabilities underflow", "[router]") {
+  {
+    NullExpertRouter<float> router(shape(5, 3, 4), {.n_null_experts = 2});
+    moe::test::set_identity(router.gate());
+    auto null_gate = router.null_gate();
+    for (Index i = 0; i < 2; ++i)
+      for (Index j = 0; j < 5; ++j) null_gate(i, j) = j == 3 + i ? 1.0f : 0.0f;
+    RowMatrix<float> x(1, 5);
+    x << -110, -111, -113, 0, 0.5f;  // p of the true experts is 0 in f32
+    const auto r = moe::test::route(router, x);
+    REQUIRE(r.id(0, 0) == -1);
+    REQUIRE(r.id(0, 1) == -1);
+    REQUIRE(r.id(0, 2) == 0);  // ties at 0: the lower ids
+    REQUIRE(r.id(0, 3) == 1);
+    const double w0 = 1 / (1 + std::exp(-1.0));  // softmax(-110, -111)
+    CHECK(double(r.weight(0, 2)) == Approx(w0).epsilon(1e-6));
+    CHECK(double(r.weight(0, 3)) == Approx(1 - w0).epsilon(1e-6));
+  }
+  auto router = identity_router(3, 2, 4);
+  RowMatrix<double> x(2, 5);
+  x << -800, -801, -803, 0, 0.5,  //
+      0.2, 1.0, -0.3, 0.1, -0.5;
+  const auto base = moe::test::route(router, x);
+  REQUIRE(base.weight(0, 2) > 0.5);
+  const auto stats = moe::test::check_router_gradient(router, x, 3, [](const moe::test::Routing<double>&) {});
+  REQUIRE(stats.max_abs_dx > 1e-3);  // not the constant 0 of underflowed weights
+}
+
 TEST_CASE("NullExpertRouter rejects a bad configuration with the field's name", "[router]") {
   REQUIRE_THROWS_WITH(NullExpertRouter<float>(shape(4, 4, 2), {.n_null_experts = -1}), Catch::Contains("options.n_null_experts"));
   REQUIRE_THROWS_WITH(NullExpertRouter<float>(shape(4, 4, 9), {.n_null_experts = 4}), Catch::Contains("top_k"));

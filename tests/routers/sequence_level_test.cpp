@@ -61,9 +61,9 @@ TEST_CASE("SequenceLevel gives every token of a sequence the choice made for the
   // code path SequenceLevel runs.
   const RowMatrix<double> means = pooled_means(x, seqs);
   std::vector<Index> ids(6);
-  std::vector<double> w(6), saved(12);
+  std::vector<double> w(6), saved(static_cast<std::size_t>(3 * layer.router().inner().saved_width()));
   {
-    moe::Workspace scratch;
+    moe::Workspace scratch(1 << 16);
     moe::Arena arena(scratch);
     layer.router().inner().route(means, ids.data(), w.data(), saved.data(), arena);
   }

@@ -320,6 +320,84 @@ TEST_CASE("TopKRouter non-finite logits: documented policy, in-range ids, other 
   }
 }
 
+// Renormalisation where the chosen scores underflow (RELIABILITY F2; found by fuzz_router, seeds
+// tests/fuzz/corpus/fuzz_router/underflow_*): the weights are those of the exact scores, computed in double
+// where they do not underflow, not 0.
+TEST_CASE("TopKRouter renormalises in log space where the chosen scores underflow in T", "[router]") {
+  struct Case {
+    const char* what;
+    TopKOptions options;
+    std::vector<float> z;     // one token's logits (4 experts, top-2)
+    std::vector<float> bias;  // selection bias, or empty
+    Index id0, id1;           // the documented choice
+    std::vector<double> expected;  // f(z_id0), f(z_id1) in double, unnormalised
+  };
+  const auto sig = [](double z) { return sigmoid(z); };
+  const auto sqsp = [](double z) { return std::sqrt(std::log1p(std::exp(z))); };
+  const std::vector<Case> cases = {
+      // σ(-110) = 1.7e-48 is 0 in f32: the chosen sum underflows.
+      {"sigmoid, scores 0", {.score = ScoreFunction::sigmoid}, {-110, -111, -112.5f, -115}, {}, 0, 1, {sig(-110), sig(-111)}},
+      // σ(-88) = 6.1e-39 is subnormal in f32: dividing by the sum would lose bits.
+      {"sigmoid, subnormal scores", {.score = ScoreFunction::sigmoid}, {-88.5f, -88, -99, -97}, {}, 1, 0, {sig(-88), sig(-88.5)}},
+      {"sigmoid, temperature 2", {.score = ScoreFunction::sigmoid, .temperature = 2}, {-222, -220, -231, -240}, {}, 0, 1,
+       {sig(-111), sig(-110)}},
+      // sqrt(softplus(-220)) = e^-110 in double, 0 in f32; ties at 0 go to the lower ids.
+      {"sqrt-softplus, scores 0", {.score = ScoreFunction::sqrt_softplus}, {-220, -221, -219, -230}, {}, 0, 1,
+       {sqsp(-220), sqsp(-221)}},
+      // The bias chooses experts whose softmax scores are 0 in f32: the weights are the softmax of their logits.
+      {"softmax, chosen by the selection bias", {.selection_bias = true}, {10, -100, -101, -103}, {0, 5, 5, 4}, 1, 2,
+       {std::exp(-100.0), std::exp(-101.0)}},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    TopKRouter<float> router(shape(4, 4, 2), c.options);
+    moe::test::set_identity(router.gate());
+    std::copy(c.bias.begin(), c.bias.end(), router.bias().begin());
+    RowMatrix<float> x(1, 4);
+    for (Index j = 0; j < 4; ++j) x(0, j) = c.z[static_cast<std::size_t>(j)];
+    const auto r = moe::test::route(router, x);
+    REQUIRE(r.id(0, 0) == c.id0);
+    REQUIRE(r.id(0, 1) == c.id1);
+    const double sum = c.expected[0] + c.expected[1];
+    for (Index s = 0; s < 2; ++s) {
+      INFO("slot " << s);
+      // A few ulps of f32: log f, the subtraction of the max, exp and the division.
+      CHECK(double(r.weight(0, s)) == Approx(c.expected[static_cast<std::size_t>(s)] / sum).epsilon(1e-6));
+    }
+  }
+}
+
+// The same in double (scores underflow below about -745), through route_backward: the log-space weights have
+// the gradient of the exact weights.
+TEST_CASE("TopKRouter's log-space renormalisation matches central finite differences in double", "[router][grad]") {
+  struct GradCase {
+    const char* what;
+    TopKOptions options;
+    RowMatrix<double> x;  // rows of logits (identity gate); the last row is an ordinary one
+    std::vector<double> bias;
+  };
+  const std::vector<GradCase> cases = {
+      {"sigmoid", {.score = ScoreFunction::sigmoid},
+       rows({{-800, -800.7, -801.5, -803}, {-900, -899.2, -905, -901}, {0.3, -0.2, 1.1, -2}}), {}},
+      {"sigmoid, temperature 0.5", {.score = ScoreFunction::sigmoid, .temperature = 0.5},
+       rows({{-400, -400.3, -401, -402}, {0.3, -0.2, 1.1, -2}}), {}},
+      {"sqrt-softplus", {.score = ScoreFunction::sqrt_softplus},
+       rows({{-1500, -1500.6, -1502, -1510}, {0.3, -0.2, 1.1, -2}}), {}},
+      {"softmax + selection bias", {.selection_bias = true},
+       rows({{0, -800, -800.4, -803}, {0.3, -0.2, 1.1, -2}}), {0, 2, 2, 1}},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    auto router = identity_router(4, 2, c.options);
+    std::copy(c.bias.begin(), c.bias.end(), router.bias().begin());
+    RowMatrix<double> x = c.x;
+    const auto base = moe::test::route(router, x);
+    for (Index s = 0; s < 2; ++s) REQUIRE(base.weight(0, s) > 0.1);  // not the underflowed 0
+    const auto stats = moe::test::check_router_gradient(router, x, 17, [](const moe::test::Routing<double>&) {});
+    REQUIRE(stats.max_abs_dx > 1e-3);  // not the constant 0 of underflowed weights
+  }
+}
+
 TEST_CASE("TopKRouter::route_backward matches central finite differences in double", "[router][grad]") {
   struct GradCase {
     const char* name;

@@ -23,7 +23,7 @@ namespace {
 template <class T>
 struct IdentityRouter {
   moe::routers::TopKSoftmax<T> router;
-  moe::Workspace ws;
+  moe::Workspace ws{1 << 16};  // the renormalising router takes a row of logits per token chunk
   IdentityRouter(Index E, Index k, bool renormalize = true)
       : router(moe::MoEConfig{.d_model = E, .d_ff = 1, .n_experts = E, .top_k = k}, renormalize) {
     auto g = router.gate();
@@ -114,7 +114,9 @@ TEST_CASE("TopKSoftmax routing invariants over many shapes", "[router]") {
         std::vector<Index> ids(static_cast<std::size_t>(T * k), -1);
         std::vector<float> w(static_cast<std::size_t>(T * k), -1.f);
         std::vector<float> saved(static_cast<std::size_t>(T * router.saved_width()));
-        moe::Workspace ws;
+        moe::Arena measure;  // sizes the workspace
+        router.route(x, nullptr, nullptr, nullptr, measure);
+        moe::Workspace ws(measure.peak());
         moe::Arena arena(ws);
         router.route(x, ids.data(), w.data(), saved.data(), arena);
         for (Index t = 0; t < T; ++t) {
@@ -150,7 +152,7 @@ TEST_CASE("TopKSoftmax::route_backward matches central finite differences in dou
       const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, T, k);  // L = sum(weights .* r)
       moe::Workspace ws(1 << 16);
       std::vector<Index> ids(static_cast<std::size_t>(T * k));
-      std::vector<double> w(static_cast<std::size_t>(T * k)), saved(static_cast<std::size_t>(T * E));
+      std::vector<double> w(static_cast<std::size_t>(T * k)), saved(static_cast<std::size_t>(T * router.saved_width()));
       const auto route = [&] {
         moe::Arena arena(ws);
         router.route(x, ids.data(), w.data(), saved.data(), arena);

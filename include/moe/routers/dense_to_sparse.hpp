@@ -117,7 +117,7 @@ class DenseToSparseGate {
   /// Routes x (n_tokens, d_model): ids (n_tokens, top_k), active experts by descending G then -1; weights
   /// (n_tokens, top_k); saved (n_tokens, n_experts) the distribution the weights come from.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
-    const Index n_tokens = x.rows(), n_chunks = (n_tokens + detail::k_token_chunk - 1) / detail::k_token_chunk;
+    const Index n_tokens = x.rows(), n_chunks = detail::n_token_chunks(n_tokens);
     T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
@@ -128,7 +128,7 @@ class DenseToSparseGate {
 
   /// As route(), from logits W_g x (n_tokens, n_experts) computed elsewhere (routers::WithLosses computes them once).
   void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
-    const Index n_tokens = logits.rows(), n_chunks = (n_tokens + detail::k_token_chunk - 1) / detail::k_token_chunk;
+    const Index n_tokens = logits.rows(), n_chunks = detail::n_token_chunks(n_tokens);
     T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {

@@ -59,11 +59,14 @@ namespace detail {
 /// Tokens per work item of a router's forward: a split that does not depend on the thread count.
 inline constexpr Index k_token_chunk = 16;
 
+/// Chunks of k_token_chunk tokens in n_tokens (the last one may be shorter).
+inline Index n_token_chunks(Index n_tokens) { return (n_tokens + k_token_chunk - 1) / k_token_chunk; }
+
 /// Calls f(chunk, t0, t1) for fixed chunks [t0, t1) of k_token_chunk tokens, in parallel when the work
 /// (`work_per_token` multiply-adds per token) is worth a parallel region.
 template <class F>
 void for_each_token_chunk(Index n_tokens, double work_per_token, F&& f) {
-  const Index n_chunks = (n_tokens + k_token_chunk - 1) / k_token_chunk;
+  const Index n_chunks = n_token_chunks(n_tokens);
   MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * work_per_token >= moe::detail::k_parallel_min_work))
   for (Index c = 0; c < n_chunks; ++c) f(c, c * k_token_chunk, std::min(n_tokens, (c + 1) * k_token_chunk));
 }
@@ -185,6 +188,79 @@ void normalize(T* w, Index n) {
     return;
   }
   for (Index i = 0; i < n; ++i) w[i] /= sum;
+}
+
+/// log f(z) up to a constant shared by the row (softmax: z itself, the log-sum-exp cancels in a renormalisation),
+/// finite wherever z is, however small f(z) is in T: sigmoid log σ(z) = -softplus(-z); sqrt-softplus
+/// ½ log softplus(z), with log softplus(z) = z + log(log1p(e^z) / e^z) for z <= 0. NaN gives -inf (score 0).
+template <class T>
+T log_score(ScoreFunction f, T z) {
+  if (std::isnan(z)) return -std::numeric_limits<T>::infinity();
+  switch (f) {
+    case ScoreFunction::softmax:
+      return z;
+    case ScoreFunction::sigmoid:
+      return -(std::max(-z, T(0)) + std::log1p(std::exp(-std::abs(z))));
+    case ScoreFunction::sqrt_softplus: {
+      if (z > T(0)) return T(0.5) * std::log(z + std::log1p(std::exp(-z)));
+      const T u = std::exp(z);
+      return T(0.5) * (u == T(0) ? z : z + std::log(std::log1p(u) / u));
+    }
+  }
+  return z;
+}
+
+/// d log f(z) / dz for log_score(): softmax 1 (the log-sum-exp term sums to 0 over a renormalised row);
+/// sigmoid 1 - σ(z) = 1 / (1 + e^z); sqrt-softplus ½ σ(z) / softplus(z), = ½ (u / log1p(u)) / (1 + u) with
+/// u = e^z for z <= 0 (½ where u underflows).
+template <class T>
+T log_score_derivative(ScoreFunction f, T z) {
+  switch (f) {
+    case ScoreFunction::softmax:
+      return T(1);
+    case ScoreFunction::sigmoid:
+      return T(1) / (T(1) + std::exp(z));
+    case ScoreFunction::sqrt_softplus: {
+      if (z > T(0)) return T(0.5) / ((T(1) + std::exp(-z)) * (z + std::log1p(std::exp(-z))));
+      const T u = std::exp(z);
+      return T(0.5) * (u == T(0) ? T(1) : u / std::log1p(u)) / (T(1) + u);
+    }
+  }
+  return T(1);
+}
+
+/// Whether renormalize() works in log space for the chosen scores u (k): their sum is below T's normal range,
+/// where dividing by it loses the weights (every chosen score 0 although the logits are finite) or their bits.
+template <class T>
+bool renormalizes_in_log_space(const T* u, Index k) {
+  T sum = 0;
+  for (Index i = 0; i < k; ++i) sum += u[i];
+  return sum < std::numeric_limits<T>::min();
+}
+
+/// Renormalises the k chosen scores u in place to sum 1: u / Σu (normalize()), or, where that sum underflows
+/// (renormalizes_in_log_space), softmax_i(log f(z_i)) from the chosen logits z (k, after the temperature; -inf
+/// for a slot that holds no expert) — the same weights without the underflow. Weights stay 0 only for a row
+/// without a finite chosen logit.
+template <class T>
+void renormalize(ScoreFunction f, const T* z, T* u, Index k) {
+  if (!renormalizes_in_log_space(u, k)) {
+    normalize(u, k);
+    return;
+  }
+  for (Index i = 0; i < k; ++i) u[i] = log_score(f, z[i]);
+  kernels::softmax_row(kernels::scalar{}, u, u, k);
+}
+
+/// Backward of renormalize() in log space (renormalizes_in_log_space(u) holds): w = softmax(ℓ) with
+/// ℓ_i = log f(z_i), so dL/dz_i = w_i (g_i - <g, w>) · dℓ_i/dz_i. `u` holds the chosen scores on entry and w on
+/// return; `d` holds dL/dw on entry and dL/dz (the chosen logits) on return.
+template <class T>
+void renormalize_log_backward(ScoreFunction f, const T* z, T* u, T* d, Index k) {
+  renormalize(f, z, u, k);
+  T dot = 0;
+  for (Index i = 0; i < k; ++i) dot += d[i] * u[i];
+  for (Index i = 0; i < k; ++i) d[i] = u[i] > T(0) ? u[i] * (d[i] - dot) * log_score_derivative(f, z[i]) : T(0);
 }
 
 /// Backward of normalize(): u = s / Σs, so dL/ds_i = (g_i - <g, u>) / Σs. `s` are the raw (unnormalised)

@@ -54,7 +54,9 @@ class NullExpertRouter {
   Index n_experts() const { return n_experts_; }         ///< true experts n (ids in [0, n))
   Index n_null_experts() const { return n_null_; }       ///< null experts m
   Index top_k() const { return top_k_; }                 ///< slots per token (true or null)
-  Index saved_width() const { return n_experts_ + n_null_; }  ///< saved per token: the n + m probabilities
+  /// Saved per token: the n + m probabilities, then the chosen true experts' logits (top_k; -inf on a null
+  /// slot) for weights whose probabilities underflow (detail::renormalize).
+  Index saved_width() const { return n_experts_ + n_null_ + top_k_; }
 
   /// The gate, (n, d_model), or (n + m, d_model) with the null rows last when there is no separate projection.
   MatrixView<T> gate() { return gate_.block(0).value(); }
@@ -83,25 +85,27 @@ class NullExpertRouter {
   }
 
   /// Routes x (n_tokens, d_model): ids (n_tokens, top_k) true expert or -1 (null), ordered by descending p;
-  /// weights (n_tokens, top_k); saved (n_tokens, n + m) the probabilities.
+  /// weights (n_tokens, top_k); saved the probabilities (n_tokens, n + m), then the chosen logits (n_tokens, top_k).
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+    const Index width = balance_width();
     Index* chosen = arena.take<Index>(x.rows() * top_k_);  // (n_tokens, top_k) ids over n + m
+    T* logits_rows = arena.take<T>(detail::n_token_chunks(x.rows()) * width);  // (n_chunks, n + m) scratch
     if (arena.measuring() || x.rows() == 0) return;
-    const Index width = saved_width();
-    detail::for_each_token_chunk(x.rows(), double(saved_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
+    detail::for_each_token_chunk(x.rows(), double(width) * double(d_model_), [&](Index c, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(saved + t0 * width, t1 - t0, width));
-      choose(t0, t1, chosen, ids, weights, saved);
+      choose(t0, t1, x.rows(), chosen, logits_rows + c * width, ids, weights, saved);
     });
   }
 
   /// As route(), from logits (n_tokens, n + m) computed elsewhere (routers::WithLosses computes them once).
   void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+    const Index width = balance_width();
     Index* chosen = arena.take<Index>(logits.rows() * top_k_);  // (n_tokens, top_k) ids over n + m
+    T* logits_rows = arena.take<T>(detail::n_token_chunks(logits.rows()) * width);  // (n_chunks, n + m) scratch
     if (arena.measuring() || logits.rows() == 0) return;
-    const Index width = saved_width();
-    detail::for_each_token_chunk(logits.rows(), double(width) * double(d_model_), [&](Index, Index t0, Index t1) {
+    detail::for_each_token_chunk(logits.rows(), double(width) * double(d_model_), [&](Index c, Index t0, Index t1) {
       for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), width, saved + t * width);
-      choose(t0, t1, chosen, ids, weights, saved);
+      choose(t0, t1, logits.rows(), chosen, logits_rows + c * width, ids, weights, saved);
     });
   }
 
@@ -109,12 +113,12 @@ class NullExpertRouter {
   /// softmax over all n + m, adds dL/dx to dx and accumulates the gates' gradients.
   void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved, const T* dweights,
                       MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), width = saved_width();
+    const Index n_tokens = x.rows(), width = balance_width();
     T* dlogits = arena.take<T>(n_tokens * width);  // (n_tokens, n + m)
     T* chosen = arena.take<T>(n_tokens * top_k_);  // (n_tokens, top_k) chosen probabilities, 0 for null
     T* dchosen = arena.take<T>(n_tokens * top_k_);  // (n_tokens, top_k)
     if (arena.measuring() || n_tokens == 0) return;
-    MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(saved_width()) * double(d_model_) >= moe::detail::k_parallel_min_work))
+    MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(width) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
       const T* p = saved + t * width;
       const Index* id = ids + t * top_k_;
@@ -122,6 +126,11 @@ class NullExpertRouter {
       T* g = dchosen + t * top_k_;
       T* dz = dlogits + t * width;
       detail::gather_slots(p, id, dweights + t * top_k_, top_k_, T(1), u, g);
+      if (detail::renormalizes_in_log_space(u, top_k_)) {
+        detail::renormalize_log_backward(ScoreFunction::softmax, saved + n_tokens * width + t * top_k_, u, g, top_k_);
+        detail::scatter_slots(id, g, top_k_, dz, width);
+        continue;
+      }
       detail::normalize_backward(u, g, top_k_);
       detail::scatter_slots(id, g, top_k_, dz, width);
       detail::score_backward(ScoreFunction::softmax, p, dz, width);
@@ -136,7 +145,7 @@ class NullExpertRouter {
   /// z (n_tokens, n + m) = the logits route() chooses on.
   void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
     if (arena.measuring() || x.rows() == 0) return;
-    detail::for_each_token_chunk(x.rows(), double(saved_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
+    detail::for_each_token_chunk(x.rows(), double(balance_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), z.middle_rows(t0, t1 - t0));
     });
   }
@@ -162,22 +171,26 @@ class NullExpertRouter {
   /// @}
 
  private:
-  // Tokens [t0, t1), whose logits are in saved: softmax over n + m in place, top-k, weights renormalised among
-  // the true experts.
-  void choose(Index t0, Index t1, Index* chosen, Index* ids, T* weights, T* saved) const {
-    const Index width = saved_width();
+  // Tokens [t0, t1) of n_tokens, whose logits are in saved: softmax over n + m in place, top-k, weights
+  // renormalised among the true experts, their logits kept.
+  // `logits` (n + m) is scratch.
+  void choose(Index t0, Index t1, Index n_tokens, Index* chosen, T* logits, Index* ids, T* weights, T* saved) const {
+    const Index width = balance_width();
     for (Index t = t0; t < t1; ++t) {
       T* p = saved + t * width;
+      std::copy_n(p, width, logits);
       kernels::softmax_row(Arch{}, p, p, width);
       Index* all = chosen + t * top_k_;
       kernels::top_k(Arch{}, p, width, top_k_, all);
       Index* id = ids + t * top_k_;
       T* w = weights + t * top_k_;
+      T* z = saved + n_tokens * width + t * top_k_;  // (top_k) the chosen true experts' logits
       for (Index s = 0; s < top_k_; ++s) {
         id[s] = all[s] < n_experts_ ? all[s] : -1;
         w[s] = id[s] >= 0 ? p[id[s]] : T(0);
+        z[s] = id[s] >= 0 ? logits[id[s]] : -std::numeric_limits<T>::infinity();
       }
-      detail::normalize(w, top_k_);  // null slots hold 0: the sum is over the true experts
+      detail::renormalize(ScoreFunction::softmax, z, w, top_k_);  // null slots hold 0: the sum is over the true experts
     }
   }
 

@@ -52,6 +52,7 @@ struct TopKOptions {
 /// Token-choice top-k router with the knobs of TopKOptions.
 ///
 /// Numeric policy: NaN logits count as -inf; a row without a finite logit gets the lowest ids with weight 0;
+/// chosen scores whose sum underflows in T are renormalised in log space (detail::renormalize);
 /// +inf logits share the weight of a normalised row equally. Ids are always distinct and in [0, n_experts).
 /// Noise (jitter, Gumbel) is on only after set_training(true) and is a pure function of (seed, step(),
 /// token, index): reproducible and independent of the thread count. Keep step() unchanged between a route
@@ -76,7 +77,9 @@ class TopKRouter {
   Index d_model() const { return d_model_; }         ///< token width
   Index n_experts() const { return n_experts_; }     ///< experts routed over
   Index top_k() const { return top_k_; }             ///< slots per token
-  Index saved_width() const { return n_experts_; }   ///< saved per token for backward: the scores s
+  /// Saved per token for backward: the scores s (n_experts), then, when renormalising, the chosen logits
+  /// (top_k, after the temperature) for the weights whose scores underflow (detail::renormalize).
+  Index saved_width() const { return n_experts_ + logit_columns(); }
   const TopKOptions& options() const { return options_; }  ///< the knobs
   bool renormalize() const { return options_.renormalize; }  ///< whether the k weights are renormalised
 
@@ -124,7 +127,8 @@ class TopKRouter {
   }
 
   /// Routes x (n_tokens, d_model) to ids (n_tokens, top_k), ordered by descending key (ties: lower id
-  /// first), and weights (n_tokens, top_k); saved (n_tokens, n_experts) receives the scores s.
+  /// first), and weights (n_tokens, top_k); saved (n_tokens, saved_width()) receives the scores s, as
+  /// (n_tokens, n_experts) rows, then the chosen logits (n_tokens, top_k) when renormalising.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
     const Index n_tokens = x.rows();
     T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
@@ -135,7 +139,7 @@ class TopKRouter {
       ConstMatrixView<T> xc = x.middle_rows(t0, t1 - t0);
       if (jittered != nullptr) xc = jitter(xc, t0, jittered + t0 * d_model_);
       gate_.logits(xc, MatrixView<T>(saved + t0 * n_experts_, t1 - t0, n_experts_));
-      route_chunk(c, t0, t1, scratch, ids, weights, saved);
+      route_chunk(c, t0, t1, n_tokens, scratch, ids, weights, saved);
     });
   }
 
@@ -147,7 +151,7 @@ class TopKRouter {
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
       for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, saved + t * n_experts_);
-      route_chunk(c, t0, t1, scratch, ids, weights, saved);
+      route_chunk(c, t0, t1, n_tokens, scratch, ids, weights, saved);
     });
   }
 
@@ -225,7 +229,8 @@ class TopKRouter {
 
   /// Backward from the weights to the logits: WRITES dlogits (n_tokens, n_experts). Slots with id < 0 get no
   /// gradient. Chain: scaling, then the renormalisation (dL/ds_i = (g_i - <g, u>) / Σs) or the softmax over
-  /// the chosen logits, then the score function, then 1/τ. The choice (bias, groups, Gumbel noise) is
+  /// the chosen logits, then the score function (a renormalisation in log space goes to the logits at
+  /// once), then 1/τ. The choice (bias, groups, Gumbel noise) is
   /// piecewise constant: no gradient. With top_k = 1 and renormalisation the weight is constantly 1, so the
   /// router gets no gradient.
   void logits_backward(const Index* ids, const T* saved, const T* dweights, MatrixView<T> dlogits, Arena& arena) const {
@@ -247,6 +252,9 @@ class TopKRouter {
       if (options_.softmax_after_top_k) {
         kernels::softmax_row(Arch{}, u, u, top_k_);  // the chosen logits -> the weights
         detail::score_backward(ScoreFunction::softmax, u, g, top_k_);
+        detail::scatter_slots(id, g, top_k_, dz, n_experts_);
+      } else if (options_.renormalize && detail::renormalizes_in_log_space(u, top_k_)) {
+        detail::renormalize_log_backward(options_.score, saved + n_tokens * n_experts_ + t * top_k_, u, g, top_k_);
         detail::scatter_slots(id, g, top_k_, dz, n_experts_);
       } else {
         if (options_.renormalize) detail::normalize_backward(u, g, top_k_);
@@ -287,15 +295,17 @@ class TopKRouter {
   // Per-chunk scratch of the choice: taken only by the knobs that need it (plain top-k takes nothing).
   struct Scratch {
     T* keys = nullptr;             // (n_chunks, n_experts) selection keys
+    T* logits = nullptr;           // (n_chunks, n_experts) the logits after the temperature, when renormalising
     T* group_scores = nullptr;     // (n_chunks, n_groups)
     Index* group_ids = nullptr;    // (n_chunks, n_group_ids)
     Index n_group_ids = 0;
   };
 
   Scratch take_scratch(Index n_tokens, Arena& arena) const {
-    const Index n_chunks = (n_tokens + detail::k_token_chunk - 1) / detail::k_token_chunk;
+    const Index n_chunks = detail::n_token_chunks(n_tokens);
     Scratch s;
     if (separate_keys()) s.keys = arena.take<T>(n_chunks * n_experts_);
+    if (logit_columns() > 0) s.logits = arena.take<T>(n_chunks * n_experts_);
     if (options_.n_groups > 1) {
       s.n_group_ids = std::max(options_.top_k_groups, options_.group_score_top);
       s.group_scores = arena.take<T>(n_chunks * options_.n_groups);
@@ -304,14 +314,19 @@ class TopKRouter {
     return s;
   }
 
-  // Tokens [t0, t1) of chunk c, whose logits are in saved.
-  void route_chunk(Index c, Index t0, Index t1, const Scratch& sc, Index* ids, T* weights, T* saved) const {
+  // Tokens [t0, t1) of chunk c (of n_tokens), whose logits are in saved.
+  void route_chunk(Index c, Index t0, Index t1, Index n_tokens, const Scratch& sc, Index* ids, T* weights,
+                   T* saved) const {
+    const auto row = [c](T* p, Index width) { return p == nullptr ? nullptr : p + c * width; };
+    T* chosen_logits = logit_columns() > 0 ? saved + n_tokens * n_experts_ : nullptr;  // (n_tokens, top_k)
     for (Index t = t0; t < t1; ++t)
-      route_token(t, saved + t * n_experts_, sc.keys == nullptr ? nullptr : sc.keys + c * n_experts_,
-                  sc.group_scores == nullptr ? nullptr : sc.group_scores + c * options_.n_groups,
-                  sc.group_ids == nullptr ? nullptr : sc.group_ids + c * sc.n_group_ids, ids + t * top_k_,
-                  weights + t * top_k_);
+      route_token(t, saved + t * n_experts_, row(sc.keys, n_experts_), row(sc.logits, n_experts_),
+                  row(sc.group_scores, options_.n_groups), sc.group_ids == nullptr ? nullptr : sc.group_ids + c * sc.n_group_ids,
+                  ids + t * top_k_, weights + t * top_k_, chosen_logits == nullptr ? nullptr : chosen_logits + t * top_k_);
   }
+
+  // Chosen logits kept for a renormalisation in log space (detail::renormalize).
+  Index logit_columns() const { return options_.renormalize && !options_.softmax_after_top_k ? top_k_ : 0; }
 
   bool jitter_on() const { return training_ && options_.jitter > 0.0; }
   bool gumbel_on() const { return training_ && options_.gumbel_noise; }
@@ -332,12 +347,13 @@ class TopKRouter {
   }
 
   // Logits -> what the weights are taken from, in place: the scores, or (softmax after top-k) the logits
-  // with NaN read as -inf.
-  void scores(T* z) const {
+  // with NaN read as -inf. `logits` (n_experts; may be null) receives the logits after the temperature.
+  void scores(T* z, T* logits) const {
     if (options_.temperature != 1.0) {
       const T inv = static_cast<T>(1.0 / options_.temperature);
       for (Index e = 0; e < n_experts_; ++e) z[e] *= inv;
     }
+    if (logits != nullptr) std::copy_n(z, n_experts_, logits);
     if (options_.softmax_after_top_k) {
       for (Index e = 0; e < n_experts_; ++e) z[e] = std::isnan(z[e]) ? -std::numeric_limits<T>::infinity() : z[e];
     } else {
@@ -361,7 +377,9 @@ class TopKRouter {
     }
   }
 
-  void route_token(Index t, T* s, T* key, T* group_score, Index* group_id, Index* id, T* w) const {
+  // `logits` (n_experts) scratch and `chosen_logits` (top_k) output: both null unless renormalising.
+  void route_token(Index t, T* s, T* key, T* logits, T* group_score, Index* group_id, Index* id, T* w,
+                   T* chosen_logits) const {
     // s holds the logits on entry and the scores on return.
     if (gumbel_on()) {
       const T inv = static_cast<T>(1.0 / options_.temperature);
@@ -369,7 +387,7 @@ class TopKRouter {
         key[e] = s[e] * inv + static_cast<T>(detail::counter_gumbel(options_.seed, step_, t, e));
       if (!options_.softmax_after_top_k) detail::score_row(Arch{}, options_.score, key, key, n_experts_);
     }
-    scores(s);
+    scores(s, logits);
     if (key != nullptr) {
       if (!gumbel_on()) std::copy_n(s, n_experts_, key);
       for (std::size_t e = 0; e < bias_.size(); ++e) key[e] += bias_[e];
@@ -382,7 +400,8 @@ class TopKRouter {
     if (options_.softmax_after_top_k) {
       kernels::softmax_row(Arch{}, w, w, top_k_);
     } else if (options_.renormalize) {
-      detail::normalize(w, top_k_);
+      for (Index k = 0; k < top_k_; ++k) chosen_logits[k] = logits[id[k]];
+      detail::renormalize(options_.score, chosen_logits, w, top_k_);
     }
     if (options_.routed_scaling_factor != 1.0)
       for (Index k = 0; k < top_k_; ++k) w[k] *= static_cast<T>(options_.routed_scaling_factor);
