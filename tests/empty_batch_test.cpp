@@ -4,11 +4,8 @@
 // references, forward (naive double layer) and backward (finite differences in double; f32 vs double).
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +15,8 @@
 #include <moe/moe.hpp>
 #include <moe/reference/naive_moe.hpp>
 
+#include "support/counting_new.hpp"
+#include "support/f32_vs_f64.hpp"
 #include "support/gradcheck.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
@@ -26,37 +25,6 @@ using moe::Index;
 using moe::MoEConfig;
 using moe::RowMatrix;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MOE_TEST_COUNTS_ALLOCATIONS 0
-#else
-#define MOE_TEST_COUNTS_ALLOCATIONS 1
-#endif
-
-namespace {
-std::atomic<long> g_allocations{0};
-}
-
-#if MOE_TEST_COUNTS_ALLOCATIONS
-// The replacements pair malloc with free on purpose; GCC 12 cannot see that through the inlined allocator.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void* operator new(std::size_t n) {
-  ++g_allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, std::align_val_t a) {
-  ++g_allocations;
-  const std::size_t align = static_cast<std::size_t>(a);
-  if (void* p = std::aligned_alloc(align, (n + align - 1) / align * align)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-#endif
 
 namespace {
 
@@ -94,22 +62,22 @@ long check_empty_batch(const char* name, Layer& layer) {
   std::vector<moe::ForwardResult<float>> results;
   results.reserve(4);  // no allocation inside the counted regions
   // Inference: a Workspace that never held anything.
-  long start = g_allocations.load();
+  long start = moe::test::operator_new_calls.load();
   results.push_back(layer.forward(x0, y0, fresh_ws));
   results.push_back(std::as_const(layer).route(x0, fresh_ws));
-  const long inference = g_allocations.load() - start;
+  const long inference = moe::test::operator_new_calls.load() - start;
   // Training on a context that held 20 tokens.
-  start = g_allocations.load();
+  start = moe::test::operator_new_calls.load();
   results.push_back(layer.forward(x0, y0, used));
   layer.backward(dy0, dx0, used);
-  const long on_used_context = g_allocations.load() - start;
+  const long on_used_context = moe::test::operator_new_calls.load() - start;
   // Training on a context that never held anything.
-  start = g_allocations.load();
+  start = moe::test::operator_new_calls.load();
   results.push_back(layer.forward(x0, y0, fresh));
   layer.backward(dy0, dx0, fresh);
-  const long on_fresh_context = g_allocations.load() - start;
+  const long on_fresh_context = moe::test::operator_new_calls.load() - start;
 
-  if (MOE_TEST_COUNTS_ALLOCATIONS) {
+  if (MOE_TEST_COUNTS_NEW) {
     CHECK(inference == 0);
     CHECK(on_used_context == 0);
   }
@@ -165,7 +133,7 @@ TEST_CASE("B5: zero tokens forward and backward return at once, change no gradie
   for_each_layer([](const char* name, auto& layer) { check_empty_batch(name, layer); });
 }
 
-#if MOE_TEST_COUNTS_ALLOCATIONS
+#if MOE_TEST_COUNTS_NEW
 // A context's first forward used to record the parameters' versions before returning for T = 0 (3 or 4
 // allocations here); an empty batch now records nothing, and backward on 0 tokens checks nothing.
 TEST_CASE("B5: zero tokens on a fresh TrainingContext allocate nothing", "[layer][empty]") {
@@ -252,39 +220,9 @@ TEST_CASE("B5: one token backward matches finite differences (double) and the do
   });
   CHECK(biggest > 1e-3);
 
-  // f32 on the same weights and token against the double backward (RELIABILITY G4: NMSE <= 1e-7).
+  // f32 on the same weights (ld's rounded to f32) and token against the double backward (G4: NMSE <= 1e-7).
   moe::MixtralMoE lf(cfg);
-  std::vector<moe::Parameter<double>*> from;
-  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) { from.push_back(&p); });
-  std::size_t i = 0;
-  lf.visit_parameters([&](const std::string&, moe::Parameter<float>& p) {
-    for (Index j = 0; j < p.rows() * p.cols(); ++j) p.data()[j] = static_cast<float>(from[i]->data()[j]);
-    ++i;
-  });
-  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
-    for (Index j = 0; j < p.rows() * p.cols(); ++j) p.data()[j] = static_cast<double>(static_cast<float>(p.data()[j]));
-  });
-  const RowMatrix<float> xf = x.cast<float>(), rf = r.cast<float>();
-  const RowMatrix<double> xd = xf.cast<double>(), rd = rf.cast<double>();
-  RowMatrix<float> yf(1, 7), dxf(1, 7);
-  RowMatrix<double> dxd(1, 7);
-  moe::TrainingContext<float> cf;
-  moe::TrainingContext<double> cd;
-  lf.forward(xf, yf, cf);
-  ld.forward(xd, y, cd);
-  lf.zero_grad();
-  ld.zero_grad();
-  lf.backward(rf, dxf, cf);
-  ld.backward(rd, dxd, cd);
-  CHECK(moe::test::nmse(dxd.data(), dxf.data(), 7) <= 1e-7);
-  std::vector<std::vector<double>> gd;
-  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
-    gd.emplace_back(p.grad().data(), p.grad().data() + p.rows() * p.cols());
-  });
-  i = 0;
-  lf.visit_parameters([&](const std::string& name, moe::Parameter<float>& p) {
-    INFO(name);
-    CHECK(moe::test::nmse(gd[i].data(), p.grad().data(), gd[i].size()) <= 1e-7);
-    ++i;
-  });
+  moe::test::copy_parameters(ld, lf);
+  moe::test::check_backward_against_double(lf, ld, RowMatrix<float>(x.cast<float>()), RowMatrix<float>(r.cast<float>()),
+                                           1e-7);
 }

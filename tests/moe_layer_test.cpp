@@ -18,6 +18,7 @@
 #include <moe/moe.hpp>
 
 #include <moe/reference/naive_moe.hpp>
+#include "support/f32_vs_f64.hpp"
 #include "support/gradcheck.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
@@ -436,37 +437,10 @@ TEST_CASE("MoELayer f32 backward agrees with the double backward", "[layer][grad
   Layer<float> lf(cfg);
   Layer<double> ld(cfg);
   lf.init(3);
-  // Same weights in both: copy through the parameter visitors.
-  std::vector<const moe::Parameter<float>*> from;
-  lf.visit_parameters([&](const std::string&, moe::Parameter<float>& p) { from.push_back(&p); });
-  std::size_t i = 0;
-  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
-    const auto* src = from[i++];
-    for (Index j = 0; j < p.rows() * p.cols(); ++j) p.data()[j] = src->data()[j];
-  });
   const RowMatrix<float> xf = random_tokens<float>(64, 40, 4);
-  const RowMatrix<double> xd = xf.cast<double>();
   moe::test::Rng rng(5);
   const RowMatrix<float> dyf = moe::test::normal_matrix<float>(rng, 64, 40);
-  RowMatrix<float> yf(64, 40), dxf(64, 40);
-  RowMatrix<double> yd(64, 40), dxd(64, 40);
-  moe::TrainingContext<float> cf;
-  moe::TrainingContext<double> cd;
-  lf.forward(xf, yf, cf);
-  ld.forward(xd, yd, cd);
-  lf.backward(dyf, dxf, cf);
-  ld.backward(RowMatrix<double>(dyf.cast<double>()), dxd, cd);
-  REQUIRE(moe::test::nmse(dxd.data(), dxf.data(), static_cast<std::size_t>(dxd.size())) <= 1e-7);
-  std::vector<std::vector<double>> gd;
-  ld.visit_parameters([&](const std::string&, moe::Parameter<double>& p) {
-    gd.emplace_back(p.grad().data(), p.grad().data() + p.rows() * p.cols());
-  });
-  i = 0;
-  lf.visit_parameters([&](const std::string& name, moe::Parameter<float>& p) {
-    INFO(name);
-    CHECK(moe::test::nmse(gd[i].data(), p.grad().data(), gd[i].size()) <= 1e-7);
-    ++i;
-  });
+  moe::test::check_backward_against_double(lf, ld, xf, dyf, 1e-7);
 }
 
 TEST_CASE("MoELayer::backward rejects a foreign context, bad shapes and NaN before writing", "[layer][error]") {

@@ -1,7 +1,7 @@
 // RELIABILITY.md M1: after one warm-up call at a size, forward at the same or a smaller n_tokens performs
 // no heap allocation. Three counters watch the measured calls (not in sanitizer builds, whose runtimes
 // replace the same functions):
-// - global operator new, replaced by a counting one;
+// - global operator new, replaced by a counting one (support/counting_new.hpp);
 // - malloc, calloc, realloc, aligned_alloc, posix_memalign and memalign, interposed: this executable's
 //   definitions win over glibc's for every caller (libstdc++, libgomp, Eigen, glibc itself) and forward to
 //   glibc's __libc_* entry points (exported since glibc 2.2.5, still in 2.36), so free() stays glibc's.
@@ -34,10 +34,10 @@ void moe_test_eigen_assert_failed(const char* condition);
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+#include "support/counting_new.hpp"
 #include "support/random.hpp"
 
 namespace {
-std::atomic<long> g_allocations{0};  // operator new
 std::atomic<long> g_mallocs{0};      // the malloc family, called from anywhere but libgomp
 std::atomic<long> g_omp_mallocs{0};  // the malloc family, called from libgomp
 std::atomic<long> g_eigen_asserts{0};
@@ -95,7 +95,7 @@ std::ostream& operator<<(std::ostream& os, const Counts& c) {
     os << ", first: " << first;
   return os << "}";
 }
-Counts counts() { return {g_allocations.load(), g_mallocs.load(), g_eigen_asserts.load(), g_omp_mallocs.load()}; }
+Counts counts() { return {moe::test::operator_new_calls.load(), g_mallocs.load(), g_eigen_asserts.load(), g_omp_mallocs.load()}; }
 
 // What f() allocated, with Eigen's guard on while it runs.
 template <class F>
@@ -155,26 +155,6 @@ __attribute__((noinline)) int posix_memalign(void** out, std::size_t align, std:
 }
 }
 
-// The replacements pair malloc with free on purpose; GCC 12 cannot see that through the inlined allocator.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
-void* operator new(std::size_t n) {
-  ++g_allocations;
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, std::align_val_t a) {
-  ++g_allocations;
-  const std::size_t align = static_cast<std::size_t>(a);
-  if (void* p = std::aligned_alloc(align, (n + align - 1) / align * align)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 TEST_CASE("The allocation counters and Eigen's guard see what they should", "[alloc]") {
   // A heap Eigen matrix inside the guard trips it (so the guard is real), and its malloc is counted.

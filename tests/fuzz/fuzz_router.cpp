@@ -627,6 +627,27 @@ void read_tokens(ByteReader& in, Case& c) {
 
 LayerCase layer_case(const Case& c) { return {&c.x, c.x_finite, {}}; }
 
+// The gate, then (with the selection bias) the bias, from the bytes.
+void fill_top_k(ByteReader& in, routers::TopKRouter<float>& r) {
+  fill_matrix(in, r.gate());
+  if (!r.bias().empty()) in.fill(r.bias().data(), r.bias().size());
+}
+
+// The router wrap(TopKRouter) builds around a TopKRouter of the setup whose gate and bias come from the bytes;
+// nullopt when a constructor rejects an option.
+template <class Wrap>
+auto wrapped_top_k(ByteReader& in, const moe::MoEConfig& cfg, const TopKSetup& setup, Wrap&& wrap)
+    -> std::optional<decltype(wrap(std::declval<routers::TopKRouter<float>>()))> {
+  try {
+    routers::TopKRouter<float> top_k(cfg, setup.options);
+    configure(top_k, setup);
+    fill_top_k(in, top_k);
+    return wrap(std::move(top_k));
+  } catch (const moe::Error&) {
+    return std::nullopt;
+  }
+}
+
 void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
   const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
   TopKSetup setup = read_top_k_setup(in, c.E);
@@ -641,8 +662,7 @@ void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
   } catch (const moe::Error&) {
     return;  // an invalid option, rejected by the constructor
   }
-  fill_matrix(in, r->gate());
-  if (!r->bias().empty()) in.fill(r->bias().data(), r->bias().size());
+  fill_top_k(in, *r);
   if (c.logits_mode) {
     Matrix z(c.T, c.E);
     fill_matrix(in, z);
@@ -664,16 +684,10 @@ void run_capacity(ByteReader& in, Case& c) {
   const TopKSetup setup = read_top_k_setup(in, c.E);
   const routers::CapacityOptions options{.capacity_factor = in.pick(k_factor),
                                          .drop_policy = static_cast<routers::DropPolicy>(in.below(2))};
-  std::optional<routers::CapacityLimited<routers::TopKRouter<float>>> r;
-  try {
-    routers::TopKRouter<float> inner(cfg, setup.options);
-    configure(inner, setup);
-    r.emplace(std::move(inner), options);
-  } catch (const moe::Error&) {
-    return;
-  }
-  fill_matrix(in, r->router().gate());
-  if (!r->router().bias().empty()) in.fill(r->router().bias().data(), r->router().bias().size());
+  auto r = wrapped_top_k(in, cfg, setup, [&](routers::TopKRouter<float>&& t) {
+    return routers::CapacityLimited<routers::TopKRouter<float>>(std::move(t), options);
+  });
+  if (!r) return;
   read_tokens(in, c);
   const Routed inner = route_plain(r->router(), c.x);
   check_top_k(r->router(), inner, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
@@ -764,16 +778,10 @@ void run_expert_choice(ByteReader& in, Case& c) {
 void run_sequence_level(ByteReader& in, Case& c) {
   const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
   const TopKSetup setup = read_top_k_setup(in, c.E);
-  std::optional<routers::SequenceLevel<routers::TopKRouter<float>>> r;
-  try {
-    routers::TopKRouter<float> inner(cfg, setup.options);
-    configure(inner, setup);
-    r.emplace(std::move(inner));
-  } catch (const moe::Error&) {
-    return;
-  }
-  fill_matrix(in, r->inner().gate());
-  if (!r->inner().bias().empty()) in.fill(r->inner().bias().data(), r->inner().bias().size());
+  auto r = wrapped_top_k(in, cfg, setup, [](routers::TopKRouter<float>&& t) {
+    return routers::SequenceLevel<routers::TopKRouter<float>>(std::move(t));
+  });
+  if (!r) return;
   read_tokens(in, c);
   // Sequences: starts ascending from 0, each token starting one with probability ~1/4.
   std::vector<Index> starts;
@@ -809,16 +817,10 @@ void run_sequence_level(ByteReader& in, Case& c) {
 void run_gating_residual(ByteReader& in, Case& c) {
   const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
   const TopKSetup setup = read_top_k_setup(in, c.E);
-  std::optional<routers::GatingResidual<routers::TopKRouter<float>>> r;
-  try {
-    routers::TopKRouter<float> inner(cfg, setup.options);
-    configure(inner, setup);
-    r.emplace(std::move(inner));
-  } catch (const moe::Error&) {
-    return;
-  }
-  fill_matrix(in, r->router().gate());
-  if (!r->router().bias().empty()) in.fill(r->router().bias().data(), r->router().bias().size());
+  auto r = wrapped_top_k(in, cfg, setup, [](routers::TopKRouter<float>&& t) {
+    return routers::GatingResidual<routers::TopKRouter<float>>(std::move(t));
+  });
+  if (!r) return;
   fill_matrix(in, r->gate_map());
   read_tokens(in, c);
   // The previous layer's logits (any values: they come from another layer's gate) and an output.
@@ -847,16 +849,10 @@ void run_with_losses(ByteReader& in, Case& c) {
   const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
   const TopKSetup setup = read_top_k_setup(in, c.E);
   using R = routers::WithLosses<routers::TopKRouter<float>, moe::losses::SwitchLoss, moe::losses::ZLoss>;
-  std::optional<R> r;
-  try {
-    routers::TopKRouter<float> inner(cfg, setup.options);
-    configure(inner, setup);
-    r.emplace(std::move(inner), moe::losses::SwitchLoss{}, moe::losses::ZLoss{});
-  } catch (const moe::Error&) {
-    return;
-  }
-  fill_matrix(in, r->router().gate());
-  if (!r->router().bias().empty()) in.fill(r->router().bias().data(), r->router().bias().size());
+  auto r = wrapped_top_k(in, cfg, setup, [](routers::TopKRouter<float>&& t) {
+    return R(std::move(t), moe::losses::SwitchLoss{}, moe::losses::ZLoss{});
+  });
+  if (!r) return;
   read_tokens(in, c);
   const Routed out = route_with_stats(*r, c.x);
   check_top_k(r->router(), out, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
@@ -919,19 +915,13 @@ void run_capacity_with_losses(ByteReader& in, Case& c) {
   const moe::MoEConfig cfg{.d_model = c.d, .d_ff = 1, .n_experts = c.E, .top_k = c.k};
   const TopKSetup setup = read_top_k_setup(in, c.E);
   using Inner = routers::WithLosses<routers::TopKRouter<float>, moe::losses::SwitchLoss, moe::losses::ZLoss>;
-  std::optional<routers::CapacityLimited<Inner>> r;
   const routers::CapacityOptions options{.capacity_factor = in.pick(k_factor),
                                          .drop_policy = static_cast<routers::DropPolicy>(in.below(2))};
-  try {
-    routers::TopKRouter<float> top_k(cfg, setup.options);
-    configure(top_k, setup);
-    r.emplace(Inner(std::move(top_k), moe::losses::SwitchLoss{}, moe::losses::ZLoss{}), options);
-  } catch (const moe::Error&) {
-    return;
-  }
+  auto r = wrapped_top_k(in, cfg, setup, [&](routers::TopKRouter<float>&& t) {
+    return routers::CapacityLimited<Inner>(Inner(std::move(t), moe::losses::SwitchLoss{}, moe::losses::ZLoss{}), options);
+  });
+  if (!r) return;
   auto& top_k = r->router().router();
-  fill_matrix(in, top_k.gate());
-  if (!top_k.bias().empty()) in.fill(top_k.bias().data(), top_k.bias().size());
   read_tokens(in, c);
   const Routed inner = route_with_stats(r->router(), c.x);
   check_top_k(top_k, inner, logits_finite(c.x, std::as_const(top_k).gate(), setup.options.temperature),
