@@ -6,7 +6,7 @@
 #        kernels that ship on this host; the tests only (the examples' smoke runs stay in stage 2), ctest.
 #   Stages 3-6 leave out the fuzz corpus replays: stage 2 replays them natively, stage 9 under ASan + UBSan.
 #   7-8  TSan (clang, LLVM's libomp): the concurrency tests only (ctest -L concurrency).
-#   9    scripts/fuzz.sh 60: the libFuzzer targets of tests/fuzz (clang, ASan + UBSan), 60 s each.
+#   9    scripts/fuzz.sh 60: the libFuzzer targets of tests/fuzz (clang, ASan + UBSan), 60 s each, one per core.
 # Build trees go to ${MOE_BUILD_PREFIX}<stage> (default build/release, build/portable, build/sanitize,
 # build/tsan). Each stage prints its time, and a summary closes the run.
 set -euo pipefail
@@ -21,7 +21,7 @@ start=$SECONDS
 # take the cores from each other (10-50x slower small layers on a busy host). Results do not depend on it.
 export OMP_WAIT_POLICY=passive
 # Tests that do not depend on the compile flags: the Release stage runs them, the others skip them.
-flag_independent='^(package_|compile_fail_|readme_snippet_in_sync$)'
+flag_independent='^(package_|compile_fail_|layering_|readme_snippet_in_sync$)'
 
 stages=("configure + build (Release, -march=native)"
         "ctest (Release)"

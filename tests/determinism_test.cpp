@@ -116,8 +116,8 @@ TEST_CASE("D1: jitter and Gumbel noise with balance losses over LoRA experts, bi
              moe::losses::SwitchLoss{}, moe::losses::ZLoss{}),
       moe::experts::LoRASwiGLU<float>(k_cfg, {.rank = 4, .b_init = moe::experts::Normal{.std = 0.1}}));
   layer.init(5);
-  layer.router().router().set_training(true);
-  layer.router().router().set_step(12);
+  layer.router().inner().set_training(true);
+  layer.router().inner().set_step(12);
   check_repeats("noisy router with losses, LoRA", layer, 97);
 }
 

@@ -74,7 +74,20 @@ TEST_CASE("RoutingPlan skips dropped slots and rejects out-of-range ids", "[plan
   REQUIRE(f.plan.slot_row[2] == -1);
   REQUIRE(f.plan.counts[2] == 2);
   REQUIRE(f.plan.row_token[f.plan.slot_row[5]] == 2);
+  REQUIRE(std::vector<Index>(f.plan.experts_per_token, f.plan.experts_per_token + 3) == std::vector<Index>{1, 0, 2});
 
   const std::vector<Index> bad = {0, 1, 4, 0, 1, 2};
   REQUIRE_THROWS_WITH(f.plan.build(bad.data()), Catch::Matchers::Contains("expert id 4 out of range [0, 4)"));
+}
+
+TEST_CASE("RoutingPlan links each sequence's rows on an expert, in token order", "[plan]") {
+  // Top-2 over 3 experts, tokens 0..4 in sequences {0, 1, 2} and {3, 4}; token 2's second slot dropped.
+  PlanFixture f(5, 2, 3);
+  const std::vector<Index> ids = {0, 1, 1, 0, 0, -1, 0, 2, 0, 1};
+  const std::vector<Index> sequence_of_token = {0, 0, 0, 1, 1};
+  f.plan.build(ids.data());
+  std::vector<Index> prev_rows(static_cast<std::size_t>(f.plan.n_rows()), -7);
+  f.plan.link_sequences(sequence_of_token.data(), prev_rows.data());
+  // Expert 0 rows: tokens 0, 1, 2 | 3, 4; expert 1: tokens 0, 1 | 4; expert 2: token 3.
+  REQUIRE(prev_rows == std::vector<Index>{-1, 0, 1, -1, 3, -1, 5, -1, -1});
 }

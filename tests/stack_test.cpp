@@ -100,12 +100,12 @@ TEST_CASE("Stack: gating residuals change the routing of later layers only", "[s
   stack.forward(x, y, with);
   std::vector<std::vector<Index>> ids;
   for (std::size_t l = 0; l < 3; ++l) ids.emplace_back(with.result(l).expert_ids.begin(), with.result(l).expert_ids.end());
-  for (std::size_t l = 0; l < 3; ++l) moe::detail::eigen(stack.layer(l).router().router().gate_map()).setZero();
+  for (std::size_t l = 0; l < 3; ++l) moe::detail::eigen(stack.layer(l).router().inner().gate_map()).setZero();
   const RowMatrix<double> y_with = y;
   // The recorded state: h_0 = x, h_3 = y, layer 0's logits W_g x (no previous layer).
   CHECK(moe::detail::eigen(with.hidden(0)) == x);
   CHECK(moe::detail::eigen(with.hidden(3)) == y);
-  const RowMatrix<double> z0 = x * moe::detail::eigen(stack.layer(0).router().router().router().gate()).transpose();
+  const RowMatrix<double> z0 = x * moe::detail::eigen(stack.layer(0).router().inner().inner().gate()).transpose();
   CHECK((moe::detail::eigen(with.logits(0)) - z0).norm() <= 1e-12 * z0.norm());
   REQUIRE(with.logits(1).rows() == 40);
   CHECK(with.logits(1).cols() == 6);

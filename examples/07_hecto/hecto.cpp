@@ -169,7 +169,7 @@ void train(const char* name, L& layer, const Teacher& teacher, long steps, moe::
            std::ofstream& loss_csv, std::ofstream* routing_csv = nullptr) {
   moe::optim::AdamW<T> adam({.lr = 1e-2, .weight_decay = 0});
   moe::TrainingContext<T> ctx;
-  TokenRouter& router = layer.router().inner().router();
+  TokenRouter& router = layer.router().inner().inner();
   moe::RowMatrix<T> y, dx, dy;
   router.set_training(true);
   moe::train_loop({.steps = steps, .seed = seed, .label = name}, [&](long step, moe::Rng& rng) {

@@ -109,7 +109,7 @@ Outcome run(const Arm& arm, const moe::examples::DomainGenerator<T>& data,
     const double loss = moe::examples::mse(y, batch.target, dy);
     layer.backward(dy, dx, ctx);
     adam.step(layer);
-    if (arm.bias) layer.router().router().update_bias(load, k_gamma);
+    if (arm.bias) layer.router().inner().update_bias(load, k_gamma);
     const double vio = max_violation(load);
     if (step >= late) out.late_max_violation += vio / double(steps - late);
     vio_csv << arm.name << ',' << step + 1 << ',' << vio << '\n';

@@ -122,7 +122,7 @@ Outcome train(double capacity_factor, double z_coeff, const Generator& gen, cons
   const auto record = [&](long step) {
     layer.forward(test.x, y_test, ws);
     out.loss = moe::examples::mse(y_test, test.target, dy_test);
-    out.logits = logit_size(layer.router().router().router().gate(), test.x);
+    out.logits = logit_size(layer.router().inner().inner().gate(), test.x);
     loss_csv << name << ',' << step << ',' << out.loss << '\n';
     logits_csv << name << ',' << step << ',' << out.logits.lse2 << ',' << out.logits.max_abs_z << '\n';
   };

@@ -166,7 +166,7 @@ std::vector<moe::RowMatrix<double>> routing_scores(moe::Stack<Layer>& stack, con
   moe::Workspace ws;
   std::vector<moe::RowMatrix<double>> scores;
   for (std::size_t l = 0; l < stack.n_layers(); ++l) {
-    auto& router = stack.layer(l).router().router();
+    auto& router = stack.layer(l).router().inner();
     if constexpr (requires { router.gate_map(); }) {
       router.bind_forward(l > 0 ? moe::ConstMatrixView<T>(previous) : moe::ConstMatrixView<T>(), z);
     } else {

@@ -122,7 +122,7 @@ std::vector<std::vector<Index>> top_p(const moe::RowMatrix<double>& scores, Inde
 
 // Layer l's router logits on h: h W_gᵀ (softmax is monotone, so its top-P are the scores' top-P).
 moe::RowMatrix<double> logits(const Layer& layer, const moe::RowMatrix<T>& h) {
-  const auto gate = layer.router().router().gate();  // (n_experts, d_model)
+  const auto gate = layer.router().inner().gate();  // (n_experts, d_model)
   moe::RowMatrix<double> z(h.rows(), k_experts);
   for (Index t = 0; t < h.rows(); ++t)
     for (Index e = 0; e < k_experts; ++e) {

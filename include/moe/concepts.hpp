@@ -61,6 +61,34 @@ concept TrainableRouter = Router<R> &&
       r.visit_parameters(ParameterVisitorArchetype<typename R::Scalar>{});
     };
 
+/// A router that exposes what balance losses need (TopKRouter, NullExpertRouter, DenseToSparseGate,
+/// GatingResidual): the width of its balance columns; `balance_logits(x, z, arena)`, the logits it routes on, and
+/// `route_logits(z, ids, weights, saved, arena)`, route() from those logits (so the gate runs once); `balance_probabilities(z, s, p)` per token
+/// row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g, dz)` (g =
+/// dL/dp in, clobbered; ADDS dL/dz); `balance_choice(saved, ids, n_tokens, cols)`, the column of each slot;
+/// and `balance_logits_backward(x, dz, dx, arena)`, which accumulates the gate gradient and ADDS dL/dx.
+template <class R>
+concept BalanceRouter = TrainableRouter<R> &&
+    requires(R& r, const R& cr, ConstMatrixView<typename R::Scalar> x, MatrixView<typename R::Scalar> z,
+             typename R::Scalar* p, const Index* ids, Index* cols, Arena& arena) {
+      { cr.balance_width() } -> std::convertible_to<Index>;
+      cr.balance_logits(x, z, arena);
+      cr.route_logits(z, cols, p, p, arena);
+      cr.balance_probabilities(p, p, p);
+      cr.balance_probabilities_backward(p, p, p, p);
+      cr.balance_choice(p, ids, Index{}, cols);
+      r.balance_logits_backward(x, x, z, arena);
+    };
+
+/// A router that routes from logits it is given (TopKRouter; what routers::GatingResidual wraps): a
+/// BalanceRouter whose `logits_backward(ids, saved, dweights, dz, arena)` gives dL/dz (n_tokens, n_experts)
+/// of route_logits' weights.
+template <class R>
+concept LogitsRouter = BalanceRouter<R> &&
+    requires(R& r, const Index* ids, const typename R::Scalar* v, MatrixView<typename R::Scalar> dz, Arena& arena) {
+      r.logits_backward(ids, v, v, dz, arena);
+    };
+
 /// An expert bank holds `n_experts()` experts of one kind and runs them on rows grouped by expert.
 ///
 /// Requires: `B::Scalar`; `d_model()`, `n_experts()`; and `forward(xs, offsets, ys, arena)` const,

@@ -21,9 +21,6 @@
 #include "kernels/simd/scatter_add.hpp"
 #include "moe_config.hpp"
 #include "random.hpp"
-#include "experts/gru.hpp"
-#include "routers/capacity.hpp"
-#include "routers/gating.hpp"
 #include "routing_plan.hpp"
 #include "workspace.hpp"
 
@@ -54,7 +51,7 @@ struct ForwardResult {
   /// Auxiliary losses of a router with loss policies (routers::WithLosses), coefficients included, in the
   /// policies' order; aux_loss is their sum (0 without losses). Add it to the task loss: backward already
   /// applies its gradient.
-  std::array<double, routers::k_max_losses> aux_losses{};
+  std::array<double, k_max_losses> aux_losses{};
   Index n_aux_losses = 0;  ///< entries of aux_losses in use
   double aux_loss = 0;     ///< sum of aux_losses
 };
@@ -80,12 +77,11 @@ class TrainingContext {
     T* ys = nullptr;  // (n_slots, d_model) expert outputs
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
     T* x_route = nullptr;  // (n_tokens, d_model) copy of a separate router input (pre-gating), or nullptr
-    Index* experts_per_token = nullptr;  // (n_tokens)
     Index* prev_rows = nullptr;          // (n_slots) previous grouped row of a recurrent bank's row, or -1
     Index* sequence_of_token = nullptr;  // (n_tokens) sequence of each token (each token alone without sequences)
     Index n_sequences = 0;
     bool sequences = false;              // prev_rows holds carried-state links
-    routers::RouteStats stats;           // dropped slots, loss values
+    RouteStats stats;           // dropped slots, loss values
   };
   Workspace forward_ws_;
   Workspace backward_ws_;
@@ -409,7 +405,7 @@ class MoELayer {
                             {rec.ids, n_slots},
                             {rec.weights, n_slots},
                             {rec.plan.counts, static_cast<std::size_t>(n_experts())},
-                            {rec.experts_per_token, static_cast<std::size_t>(n_tokens)},
+                            {rec.plan.experts_per_token, static_cast<std::size_t>(n_tokens)},
                             rec.stats.dropped_slots,
                             rec.stats.losses,
                             rec.stats.n_losses};
@@ -420,6 +416,7 @@ class MoELayer {
   template <class B>
   static constexpr bool routed = ExpertBank<std::remove_cvref_t<B>>;
   static constexpr bool has_shared = (SharedBank<Banks> || ...);
+  static constexpr bool has_sequence_bank = (SequenceBank<Banks> || ...);
   // Every routed bank reads its rows from the tokens in place (no gathered copy needed for inference).
   static constexpr bool all_token_indexed = ((TokenIndexedBank<Banks> || !ExpertBank<Banks>) && ...);
 
@@ -444,7 +441,7 @@ class MoELayer {
       } else {
         router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
       }
-    } else if constexpr (requires(routers::RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
+    } else if constexpr (requires(RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
       rec.stats.training = training;
       rec.stats.sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr;
       rec.stats.n_sequences = rec.sequences ? rec.n_sequences : 1;
@@ -473,7 +470,6 @@ class MoELayer {
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
     const bool separate = router_input.data() != nullptr || (arena.measuring() && router_input.rows() > 0);
     if (keep_x && separate) rec.x_route = arena.take<Scalar>(n_tokens * d);
-    rec.experts_per_token = arena.take<Index>(n_tokens);
     rec.sequence_of_token = arena.take<Index>(n_tokens);
     rec.prev_rows = arena.take<Index>(n_slots);
     Scalar* shared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on sum
@@ -494,16 +490,9 @@ class MoELayer {
     route_tokens(separate ? router_input : x, rec, arena, keep_x);
     arena.rewind(mark);
     if (!measuring) {
-      routers::count_active_slots(rec.ids, n_tokens, k, rec.experts_per_token);
       rec.plan.build(rec.ids);
       if (route_only) return rec;
-      if (rec.sequences) {
-        for_each_bank(rec.plan, false, [&](const auto& bank, const Index* offsets) {
-          if constexpr (SequenceBank<std::remove_cvref_t<decltype(bank)>>)
-            experts::carried_state_rows(offsets, bank.n_experts(), rec.plan.row_token, rec.sequence_of_token,
-                                        rec.prev_rows);
-        });
-      }
+      if (rec.sequences && has_sequence_bank) rec.plan.link_sequences(rec.sequence_of_token, rec.prev_rows);
       if (keep_x)
         for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
       if (rec.x_route != nullptr)

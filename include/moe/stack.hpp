@@ -33,13 +33,13 @@ struct StackOptions {
 };
 
 namespace detail {
-// The GatingResidual inside a (possibly wrapped) router, or nullptr: wrappers expose their inner router().
+// The GatingResidual inside a (possibly wrapped) router, or nullptr: wrappers expose the wrapped router as inner().
 template <class R>
 auto gating_residual_of(R& r) {
   if constexpr (requires { r.bind_forward(ConstMatrixView<typename R::Scalar>(), MatrixView<typename R::Scalar>()); }) {
     return &r;
-  } else if constexpr (requires { r.router(); }) {
-    return gating_residual_of(r.router());
+  } else if constexpr (requires { r.inner(); }) {
+    return gating_residual_of(r.inner());
   } else {
     return nullptr;
   }

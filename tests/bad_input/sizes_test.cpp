@@ -36,8 +36,9 @@ constexpr moe::MoEConfig k_probe{.d_model = k_2_20, .d_ff = k_2_44, .n_experts =
 constexpr moe::MoEConfig k_wide_gate{.d_model = Index{1} << 40, .d_ff = 1, .n_experts = Index{1} << 30, .top_k = 1};
 
 // The least a router needs to build GatingResidual's map: n_experts() of 2^32, so the map holds 2^64 elements.
-struct HugeRouter {
-  using Scalar = float;
+// A TopKRouter that reports 2^32 experts: what GatingResidual sizes its (n_experts, n_experts) map from.
+struct HugeRouter : moe::routers::TopKRouter<float> {
+  HugeRouter() : moe::routers::TopKRouter<float>({.d_model = 2, .d_ff = 1, .n_experts = 2, .top_k = 1}) {}
   Index n_experts() const { return Index{1} << 32; }
 };
 

@@ -11,6 +11,7 @@
 #include <catch2/catch.hpp>
 #include <moe/concepts.hpp>
 #include <moe/experts/gru.hpp>
+#include <moe/routing_plan.hpp>
 
 #include "support/banks.hpp"
 #include "support/nmse.hpp"
@@ -37,7 +38,7 @@ Batch make_batch(const std::vector<Index>& sequence, const std::vector<Index>& e
     b.offsets.push_back(Index(b.row_token.size()));
   }
   b.prev_rows.resize(b.row_token.size());
-  moe::experts::carried_state_rows(b.offsets.data(), n_experts, b.row_token.data(), b.sequence.data(),
+  moe::carried_state_rows(b.offsets.data(), n_experts, b.row_token.data(), b.sequence.data(),
                                     b.prev_rows.data());
   return b;
 }

@@ -56,7 +56,7 @@ struct Routed {
   std::vector<Index> ids;    // (n_tokens, slots)
   std::vector<float> w;      // (n_tokens, slots)
   std::vector<float> saved;  // (n_tokens, saved_width)
-  routers::RouteStats stats;
+  moe::RouteStats stats;
   const Index* id(Index t) const { return ids.data() + t * slots; }
   const float* weight(Index t) const { return w.data() + t * slots; }
 };
@@ -71,7 +71,7 @@ Routed run_router(Index n_tokens, Index slots, Index saved_width, Call&& call) {
   r.w.assign(static_cast<std::size_t>(n_tokens * slots), std::numeric_limits<float>::quiet_NaN());
   r.saved.assign(static_cast<std::size_t>(n_tokens * saved_width), std::numeric_limits<float>::quiet_NaN());
   moe::Arena measure;
-  routers::RouteStats ignored;
+  moe::RouteStats ignored;
   call(measure, true, nullptr, nullptr, nullptr, ignored);
   moe::Workspace ws(std::max<std::size_t>(measure.peak(), 64));
   std::fill_n(reinterpret_cast<unsigned char*>(ws.data()), ws.capacity(), 0xFF);
@@ -85,7 +85,7 @@ Routed run_router(Index n_tokens, Index slots, Index saved_width, Call&& call) {
 template <class R>
 Routed route_plain(const R& router, moe::ConstMatrixView<float> x) {
   return run_router(x.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, routers::RouteStats&) {
+                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats&) {
                       router.route(measuring ? moe::ConstMatrixView<float>::shape_only(x.rows(), x.cols()) : x, ids, w,
                                    saved, a);
                     });
@@ -95,7 +95,7 @@ Routed route_plain(const R& router, moe::ConstMatrixView<float> x) {
 template <class R>
 Routed route_with_stats(const R& router, moe::ConstMatrixView<float> x) {
   return run_router(x.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, routers::RouteStats& st) {
+                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats& st) {
                       router.route(measuring ? moe::ConstMatrixView<float>::shape_only(x.rows(), x.cols()) : x, ids, w,
                                    saved, a, st);
                     });
@@ -105,7 +105,7 @@ Routed route_with_stats(const R& router, moe::ConstMatrixView<float> x) {
 template <class R>
 Routed route_from_logits(const R& router, moe::ConstMatrixView<float> z) {
   return run_router(z.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, routers::RouteStats&) {
+                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats&) {
                       router.route_logits(measuring ? moe::ConstMatrixView<float>::shape_only(z.rows(), z.cols()) : z,
                                           ids, w, saved, a);
                     });
@@ -689,8 +689,8 @@ void run_capacity(ByteReader& in, Case& c) {
   });
   if (!r) return;
   read_tokens(in, c);
-  const Routed inner = route_plain(r->router(), c.x);
-  check_top_k(r->router(), inner, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
+  const Routed inner = route_plain(r->inner(), c.x);
+  check_top_k(r->inner(), inner, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature),
               "CapacityLimited's inner router");
   const Routed out = route_with_stats(*r, c.x);
   check_capacity(*r, inner, out);
@@ -794,7 +794,7 @@ void run_sequence_level(ByteReader& in, Case& c) {
   // A sequence's mean has |mean_j| <= max_t |x_tj|: the same bound as the tokens'.
   const bool finite = logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature);
   const Routed out = run_router(c.T, c.k, r->saved_width(),
-                                [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, routers::RouteStats& st) {
+                                [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats& st) {
                                   r->route(measuring ? moe::ConstMatrixView<float>::shape_only(c.T, c.d) : moe::ConstMatrixView<float>(c.x),
                                            ids, w, saved, a, sequence_of_token.data(), n_seq, &st);
                                 });
@@ -840,7 +840,7 @@ void run_gating_residual(ByteReader& in, Case& c) {
         extra = std::isfinite(row) ? std::max(extra, row) : std::numeric_limits<double>::infinity();
       }
   }
-  check_top_k(r->router(), out, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature, extra),
+  check_top_k(r->inner(), out, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature, extra),
               "GatingResidual");
   check_layer(*r, layer_case(c), out, in);
 }
@@ -855,20 +855,20 @@ void run_with_losses(ByteReader& in, Case& c) {
   if (!r) return;
   read_tokens(in, c);
   const Routed out = route_with_stats(*r, c.x);
-  check_top_k(r->router(), out, logits_finite(c.x, std::as_const(*r).router().gate(), setup.options.temperature),
+  check_top_k(r->inner(), out, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature),
               "WithLosses");
   // The losses read the logits the choice is made on: the same choice as the router alone, bitwise.
-  const Routed alone = route_plain(r->router(), c.x);
+  const Routed alone = route_plain(r->inner(), c.x);
   for (std::size_t i = 0; i < out.ids.size(); ++i)
     MOE_FUZZ_CHECK(out.ids[i] == alone.ids[i] && std::memcmp(&out.w[i], &alone.w[i], sizeof(float)) == 0,
                    "WithLosses: slot " << i << " differs from the inner router alone");
   MOE_FUZZ_CHECK(out.stats.n_losses == 2, "WithLosses: " << out.stats.n_losses << " losses reported");
   // Finite logits (no overflow in W x) give finite losses.
-  bool finite_logits = c.x_finite && moe::fuzz::all_finite(r->router().gate().data(), static_cast<std::size_t>(c.E * c.d));
+  bool finite_logits = c.x_finite && moe::fuzz::all_finite(r->inner().gate().data(), static_cast<std::size_t>(c.E * c.d));
   for (Index t = 0; t < c.T && finite_logits; ++t) {
     for (Index e = 0; e < c.E; ++e) {
       double bound = 0;
-      for (Index j = 0; j < c.d; ++j) bound += std::abs(double(c.x(t, j)) * double(r->router().gate()(e, j)));
+      for (Index j = 0; j < c.d; ++j) bound += std::abs(double(c.x(t, j)) * double(r->inner().gate()(e, j)));
       finite_logits = finite_logits && bound / std::min(1.0, setup.options.temperature) < 1e38;
     }
   }
@@ -892,17 +892,17 @@ void run_null_experts_with_losses(ByteReader& in, Case& c) {
   } catch (const moe::Error&) {
     return;
   }
-  fill_matrix(in, r->router().gate());
+  fill_matrix(in, r->inner().gate());
   if (m > 0 && in.flag()) {
     try {
-      fill_matrix(in, r->router().null_gate());
+      fill_matrix(in, r->inner().null_gate());
     } catch (const moe::Error&) {  // one gate holds the null rows: nothing separate to fill
     }
   }
   read_tokens(in, c);
   const Routed out = route_with_stats(*r, c.x);
-  const Routed alone = route_plain(r->router(), c.x);
-  check_null_experts(r->router(), alone);
+  const Routed alone = route_plain(r->inner(), c.x);
+  check_null_experts(r->inner(), alone);
   for (std::size_t i = 0; i < out.ids.size(); ++i)
     MOE_FUZZ_CHECK(out.ids[i] == alone.ids[i] && std::memcmp(&out.w[i], &alone.w[i], sizeof(float)) == 0,
                    "WithLosses<NullExpertRouter>: slot " << i << " differs from the router alone");
@@ -921,9 +921,9 @@ void run_capacity_with_losses(ByteReader& in, Case& c) {
     return routers::CapacityLimited<Inner>(Inner(std::move(t), moe::losses::SwitchLoss{}, moe::losses::ZLoss{}), options);
   });
   if (!r) return;
-  auto& top_k = r->router().router();
+  auto& top_k = r->inner().inner();
   read_tokens(in, c);
-  const Routed inner = route_with_stats(r->router(), c.x);
+  const Routed inner = route_with_stats(r->inner(), c.x);
   check_top_k(top_k, inner, logits_finite(c.x, std::as_const(top_k).gate(), setup.options.temperature),
               "CapacityLimited<WithLosses>'s inner router");
   const Routed out = route_with_stats(*r, c.x);

@@ -69,7 +69,7 @@ TEST_CASE("CapacityLimited drops exactly what a brute force drops, for both poli
             const Index C = std::min(  // an expert never has more than T slots to keep
                 T, static_cast<Index>(std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * cf)));
             REQUIRE(router.capacity(T) == C);
-            moe::routers::RouteStats stats{.dropped_slots = -1};
+            moe::RouteStats stats{.dropped_slots = -1};
             const auto r = moe::test::run_router(router, T, [&](Index* ids, float* w, float* saved, moe::Arena& a) {
               router.route(x, ids, w, saved, a, stats);
             });
@@ -80,7 +80,7 @@ TEST_CASE("CapacityLimited drops exactly what a brute force drops, for both poli
             REQUIRE(r.weights == expected.weights);
             moe::test::check_invariants(r, E, {.sums_to_one = false, .unused_allowed = true});
             std::vector<Index> active(static_cast<std::size_t>(T));
-            moe::routers::count_active_slots(r.ids.data(), T, k, active.data());
+            moe::count_active_slots(r.ids.data(), T, k, active.data());
             Index kept = 0;
             for (Index a : active) kept += a;
             REQUIRE(kept + stats.dropped_slots == T * k);

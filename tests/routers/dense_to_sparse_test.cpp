@@ -93,7 +93,7 @@ TEST_CASE("DenseToSparseGate sparsifies as τ decays, then switches to top-1; ev
     router.set_step(step);
     const auto r = moe::test::route(router, x);
     moe::test::check_invariants(r, E, {.sums_to_one = false, .unused_allowed = true});
-    moe::routers::count_active_slots(r.ids.data(), n_tokens, E, active.data());
+    moe::count_active_slots(r.ids.data(), n_tokens, E, active.data());
     const double mean = static_cast<double>(std::accumulate(active.begin(), active.end(), Index{0})) / n_tokens;
     INFO("step " << step << " tau " << router.temperature() << " mean active " << mean);
     if (step == 0) REQUIRE(mean > 0.75 * E);  // dense at the start
@@ -106,7 +106,7 @@ TEST_CASE("DenseToSparseGate sparsifies as τ decays, then switches to top-1; ev
   }
   router.set_training(false);
   const auto r = moe::test::route(router, x);
-  moe::routers::count_active_slots(r.ids.data(), n_tokens, E, active.data());
+  moe::count_active_slots(r.ids.data(), n_tokens, E, active.data());
   for (Index a : active) REQUIRE(a == 1);
   for (Index t = 0; t < n_tokens; ++t) {  // argmax of the clean logits, weight p
     const auto p = moe::test::sorted_row(r.saved, t, E);

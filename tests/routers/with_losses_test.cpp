@@ -128,18 +128,18 @@ TEST_CASE("WithLosses: Mixtral top-2 + Switch + z-loss, values and whole-layer g
   layer.init(7);
   RowMatrix<double> x = tokens(9, 6, 1), y(9, 6);
   const RowMatrix<double> r = tokens(9, 6, 2);
-  require_gaps(x, std::as_const(layer).router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().inner().gate(), 2);
 
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx);
   // References: Switch = 0.3 · 4 · Σ f P over the 18 slots; z-loss = 0.05 · mean lse².
-  const auto p = probabilities(x, std::as_const(layer).router().router().gate());
+  const auto p = probabilities(x, std::as_const(layer).router().inner().gate());
   double zsum = 0;
   for (Index t = 0; t < 9; ++t) {
     double lse = 0, m = -1e300;
     std::vector<double> z(4);
     for (Index e = 0; e < 4; ++e) {
-      for (Index j = 0; j < 6; ++j) z[static_cast<std::size_t>(e)] += x(t, j) * std::as_const(layer).router().router().gate()(e, j);
+      for (Index j = 0; j < 6; ++j) z[static_cast<std::size_t>(e)] += x(t, j) * std::as_const(layer).router().inner().gate()(e, j);
       m = std::max(m, z[static_cast<std::size_t>(e)]);
     }
     for (double v : z) lse += std::exp(v - m);
@@ -191,7 +191,7 @@ TEST_CASE("WithLosses: sigmoid scores + sequence-wise loss over a packed batch",
   RowMatrix<double> x = tokens(10, 5, 5), y(10, 5);
   const RowMatrix<double> r = tokens(10, 5, 6);
   const std::vector<Index> starts{0, 3, 7};
-  require_gaps(x, std::as_const(layer).router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().inner().gate(), 2);
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx, starts);
 
@@ -207,7 +207,7 @@ TEST_CASE("WithLosses: sigmoid scores + sequence-wise loss over a packed batch",
       double sum = 0;
       for (Index e = 0; e < 6; ++e) {
         double z = 0;
-        for (Index j = 0; j < 5; ++j) z += x(t, j) * std::as_const(layer).router().router().gate()(e, j);
+        for (Index j = 0; j < 5; ++j) z += x(t, j) * std::as_const(layer).router().inner().gate()(e, j);
         sum += (sc[static_cast<std::size_t>(e)] = 1.0 / (1.0 + std::exp(-z)));
       }
       for (std::size_t e = 0; e < 6; ++e) P[e] += sc[e] / sum / n;
@@ -235,8 +235,8 @@ TEST_CASE("WithLosses: AdaMoE null experts are balanced as ordinary columns (n +
   // before the training forward: the router's accessors are non-const, and backward refuses weights
   // accessed through them after the forward.
   RowMatrix<double> gate(6, 6);
-  gate.topRows(3) = moe::detail::eigen(layer.router().router().gate());
-  gate.bottomRows(3) = moe::detail::eigen(layer.router().router().null_gate());
+  gate.topRows(3) = moe::detail::eigen(layer.router().inner().gate());
+  gate.bottomRows(3) = moe::detail::eigen(layer.router().inner().null_gate());
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx);
   const auto p = probabilities(x, gate);
@@ -266,13 +266,13 @@ TEST_CASE("WithLosses under a capacity limit: losses on the choice before droppi
   layer.init(17);
   RowMatrix<double> x = tokens(8, 5, 9), y(8, 5);
   const RowMatrix<double> r = tokens(8, 5, 10);
-  require_gaps(x, std::as_const(layer).router().router().router().gate(), 2);
+  require_gaps(x, std::as_const(layer).router().inner().inner().gate(), 2);
   moe::TrainingContext<double> ctx;
   const auto res = layer.forward(x, y, ctx);
   REQUIRE(res.dropped_slots > 0);
   REQUIRE(res.n_aux_losses == 1);
   // Before dropping every token holds 2 slots: f sums to 1 over the 16 chosen slots.
-  const auto p = probabilities(x, std::as_const(layer).router().router().router().gate());
+  const auto p = probabilities(x, std::as_const(layer).router().inner().inner().gate());
   std::vector<std::vector<std::size_t>> chosen;
   for (const auto& pt : p) chosen.push_back(top_columns(pt, 2));
   const double ref = switch_reference(p, chosen, 0.4);
@@ -298,7 +298,7 @@ TEST_CASE("WithLosses in an MoE++ layer weights zero-computation experts by τ",
   RowMatrix<double> y(30, d);
   const auto a = full.forward(x, y), b = weighted.forward(x, y);
   // Reference: Σ_e η_e f_e P_e with η = 0.25 on experts 3, 4, 5.
-  const auto p = probabilities(x, full.router().router().gate());
+  const auto p = probabilities(x, full.router().inner().gate());
   const auto chosen = chosen_ids(a);
   Index zero_computation_slots = 0;
   for (const auto& c : chosen)
@@ -345,7 +345,7 @@ TEST_CASE("WithLosses: forward, aux loss and gradients are bitwise equal for 1-4
       Router(routers::TopKRouter<float>(cfg, {.jitter = 0.01, .seed = 5}), losses::SwitchLoss{}, losses::ZLoss{}),
       experts::SwiGLU<float>(cfg));
   layer.init(29);
-  layer.router().router().set_training(true);
+  layer.router().inner().set_training(true);
   moe::test::Rng rng(31);
   const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 300, 24), dy = moe::test::normal_matrix<float>(rng, 300, 24);
   std::vector<float> first;
@@ -380,11 +380,11 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
         Router(routers::DenseToSparseGate<double>(cfg, {.min_temperature = 0.05, .decay_steps = 100, .seed = 3}), losses::SwitchLoss{.coeff = 0.3}),
         experts::SwiGLU<double>(cfg));
     layer.init(37);
-    layer.router().router().set_step(100);  // τ = 0.05: few experts active
+    layer.router().inner().set_step(100);  // τ = 0.05: few experts active
     RowMatrix<double> x = tokens(10, 5, 12);
     const RowMatrix<double> r = tokens(10, 5, 13);
     RowMatrix<double> y(10, 5);
-    const RowMatrix<double> gate = moe::detail::eigen(layer.router().router().gate());  // read before the forward
+    const RowMatrix<double> gate = moe::detail::eigen(layer.router().inner().gate());  // read before the forward
     moe::TrainingContext<double> ctx;
     const auto res = layer.forward(x, y, ctx);
     const auto chosen = chosen_ids(res);
@@ -409,7 +409,7 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
     });
     RowMatrix<double> x = tokens(8, 6, 14);
     const RowMatrix<double> r = tokens(8, 6, 15);
-    require_gaps(x, std::as_const(layer).router().router().gate(), 1);
+    require_gaps(x, std::as_const(layer).router().inner().gate(), 1);
     RowMatrix<double> y(8, 6);
     moe::TrainingContext<double> ctx;
     CHECK(layer.forward(x, y, ctx).aux_loss > 0);
@@ -424,7 +424,7 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
     layer.init(41);
     RowMatrix<double> x = tokens(9, 5, 16);
     const RowMatrix<double> r = tokens(9, 5, 17);
-    require_gaps(x, std::as_const(layer).router().router().gate(), 1);
+    require_gaps(x, std::as_const(layer).router().inner().gate(), 1);
     const std::vector<Index> starts{0, 4};
     RowMatrix<double> y(9, 5);
     moe::TrainingContext<double> ctx;

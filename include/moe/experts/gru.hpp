@@ -10,7 +10,7 @@
 /// `prev_rows` (-1: a fresh state, h = 0). That one interface serves both routing modes of docs/experts.md:
 /// sequence-level routing (all tokens of a sequence on one expert: a chain over the whole sequence) and
 /// token-level routing with carried state (the chain links the tokens of a sequence routed to this expert).
-/// carried_state_rows() builds prev_rows from the plan and the sequence of each token. The plain
+/// moe::carried_state_rows() (routing_plan.hpp) builds prev_rows from the plan and the sequence of each token. The plain
 /// ExpertBank forward treats every row as a sequence of one step.
 
 #include <algorithm>
@@ -28,25 +28,6 @@
 #include "init.hpp"
 
 namespace moe::experts {
-
-/// prev_rows for grouped rows: row r's previous state is the row just before it in the same expert when
-/// both rows' tokens belong to one sequence, else none (-1). Rows of an expert are in token order (the
-/// routing plan is a stable sort), so this links each sequence's tokens routed to the expert in order.
-/// @param offsets           (n_experts + 1) the bank's grouped-row offsets, as the layer passes them
-/// @param n_experts         experts of the bank
-/// @param row_token         (rows) token of each grouped row (RoutingPlan::row_token)
-/// @param sequence_of_token (n_tokens) sequence id of each token; each sequence is a contiguous range of
-///                          tokens in time order (a packed batch, as cu_seqlens describes)
-/// @param prev_rows         (rows) output, written for the bank's rows [offsets[0], offsets[n_experts])
-inline void carried_state_rows(const Index* offsets, Index n_experts, const Index* row_token,
-                               const Index* sequence_of_token, Index* prev_rows) {
-  for (Index e = 0; e < n_experts; ++e) {
-    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
-      const bool same = r > offsets[e] && sequence_of_token[row_token[r - 1]] == sequence_of_token[row_token[r]];
-      prev_rows[r] = same ? r - 1 : -1;
-    }
-  }
-}
 
 /// A bank of n_experts GRU-cell experts with hidden width d_model (MoEConfig::d_ff is not used).
 /// @tparam T    scalar type

@@ -36,8 +36,11 @@ struct SigmoidSharedGate {};
 /// @tparam Inner a moe::TrainableBank (e.g. experts::SwiGLU<T>); all its n_experts() experts run on every token
 /// @tparam Gate  NoSharedGate or SigmoidSharedGate
 template <class Inner, class Gate = NoSharedGate>
-  requires ExpertBank<Inner> && (std::same_as<Gate, NoSharedGate> || std::same_as<Gate, SigmoidSharedGate>)
 class Shared {
+  static_assert(ExpertBank<Inner>, "moe::experts::Shared<Inner, Gate>: Inner must model moe::ExpertBank (e.g. SwiGLU<T>)");
+  static_assert(std::same_as<Gate, NoSharedGate> || std::same_as<Gate, SigmoidSharedGate>,
+                "moe::experts::Shared<Inner, Gate>: Gate must be NoSharedGate or SigmoidSharedGate");
+
  public:
   using Scalar = typename Inner::Scalar;
   using T = Scalar;

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../concepts.hpp"
 #include "../config.hpp"
 #include "../detail/parallel.hpp"
 #include "../random.hpp"
@@ -43,6 +44,9 @@ struct CapacityOptions {
 ///           ids it chose, with zero gradient on slots that were dropped.
 template <class R>
 class CapacityLimited {
+  static_assert(Router<R>, "moe::routers::CapacityLimited<R>: R must model moe::Router (a token-choice router, e.g. "
+                           "TopKRouter or WithLosses<TopKRouter, ...>)");
+
  public:
   using Scalar = typename R::Scalar;
   using T = Scalar;
@@ -63,8 +67,8 @@ class CapacityLimited {
   /// The inner router's saved block, then the ids it chose (as Scalar; exact below 2^24) for backward.
   Index saved_width() const { return router_.saved_width() + router_.top_k(); }
   const CapacityOptions& options() const { return options_; }  ///< the knobs
-  const R& router() const { return router_; }                 ///< the inner router
-  R& router() { return router_; }                             ///< the inner router
+  const R& inner() const { return router_; }  ///< the wrapped router
+  R& inner() { return router_; }              ///< the wrapped router
 
   /// Slots each expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
   /// bounded in double before the conversion, so any valid factor gives an Index in [1, n_tokens] (n_tokens > 0).

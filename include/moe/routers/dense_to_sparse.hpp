@@ -157,7 +157,7 @@ class DenseToSparseGate {
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, n_experts_), dx);
   }
 
-  /// @name Balance protocol (routers::BalanceRouter): columns = experts, p = softmax(z) without noise (EvoMoE's
+  /// @name Balance protocol (moe::BalanceRouter): columns = experts, p = softmax(z) without noise (EvoMoE's
   /// `me`), chosen columns = the active experts. With losses::SwitchLoss, f is the share of the *active* slots
   /// (Σf = 1); EvoMoE's E²·mean(me·ce) uses ce = the mean mask (Σ = active experts per token): it equals the
   /// Switch value times the mean active count.

@@ -23,6 +23,7 @@
 #include "../kernels/simd/softmax.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
+#include "../routing_plan.hpp"
 
 namespace moe::routers {
 
@@ -32,27 +33,6 @@ enum class ScoreFunction {
   sigmoid,       ///< s_i = σ(z_i) (DeepSeek-V3)
   sqrt_softplus  ///< s_i = sqrt(softplus(z_i)) (Megatron "sqrtsoftplus")
 };
-
-/// Most loss values a route() reports (one per loss policy of routers::WithLosses).
-inline constexpr Index k_max_losses = 8;
-
-/// What the layer tells a route() about the batch, and what the route() reports beyond ids and weights.
-struct RouteStats {
-  bool training = false;                     ///< in: a training forward (the global-batch counts advance only then)
-  const Index* sequence_of_token = nullptr;  ///< in: (n_tokens) sequence of each token; nullptr: one sequence
-  Index n_sequences = 1;                     ///< in: sequences of the batch
-  Index dropped_slots = 0;                   ///< out: slots dropped for capacity in this batch
-  std::array<double, k_max_losses> losses{};  ///< out: each loss policy's value (coefficient included), in order
-  Index n_losses = 0;                         ///< out: losses reported
-};
-
-/// Counts, per token, the slots in use (id >= 0): the true experts a token runs (null experts, dense-to-sparse
-/// and expert-choice routing, dropped slots all leave ids of -1).
-/// @param ids (n_tokens, slots) expert ids; @param counts (n_tokens,) output
-inline void count_active_slots(const Index* ids, Index n_tokens, Index slots, Index* counts) {
-  for (Index t = 0; t < n_tokens; ++t)
-    counts[t] = static_cast<Index>(std::count_if(ids + t * slots, ids + (t + 1) * slots, [](Index e) { return e >= 0; }));
-}
 
 namespace detail {
 

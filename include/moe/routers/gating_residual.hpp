@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "../concepts.hpp"
 #include "../config.hpp"
 #include "../detail/linalg.hpp"
 #include "../kernels/simd/matmul.hpp"
@@ -19,9 +20,12 @@
 namespace moe::routers {
 
 /// Router R (TopKRouter: it routes from given logits, route_logits/logits_backward) with a gating residual.
-/// Models routers::BalanceRouter, so loss policies wrap it: WithLosses<GatingResidual<R>, ...>.
+/// Models moe::BalanceRouter, so loss policies wrap it: WithLosses<GatingResidual<R>, ...>.
 template <class R>
 class GatingResidual {
+  static_assert(LogitsRouter<R>, "moe::routers::GatingResidual<R>: R must model moe::LogitsRouter (route from given "
+                                 "logits and back: TopKRouter)");
+
  public:
   using Scalar = typename R::Scalar;
   using T = Scalar;
@@ -36,8 +40,8 @@ class GatingResidual {
   Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
   Index top_k() const { return router_.top_k(); }          ///< slots per token
   Index saved_width() const { return router_.saved_width(); }  ///< the inner router's
-  const R& router() const { return router_; }  ///< the inner router
-  R& router() { return router_; }              ///< the inner router
+  const R& inner() const { return router_; }  ///< the wrapped router
+  R& inner() { return router_; }              ///< the wrapped router
   /// W^j (n_experts, n_experts): logits += previous · W^jᵀ (nn.Linear layout, MoE++ `gate_map`).
   MatrixView<T> gate_map() { return map_.value(); }
   ConstMatrixView<T> gate_map() const { return map_.value(); }
@@ -101,7 +105,7 @@ class GatingResidual {
     balance_logits_backward(x, dzview, dx, arena);
   }
 
-  /// @name Balance protocol (routers::BalanceRouter): the inner router's, on the residual logits.
+  /// @name Balance protocol (moe::BalanceRouter): the inner router's, on the residual logits.
   /// @{
   Index balance_width() const { return router_.balance_width(); }
   void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
@@ -150,5 +154,16 @@ class GatingResidual {
   ConstMatrixView<T> dout_;
   MatrixView<T> dprevious_;
 };
+
+/// True when R is a GatingResidual or a wrapper (inner()) around one.
+template <class R>
+inline constexpr bool contains_gating_residual = [] {
+  if constexpr (requires(R& r) { r.inner(); })
+    return contains_gating_residual<std::remove_cvref_t<decltype(std::declval<R&>().inner())>>;
+  else
+    return false;
+}();
+template <class R>
+inline constexpr bool contains_gating_residual<GatingResidual<R>> = true;
 
 }  // namespace moe::routers

@@ -138,7 +138,7 @@ class NullExpertRouter {
     gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, width), dx);
   }
 
-  /// @name Balance protocol (routers::BalanceRouter): the n + m columns are the true and the null experts
+  /// @name Balance protocol (moe::BalanceRouter): the n + m columns are the true and the null experts
   /// (AdaMoE balances all of them as ordinary slots); p = softmax(z).
   /// @{
   Index balance_width() const { return n_experts_ + n_null_; }  ///< columns: n true + m null experts

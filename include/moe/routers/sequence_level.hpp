@@ -12,7 +12,9 @@
 #include "../config.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
+#include "../concepts.hpp"
 #include "gating.hpp"
+#include "gating_residual.hpp"
 
 namespace moe::routers {
 
@@ -20,6 +22,11 @@ namespace moe::routers {
 /// @tparam R a token router (moe::Router; TrainableRouter for training)
 template <class R>
 class SequenceLevel {
+  static_assert(Router<R>, "moe::routers::SequenceLevel<R>: R must model moe::Router (a token router, e.g. TopKRouter)");
+  static_assert(!contains_gating_residual<R>,
+                "moe::routers::SequenceLevel<R>: R must not contain a GatingResidual: the residual adds the previous "
+                "layer's per-token logits, and a sequence-level router routes one pooled row per sequence");
+
  public:
   using Scalar = typename R::Scalar;
   using T = Scalar;
@@ -30,8 +37,8 @@ class SequenceLevel {
   Index n_experts() const { return inner_.n_experts(); }      ///< experts routed over
   Index top_k() const { return inner_.top_k(); }              ///< slots per token
   Index saved_width() const { return inner_.saved_width(); }  ///< per sequence (rows of the first sequences)
-  const R& inner() const { return inner_; }                   ///< the token router
-  R& inner() { return inner_; }                               ///< the token router
+  const R& inner() const { return inner_; }  ///< the wrapped (token) router
+  R& inner() { return inner_; }              ///< the wrapped (token) router
 
   void init(Rng& rng) { inner_.init(rng); }  ///< the inner router's init
   /// The inner router's parameters.

@@ -167,7 +167,7 @@ class TopKRouter {
     balance_logits_backward(x, dz, dx, arena);
   }
 
-  /// @name Balance protocol (routers::BalanceRouter): what loss policies (routers::WithLosses) read.
+  /// @name Balance protocol (moe::BalanceRouter): what loss policies (routers::WithLosses) read.
   /// The columns are the experts; p = softmax(z / τ) for the softmax score, s / Σs for sigmoid and
   /// sqrt-softplus (DeepSeek-V3's normalised scores).
   /// @{

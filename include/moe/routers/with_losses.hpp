@@ -24,25 +24,6 @@
 
 namespace moe::routers {
 
-/// A router that exposes what balance losses need (TopKRouter, NullExpertRouter, DenseToSparseGate,
-/// GatingResidual): the width of its balance columns; `balance_logits(x, z, arena)`, the logits it routes on, and
-/// `route_logits(z, ids, weights, saved, arena)`, route() from those logits (so the gate runs once); `balance_probabilities(z, s, p)` per token
-/// row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g, dz)` (g =
-/// dL/dp in, clobbered; ADDS dL/dz); `balance_choice(saved, ids, n_tokens, cols)`, the column of each slot;
-/// and `balance_logits_backward(x, dz, dx, arena)`, which accumulates the gate gradient and ADDS dL/dx.
-template <class R>
-concept BalanceRouter = TrainableRouter<R> &&
-    requires(R& r, const R& cr, ConstMatrixView<typename R::Scalar> x, MatrixView<typename R::Scalar> z,
-             typename R::Scalar* p, const Index* ids, Index* cols, Arena& arena) {
-      { cr.balance_width() } -> std::convertible_to<Index>;
-      cr.balance_logits(x, z, arena);
-      cr.route_logits(z, cols, p, p, arena);
-      cr.balance_probabilities(p, p, p);
-      cr.balance_probabilities_backward(p, p, p, p);
-      cr.balance_choice(p, ids, Index{}, cols);
-      r.balance_logits_backward(x, x, z, arena);
-    };
-
 /// A loss policy: see losses/balance_batch.hpp.
 template <class L, class T>
 concept LossPolicy = requires(const L& l, const losses::BalanceBatch<T>& b, T* g, Arena& arena) {
@@ -54,7 +35,7 @@ concept LossPolicy = requires(const L& l, const losses::BalanceBatch<T>& b, T* g
 /// before dropping, as Megatron computes them.
 template <class R, class... Losses>
 class WithLosses {
-  static_assert(BalanceRouter<R>, "moe::routers::WithLosses<R, ...>: R must model moe::routers::BalanceRouter "
+  static_assert(BalanceRouter<R>, "moe::routers::WithLosses<R, ...>: R must model moe::BalanceRouter "
                                   "(TopKRouter, NullExpertRouter)");
   static_assert(sizeof...(Losses) >= 1 && sizeof...(Losses) <= std::size_t(k_max_losses),
                 "moe::routers::WithLosses<R, Losses...>: give 1 to k_max_losses loss policies");
@@ -85,8 +66,8 @@ class WithLosses {
   /// The inner router's saved block, then dL_aux/dz (n_tokens, balance width) for backward.
   Index saved_width() const { return router_.saved_width() + router_.balance_width(); }
 
-  const R& router() const { return router_; }  ///< the inner router
-  R& router() { return router_; }              ///< the inner router
+  const R& inner() const { return router_; }  ///< the wrapped router
+  R& inner() { return router_; }              ///< the wrapped router
   /// The I-th loss policy (e.g. to reset() a GlobalBatchLoss).
   template <std::size_t I>
   auto& loss() {

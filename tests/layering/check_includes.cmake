@@ -1,0 +1,87 @@
+# The include graph of include/moe follows the architecture (docs/design.md, "Rooms"): every `#include "..."`
+# of every header under ROOT is resolved and its module checked against what the including module may use.
+#   cmake -DROOT=<include/moe> -DEXPECT=<violations> -P check_includes.cmake
+# EXPECT is 0 for the library; the fixture tree broken/ breaks each rule once, so the check itself is tested.
+#
+# Modules (by path under ROOT):
+#   base       config, error, version, workspace, parameter, random, moe_config, detail/*
+#   contracts  concepts.hpp, routing_plan.hpp: what policies and the layer exchange
+#   kernels    kernels/* and kernels.hpp
+#   losses     losses/* and losses.hpp;  routers  routers/*, routers.hpp;  experts  experts/*, experts.hpp
+#   layer      moe_layer.hpp, stack.hpp, routing_stats.hpp, training_loop.hpp
+#   optim, io, reference: their folders;  composition: moe.hpp, presets.hpp (may include anything)
+cmake_minimum_required(VERSION 3.20)
+if(NOT DEFINED ROOT OR NOT DEFINED EXPECT)
+  message(FATAL_ERROR "usage: cmake -DROOT=<include/moe> -DEXPECT=<violations> -P check_includes.cmake")
+endif()
+get_filename_component(ROOT "${ROOT}" ABSOLUTE)
+
+function(module_of rel out)
+  if(rel MATCHES "^(kernels|routers|experts|losses|optim|io|reference)/")
+    set(m "${CMAKE_MATCH_1}")
+  elseif(rel MATCHES "^(kernels|routers|experts|losses)\\.hpp$")
+    set(m "${CMAKE_MATCH_1}")
+  elseif(rel MATCHES "^detail/" OR rel MATCHES "^(config|error|version|workspace|parameter|random|moe_config)\\.hpp$")
+    set(m base)
+  elseif(rel MATCHES "^(concepts|routing_plan)\\.hpp$")
+    set(m contracts)
+  elseif(rel MATCHES "^(moe_layer|stack|routing_stats|training_loop)\\.hpp$")
+    set(m layer)
+  elseif(rel MATCHES "^(moe|presets)\\.hpp$")
+    set(m composition)
+  else()
+    set(m unknown)
+  endif()
+  set(${out} ${m} PARENT_SCOPE)
+endfunction()
+
+# What each module may include (besides itself).
+set(allowed_base "")
+set(allowed_contracts base)
+set(allowed_kernels base)
+set(allowed_losses base)
+set(allowed_routers base contracts kernels losses)
+set(allowed_experts base contracts kernels)
+set(allowed_layer base contracts kernels)
+set(allowed_optim base)
+set(allowed_io base)
+set(allowed_reference base)
+
+file(GLOB_RECURSE headers RELATIVE "${ROOT}" "${ROOT}/*.hpp")
+set(violations 0)
+set(checked 0)
+foreach(rel IN LISTS headers)
+  module_of("${rel}" from)
+  if(from STREQUAL "unknown")
+    message(SEND_ERROR "${rel}: not in any module; add it to check_includes.cmake's module table")
+    math(EXPR violations "${violations} + 1")
+    continue()
+  endif()
+  get_filename_component(dir "${ROOT}/${rel}" DIRECTORY)
+  file(STRINGS "${ROOT}/${rel}" lines REGEX "^[ \t]*#[ \t]*include[ \t]*\"")
+  foreach(line IN LISTS lines)
+    string(REGEX REPLACE "^[ \t]*#[ \t]*include[ \t]*\"([^\"]+)\".*$" "\\1" target "${line}")
+    get_filename_component(abs "${dir}/${target}" ABSOLUTE)
+    file(RELATIVE_PATH to_rel "${ROOT}" "${abs}")
+    math(EXPR checked "${checked} + 1")
+    if(to_rel MATCHES "^\\.\\./" OR NOT EXISTS "${abs}")
+      message(SEND_ERROR "${rel}: includes \"${target}\", which is not a header under ${ROOT}")
+      math(EXPR violations "${violations} + 1")
+      continue()
+    endif()
+    module_of("${to_rel}" to)
+    if(from STREQUAL "composition" OR from STREQUAL to)
+      continue()
+    endif()
+    if(NOT to IN_LIST allowed_${from})
+      string(REPLACE ";" ", " may "${from};${allowed_${from}}")
+      message("layering violation: ${rel} (${from}) includes ${to_rel} (${to}); ${from} may include only: ${may}")
+      math(EXPR violations "${violations} + 1")
+    endif()
+  endforeach()
+endforeach()
+
+message("${checked} includes of ${ROOT} checked: ${violations} layering violations (expected ${EXPECT})")
+if(NOT violations EQUAL EXPECT)
+  message(FATAL_ERROR "layering: ${violations} violations, expected ${EXPECT}")
+endif()
