@@ -13,3 +13,4 @@
 #include "routers/top_k_router.hpp"
 #include "routers/top_k_softmax.hpp"
 #include "routers/with_losses.hpp"
+#include "routers/wrapper.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 /// @file routers/capacity.hpp
 /// @brief CapacityLimited<R>: expert capacity and token dropping on top of any token-choice router
-/// (PAPERS.md A.5, Megatron `apply_router_token_dropping`).
+/// (PAPERS.md A.5, Megatron `apply_inner_token_dropping`).
 ///
 /// Each expert takes at most C = min(T, ceil(T·k / E · capacity_factor)) slots of a batch of T tokens (the
 /// product evaluated in that order, in double, as Megatron does; an expert never gets more than T slots, so
@@ -24,6 +24,7 @@
 #include "../routing_plan.hpp"
 #include "../workspace.hpp"
 #include "gating.hpp"
+#include "wrapper.hpp"
 
 namespace moe::routers {
 
@@ -43,32 +44,32 @@ struct CapacityOptions {
 /// @tparam R the router (moe::Router; TrainableRouter for route_backward). Its backward must accept the
 ///           ids it chose, with zero gradient on slots that were dropped.
 template <class R>
-class CapacityLimited {
+class CapacityLimited : public RouterWrapper<R> {
   static_assert(Router<R>, "moe::routers::CapacityLimited<R>: R must model moe::Router (a token-choice router, e.g. "
                            "TopKRouter or WithLosses<TopKRouter, ...>)");
+  using Base = RouterWrapper<R>;
+  using Base::inner_;
 
  public:
+  using Base::d_model;
+  using Base::n_experts;
+  using Base::top_k;
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; @param options capacity knobs (throws moe::Error naming a bad field)
-  CapacityLimited(R router, const CapacityOptions& options) : router_(std::move(router)), options_(options) {
+  CapacityLimited(R router, const CapacityOptions& options) : Base(std::move(router)), options_(options) {
     constexpr const char* who = "moe::routers::CapacityLimited";
     moe::detail::require_in(options.capacity_factor, moe::detail::k_positive, who, "options.capacity_factor");
     // backward reads the chosen ids back from `saved`, stored as Scalar: each must be exact.
     constexpr Index exact = Index{1} << std::numeric_limits<Scalar>::digits;
-    moe::detail::require(router_.n_experts() <= exact, who, ": n_experts = ", router_.n_experts(),
+    moe::detail::require(inner_.n_experts() <= exact, who, ": n_experts = ", inner_.n_experts(),
                          " exceeds the ", exact, " expert ids a ", sizeof(Scalar), "-byte Scalar holds exactly");
   }
 
-  Index d_model() const { return router_.d_model(); }      ///< token width
-  Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
-  Index top_k() const { return router_.top_k(); }          ///< slots per token
   /// The inner router's saved block, then the ids it chose (as Scalar; exact below 2^24) for backward.
-  Index saved_width() const { return router_.saved_width() + router_.top_k(); }
+  Index saved_width() const { return inner_.saved_width() + inner_.top_k(); }
   const CapacityOptions& options() const { return options_; }  ///< the knobs
-  const R& inner() const { return router_; }  ///< the wrapped router
-  R& inner() { return router_; }              ///< the wrapped router
 
   /// Slots each expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
   /// bounded in double before the conversion, so any valid factor gives an Index in [1, n_tokens] (n_tokens > 0).
@@ -82,15 +83,7 @@ class CapacityLimited {
   void set_zero_computation_mask(const std::vector<bool>& mask)
     requires requires(R& r) { r.set_zero_computation_mask(mask); }
   {
-    router_.set_zero_computation_mask(mask);
-  }
-
-  /// Initialises the inner router.
-  void init(Rng& rng) { router_.init(rng); }
-  /// The inner router's parameters.
-  template <class F>
-  void visit_parameters(F&& f) {
-    router_.visit_parameters(std::forward<F>(f));
+    inner_.set_zero_computation_mask(mask);
   }
 
   /// Routes with the inner router, then drops what exceeds the capacity (see the file comment).
@@ -103,10 +96,10 @@ class CapacityLimited {
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
     const Index n_tokens = x.rows(), k = top_k(), E = n_experts();
     const std::size_t mark = arena.used();
-    if constexpr (requires { router_.route(x, ids, weights, saved, arena, stats); }) {
-      router_.route(x, ids, weights, saved, arena, stats);  // e.g. balance losses, on the choice before dropping
+    if constexpr (requires { inner_.route(x, ids, weights, saved, arena, stats); }) {
+      inner_.route(x, ids, weights, saved, arena, stats);  // e.g. balance losses, on the choice before dropping
     } else {
-      router_.route(x, ids, weights, saved, arena);
+      inner_.route(x, ids, weights, saved, arena);
     }
     stats.dropped_slots = 0;
     arena.rewind(mark);
@@ -114,7 +107,7 @@ class CapacityLimited {
     Index* order = arena.take<Index>(n_tokens * k);  // (n_tokens * top_k) grouped rows, reordered per expert
     if (arena.measuring() || n_tokens == 0) return;
 
-    T* chosen = saved + n_tokens * router_.saved_width();  // (n_tokens, top_k) ids before dropping
+    T* chosen = saved + n_tokens * inner_.saved_width();  // (n_tokens, top_k) ids before dropping
     for (Index i = 0; i < n_tokens * k; ++i) chosen[i] = static_cast<T>(ids[i]);
     plan.build(ids);
     const Index cap = capacity(n_tokens);
@@ -154,17 +147,16 @@ class CapacityLimited {
     Index* chosen = arena.take<Index>(n_tokens * k);  // (n_tokens, top_k) ids before dropping
     T* dkept = arena.take<T>(n_tokens * k);           // (n_tokens, top_k) dweights, 0 where dropped
     if (!arena.measuring() && n_tokens > 0) {
-      const T* saved_ids = saved + n_tokens * router_.saved_width();
+      const T* saved_ids = saved + n_tokens * inner_.saved_width();
       for (Index i = 0; i < n_tokens * k; ++i) {
         chosen[i] = static_cast<Index>(saved_ids[i]);
         dkept[i] = ids[i] >= 0 ? dweights[i] : T(0);
       }
     }
-    router_.route_backward(x, chosen, weights, saved, dkept, dx, arena);
+    inner_.route_backward(x, chosen, weights, saved, dkept, dx, arena);
   }
 
  private:
-  R router_;
   CapacityOptions options_;
 };
 

@@ -16,45 +16,45 @@
 #include "../random.hpp"
 #include "../workspace.hpp"
 #include "gating.hpp"
+#include "wrapper.hpp"
 
 namespace moe::routers {
 
 /// Router R (TopKRouter: it routes from given logits, route_logits/logits_backward) with a gating residual.
 /// Models moe::BalanceRouter, so loss policies wrap it: WithLosses<GatingResidual<R>, ...>.
 template <class R>
-class GatingResidual {
+class GatingResidual : public RouterWrapper<R> {
   static_assert(LogitsRouter<R>, "moe::routers::GatingResidual<R>: R must model moe::LogitsRouter (route from given "
                                  "logits and back: TopKRouter)");
+  using Base = RouterWrapper<R>;
+  using Base::inner_;
 
  public:
+  using Base::d_model;
+  using Base::n_experts;
+  using Base::top_k;
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; the map is (n_experts, n_experts), zero until init() (moe::Error when
   ///               n_experts * n_experts elements exceed PTRDIFF_MAX bytes)
   explicit GatingResidual(R router)
-      : router_(std::move(router)),
-        map_(map_rows(router_), router_.n_experts()) {}
+      : Base(std::move(router)), map_(map_rows(inner_), inner_.n_experts()) {}
 
-  Index d_model() const { return router_.d_model(); }      ///< token width
-  Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
-  Index top_k() const { return router_.top_k(); }          ///< slots per token
-  Index saved_width() const { return router_.saved_width(); }  ///< the inner router's
-  const R& inner() const { return router_; }  ///< the wrapped router
-  R& inner() { return router_; }              ///< the wrapped router
+  Index saved_width() const { return inner_.saved_width(); }  ///< the inner router's
   /// W^j (n_experts, n_experts): logits += previous · W^jᵀ (nn.Linear layout, MoE++ `gate_map`).
   MatrixView<T> gate_map() { return map_.value(); }
   ConstMatrixView<T> gate_map() const { return map_.value(); }
 
   /// Inner router from its init, the map from U(-1/sqrt(E), 1/sqrt(E)) (nn.Linear's default, as MoE++).
   void init(Rng& rng) {
-    router_.init(rng);
+    inner_.init(rng);
     map_.init_uniform(rng, n_experts());
   }
   /// The inner router's parameters, then "gate_map".
   template <class F>
   void visit_parameters(F&& f) {
-    router_.visit_parameters(f);
+    inner_.visit_parameters(f);
     f(std::string_view("gate_map"), map_);
   }
 
@@ -89,7 +89,7 @@ class GatingResidual {
                            out_.rows(), ", ", out_.cols(), "), expected (", n_tokens, ", ", E, ")");
       for (Index t = 0; t < n_tokens; ++t) std::copy_n(z.row(t), E, out_.row(t));
     }
-    router_.route_logits(z, ids, weights, saved, arena);
+    inner_.route_logits(z, ids, weights, saved, arena);
   }
 
   /// Backward: dz = (from the weights) + the bound dL/dz of the next layer, then through gate and map.
@@ -98,7 +98,7 @@ class GatingResidual {
     const Index n_tokens = x.rows(), E = n_experts();
     T* dz = arena.take<T>(n_tokens * E);  // (n_tokens, n_experts)
     const auto dzview = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, E) : MatrixView<T>(dz, n_tokens, E);
-    router_.logits_backward(ids, saved, dweights, dzview, arena);
+    inner_.logits_backward(ids, saved, dweights, dzview, arena);
     if (!arena.measuring() && dout_.data() != nullptr)
       for (Index t = 0; t < n_tokens; ++t)
         for (Index e = 0; e < E; ++e) dzview(t, e) += dout_(t, e);
@@ -107,13 +107,13 @@ class GatingResidual {
 
   /// @name Balance protocol (moe::BalanceRouter): the inner router's, on the residual logits.
   /// @{
-  Index balance_width() const { return router_.balance_width(); }
+  Index balance_width() const { return inner_.balance_width(); }
   void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
     const Index n_tokens = x.rows(), E = n_experts();
     const bool residual = previous_.data() != nullptr;
     T* mapped = residual ? arena.take<T>(n_tokens * E) : nullptr;  // (n_tokens, n_experts) previous · W^jᵀ
     const std::size_t mark = arena.used();
-    router_.balance_logits(x, z, arena);
+    inner_.balance_logits(x, z, arena);
     arena.rewind(mark);
     if (arena.measuring() || !residual || n_tokens == 0) return;
     moe::detail::require(previous_.rows() == n_tokens && previous_.cols() == E, "moe::routers::GatingResidual: the bound previous logits are (",
@@ -122,12 +122,12 @@ class GatingResidual {
     for (Index t = 0; t < n_tokens; ++t)
       for (Index e = 0; e < E; ++e) z(t, e) += mapped[t * E + e];
   }
-  void balance_probabilities(const T* z, T* s, T* p) const { router_.balance_probabilities(z, s, p); }
+  void balance_probabilities(const T* z, T* s, T* p) const { inner_.balance_probabilities(z, s, p); }
   void balance_probabilities_backward(const T* s, const T* p, T* g, T* dz) const {
-    router_.balance_probabilities_backward(s, p, g, dz);
+    inner_.balance_probabilities_backward(s, p, g, dz);
   }
   void balance_choice(const T* saved, const Index* ids, Index n_tokens, Index* cols) const {
-    router_.balance_choice(saved, ids, n_tokens, cols);
+    inner_.balance_choice(saved, ids, n_tokens, cols);
   }
   /// dW^j += dzᵀ previous, dprevious += dz W^j, then the inner gate's backward.
   void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena& arena) {
@@ -135,7 +135,7 @@ class GatingResidual {
       moe::detail::add_matmul_tn(dz, previous_, map_.grad());
       if (dprevious_.data() != nullptr) moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(map_.value()), dprevious_);
     }
-    router_.balance_logits_backward(x, dz, dx, arena);
+    inner_.balance_logits_backward(x, dz, dx, arena);
   }
   /// @}
 
@@ -147,7 +147,6 @@ class GatingResidual {
     return router.n_experts();
   }
 
-  R router_;
   Parameter<T> map_;  // W^j (n_experts, n_experts)
   ConstMatrixView<T> previous_;
   MatrixView<T> out_;

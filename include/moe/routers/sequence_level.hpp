@@ -15,37 +15,31 @@
 #include "../concepts.hpp"
 #include "gating.hpp"
 #include "gating_residual.hpp"
+#include "wrapper.hpp"
 
 namespace moe::routers {
 
 /// Routes each sequence's mean token with the inner router and gives all its tokens that choice.
 /// @tparam R a token router (moe::Router; TrainableRouter for training)
 template <class R>
-class SequenceLevel {
+class SequenceLevel : public RouterWrapper<R> {
   static_assert(Router<R>, "moe::routers::SequenceLevel<R>: R must model moe::Router (a token router, e.g. TopKRouter)");
   static_assert(!contains_gating_residual<R>,
                 "moe::routers::SequenceLevel<R>: R must not contain a GatingResidual: the residual adds the previous "
                 "layer's per-token logits, and a sequence-level router routes one pooled row per sequence");
+  using Base = RouterWrapper<R>;
+  using Base::inner_;
 
  public:
+  using Base::d_model;
+  using Base::n_experts;
+  using Base::top_k;
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
-  explicit SequenceLevel(R inner) : inner_(std::move(inner)) {}
+  explicit SequenceLevel(R inner) : Base(std::move(inner)) {}
 
-  Index d_model() const { return inner_.d_model(); }          ///< token width
-  Index n_experts() const { return inner_.n_experts(); }      ///< experts routed over
-  Index top_k() const { return inner_.top_k(); }              ///< slots per token
   Index saved_width() const { return inner_.saved_width(); }  ///< per sequence (rows of the first sequences)
-  const R& inner() const { return inner_; }  ///< the wrapped (token) router
-  R& inner() { return inner_; }              ///< the wrapped (token) router
-
-  void init(Rng& rng) { inner_.init(rng); }  ///< the inner router's init
-  /// The inner router's parameters.
-  template <class F>
-  void visit_parameters(F&& f) {
-    inner_.visit_parameters(std::forward<F>(f));
-  }
 
   /// Without sequences: every token is its own sequence.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
@@ -152,7 +146,6 @@ class SequenceLevel {
       for (Index j = 0; j < d; ++j) s.pooled[q * d + j] /= s.count[q];
   }
 
-  R inner_;
 };
 
 }  // namespace moe::routers

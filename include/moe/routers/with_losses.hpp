@@ -21,6 +21,7 @@
 #include "../random.hpp"
 #include "../workspace.hpp"
 #include "gating.hpp"
+#include "wrapper.hpp"
 
 namespace moe::routers {
 
@@ -34,7 +35,7 @@ concept LossPolicy = requires(const L& l, const losses::BalanceBatch<T>& b, T* g
 /// Wrap a capacity limit around it (CapacityLimited<WithLosses<R, ...>>) so the losses see the choice
 /// before dropping, as Megatron computes them.
 template <class R, class... Losses>
-class WithLosses {
+class WithLosses : public RouterWrapper<R> {
   static_assert(BalanceRouter<R>, "moe::routers::WithLosses<R, ...>: R must model moe::BalanceRouter "
                                   "(TopKRouter, NullExpertRouter)");
   static_assert(sizeof...(Losses) >= 1 && sizeof...(Losses) <= std::size_t(k_max_losses),
@@ -42,14 +43,19 @@ class WithLosses {
   static_assert((LossPolicy<Losses, typename R::Scalar> && ...),
                 "moe::routers::WithLosses<R, Losses...>: every loss needs forward(BalanceBatch, dp, dz, arena); "
                 "see include/moe/losses/balance_batch.hpp");
+  using Base = RouterWrapper<R>;
+  using Base::inner_;
 
  public:
+  using Base::d_model;
+  using Base::n_experts;
+  using Base::top_k;
   using Scalar = typename R::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; @param losses the loss policies (their coefficients inside; each with a
   ///               validate() is validated here, so a bad coefficient throws moe::Error before any forward)
-  explicit WithLosses(R router, Losses... losses) : router_(std::move(router)), losses_(std::move(losses)...) {
+  explicit WithLosses(R router, Losses... losses) : Base(std::move(router)), losses_(std::move(losses)...) {
     std::apply(
         [](const auto&... loss) {
           const auto check = [](const auto& l) {
@@ -60,14 +66,9 @@ class WithLosses {
         losses_);
   }
 
-  Index d_model() const { return router_.d_model(); }      ///< token width
-  Index n_experts() const { return router_.n_experts(); }  ///< experts routed over
-  Index top_k() const { return router_.top_k(); }          ///< slots per token
   /// The inner router's saved block, then dL_aux/dz (n_tokens, balance width) for backward.
-  Index saved_width() const { return router_.saved_width() + router_.balance_width(); }
+  Index saved_width() const { return inner_.saved_width() + inner_.balance_width(); }
 
-  const R& inner() const { return router_; }  ///< the wrapped router
-  R& inner() { return router_; }              ///< the wrapped router
   /// The I-th loss policy (e.g. to reset() a GlobalBatchLoss).
   template <std::size_t I>
   auto& loss() {
@@ -81,15 +82,8 @@ class WithLosses {
   /// Which experts are zero-computation (MoE++ τ weighting); MoELayer calls it with its banks' mask. Columns
   /// past the mask (AdaMoE's null experts) are ordinary.
   void set_zero_computation_mask(const std::vector<bool>& mask) {
-    zero_computation_.assign(static_cast<std::size_t>(router_.balance_width()), 0);
+    zero_computation_.assign(static_cast<std::size_t>(inner_.balance_width()), 0);
     for (std::size_t c = 0; c < mask.size() && c < zero_computation_.size(); ++c) zero_computation_[c] = mask[c];
-  }
-
-  void init(Rng& rng) { router_.init(rng); }  ///< initialises the inner router
-  /// The inner router's parameters (the losses have none).
-  template <class F>
-  void visit_parameters(F&& f) {
-    router_.visit_parameters(std::forward<F>(f));
   }
 
   /// Routes with the inner router; the losses' values are dropped (use the RouteStats overload or the layer).
@@ -100,7 +94,7 @@ class WithLosses {
 
   /// Routes with the inner router and evaluates every loss: stats.losses[i] is loss i's value.
   void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
-    const Index n_tokens = x.rows(), W = router_.balance_width(), k = top_k();
+    const Index n_tokens = x.rows(), W = inner_.balance_width(), k = top_k();
     T* z = arena.take<T>(n_tokens * W);   // (n_tokens, W) logits
     T* s = arena.take<T>(n_tokens * W);   // (n_tokens, W) scores
     T* p = arena.take<T>(n_tokens * W);   // (n_tokens, W) probabilities
@@ -110,14 +104,14 @@ class WithLosses {
     const auto zview = run ? MatrixView<T>(z, n_tokens, W) : MatrixView<T>::shape_only(n_tokens, W);
     const std::size_t inner = arena.used();
     // The gate runs once: the losses and the choice read the same logits.
-    router_.balance_logits(x, zview, arena);
+    inner_.balance_logits(x, zview, arena);
     arena.rewind(inner);
-    router_.route_logits(zview, ids, weights, saved, arena);
+    inner_.route_logits(zview, ids, weights, saved, arena);
     arena.rewind(inner);
-    T* dz = run ? saved + n_tokens * router_.saved_width() : nullptr;  // (n_tokens, W), kept for backward
+    T* dz = run ? saved + n_tokens * inner_.saved_width() : nullptr;  // (n_tokens, W), kept for backward
     if (run) {
-      for (Index t = 0; t < n_tokens; ++t) router_.balance_probabilities(z + t * W, s + t * W, p + t * W);
-      router_.balance_choice(saved, ids, n_tokens, cols);
+      for (Index t = 0; t < n_tokens; ++t) inner_.balance_probabilities(z + t * W, s + t * W, p + t * W);
+      inner_.balance_choice(saved, ids, n_tokens, cols);
       std::fill_n(dp, n_tokens * W, T(0));
       std::fill_n(dz, n_tokens * W, T(0));
     }
@@ -134,24 +128,23 @@ class WithLosses {
         losses_);
     if (run)
       for (Index t = 0; t < n_tokens; ++t)
-        router_.balance_probabilities_backward(s + t * W, p + t * W, dp + t * W, dz + t * W);
+        inner_.balance_probabilities_backward(s + t * W, p + t * W, dp + t * W, dz + t * W);
   }
 
   /// Backward of the inner router, plus the losses' gradient saved by the forward.
   void route_backward(ConstMatrixView<T> x, const Index* ids, const T* weights, const T* saved, const T* dweights,
                       MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), W = router_.balance_width();
+    const Index n_tokens = x.rows(), W = inner_.balance_width();
     const std::size_t mark = arena.used();
-    router_.route_backward(x, ids, weights, saved, dweights, dx, arena);
+    inner_.route_backward(x, ids, weights, saved, dweights, dx, arena);
     arena.rewind(mark);
     const bool run = !arena.measuring() && n_tokens > 0;
-    const auto dz = run ? ConstMatrixView<T>(saved + n_tokens * router_.saved_width(), n_tokens, W)
+    const auto dz = run ? ConstMatrixView<T>(saved + n_tokens * inner_.saved_width(), n_tokens, W)
                         : ConstMatrixView<T>::shape_only(n_tokens, W);
-    router_.balance_logits_backward(x, dz, dx, arena);
+    inner_.balance_logits_backward(x, dz, dx, arena);
   }
 
  private:
-  R router_;
   std::tuple<Losses...> losses_;
   std::vector<std::uint8_t> zero_computation_;  // (W) 1 for zero-computation columns, or empty
 };
