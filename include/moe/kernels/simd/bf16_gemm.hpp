@@ -6,6 +6,8 @@
 /// Panel layout (steps = ceil(k / 2), width, 2): each 32-bit lane holds the bf16 pair (k = 2q, 2q + 1) of one
 /// column, the operand order of vdpbf16ps. An activation row is (2 · steps) bf16, its pairs broadcast as one
 /// 32-bit value. Halves the weight bytes of f32 (decode is bandwidth-bound) and doubles the f32 FMA peak.
+/// AVX2 has no bf16 dot product: each weight register is widened (a bf16 is the high half of its f32: shift
+/// the even element up, mask the odd one) and fed to FMA, the even element first as on the portable path.
 
 #include <bit>
 #include <cstdint>
@@ -13,7 +15,7 @@
 
 #include "panel_gemm.hpp"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -42,7 +44,8 @@ struct BF16Panels {
   using Input = std::uint16_t;   ///< bf16 bits
   using Out = float;
   static constexpr Index width = detail::panel_width<float, Arch>();
-  static constexpr int rows = detail::panel_rows<float, Arch>();
+  /// AVX2: 4 rows (8 accumulators + 4 widened weight registers + 2 broadcasts fit the 16 registers).
+  static constexpr int rows = detail::is_avx2<Arch> ? 4 : detail::panel_rows<float, Arch>();
   static constexpr Index group = 2;
   static constexpr bool quantized = false;
   static constexpr bool row_scaled = false;
@@ -85,6 +88,34 @@ struct BF16Panels {
       for (int r = 0; r < R; ++r) {
         _mm512_store_ps(tile + r * width, acc[r][0]);
         _mm512_store_ps(tile + r * width + 16, acc[r][1]);
+      }
+      return;
+    }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if constexpr (detail::is_avx2<Arch>) {
+      const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+      __m256 acc[R][2];  // (R, 2 registers)
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (Index q = 0; q < steps; ++q) {
+        const Weight* b = panel + q * width * 2;
+        detail::prefetch_step<width * 2 * sizeof(Weight)>(b);
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, odd));
+        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, odd));
+        for (int r = 0; r < R; ++r) {
+          const __m256 a0 = _mm256_set1_ps(detail::from_bf16(xr[r][2 * q]));
+          const __m256 a1 = _mm256_set1_ps(detail::from_bf16(xr[r][2 * q + 1]));
+          acc[r][0] = _mm256_fmadd_ps(a1, o0, _mm256_fmadd_ps(a0, e0, acc[r][0]));
+          acc[r][1] = _mm256_fmadd_ps(a1, o1, _mm256_fmadd_ps(a0, e1, acc[r][1]));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm256_storeu_ps(tile + r * width, acc[r][0]);
+        _mm256_storeu_ps(tile + r * width + 8, acc[r][1]);
       }
       return;
     }

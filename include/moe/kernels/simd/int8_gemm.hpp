@@ -2,11 +2,17 @@
 /// @file kernels/simd/int8_gemm.hpp
 /// @brief int8 weight storage for panel_gemm: symmetric int8 weights with one f32 scale per output channel,
 /// activations quantised per row to int8 (stored offset by 128 as u8), products summed exactly in int32 by
-/// AVX512-VNNI `vpdpbusd` (four k elements per lane and step), or by a scalar loop elsewhere.
+/// AVX512-VNNI `vpdpbusd` (four k elements per lane and step), by AVX2 `vpmaddubsw` + `vpmaddwd`, or by a
+/// scalar loop elsewhere.
 ///
 /// Panel layout (steps = ceil(k / 4), width, 4). vpdpbusd multiplies unsigned by signed bytes, so x is stored
 /// as u = q + 128 and the epilogue subtracts 128 · Σ_k w_q of the column (precomputed at packing):
 /// y = s_x · s_w · (Σ u · w_q − 128 · Σ w_q). Quarter of the f32 weight bytes.
+///
+/// AVX2 has no u8 × s8 dot product that sums exactly: vpmaddubsw adds two u8 · s8 products in saturating
+/// int16, and 2 · 255 · 127 overflows. So the AVX2 path goes back to the signed q = u − 128 ∈ [−127, 127] and
+/// multiplies |q| by sign(q) · w_q (at most 2 · 127 · 127 < 2^15 per pair: exact), then vpmaddwd sums the
+/// pairs into int32: Σ q · w_q directly, the same integer as the other paths after their −128 · Σ w_q.
 
 #include <algorithm>
 #include <cmath>
@@ -15,7 +21,7 @@
 
 #include "panel_gemm.hpp"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -31,7 +37,8 @@ struct Int8Panels {
   using Input = std::uint8_t;  ///< quantised activation + 128
   using Out = float;
   static constexpr Index width = detail::panel_width<float, Arch>();
-  static constexpr int rows = detail::panel_rows<float, Arch>();
+  /// AVX2: 4 rows (8 accumulators + 2 weight registers + the temporaries fit the 16 registers).
+  static constexpr int rows = detail::is_avx2<Arch> ? 4 : detail::panel_rows<float, Arch>();
   static constexpr Index group = 4;
   static constexpr bool quantized = true;
   static constexpr bool row_scaled = true;
@@ -97,6 +104,34 @@ struct Int8Panels {
   static void run(const Input* const* xr, const float* x_scales, const Weight* panel, Index steps,
                   const float* col_scales, const std::int32_t* col_sums, Out* tile) {
     alignas(64) std::int32_t acc[R][width];  // (R, width)
+    // acc holds Σ u · w_q (then the epilogue subtracts 128 · Σ w_q), or on AVX2 Σ q · w_q already.
+    bool signed_sums = false;
+#if defined(__AVX2__)
+    if constexpr (detail::is_avx2<Arch>) {
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+      __m256i v[R][2];  // (R, 2 registers)
+      for (int r = 0; r < R; ++r) v[r][0] = v[r][1] = _mm256_setzero_si256();
+      for (Index q = 0; q < steps; ++q) {
+        const Weight* b = panel + q * width * 4;
+        detail::prefetch_step<width * 4 * sizeof(Weight)>(b);
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+        for (int r = 0; r < R; ++r) {
+          std::uint32_t quad;
+          std::memcpy(&quad, xr[r] + 4 * q, sizeof quad);
+          const __m256i a = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(quad)), flip);  // q = u - 128
+          const __m256i a_abs = _mm256_abs_epi8(a);
+          v[r][0] = _mm256_add_epi32(v[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(b0, a)), ones));
+          v[r][1] = _mm256_add_epi32(v[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(b1, a)), ones));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r]), v[r][0]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(acc[r] + 8), v[r][1]);
+      }
+      signed_sums = true;
+    } else
+#endif
 #if defined(__AVX512VNNI__)
     if constexpr (detail::is_avx512<Arch>) {
       __m512i v[R][2];  // (R, 2 registers)
@@ -134,7 +169,8 @@ struct Int8Panels {
     // The integer sums are exact; one conversion and two products per element.
     for (int r = 0; r < R; ++r) {
       for (Index c = 0; c < width; ++c) {
-        tile[r * width + c] = static_cast<float>(acc[r][c] - 128 * col_sums[c]) * (x_scales[r] * col_scales[c]);
+        const std::int32_t sum = signed_sums ? acc[r][c] : acc[r][c] - 128 * col_sums[c];
+        tile[r * width + c] = static_cast<float>(sum) * (x_scales[r] * col_scales[c]);
       }
     }
   }

@@ -39,6 +39,10 @@ namespace detail {
 template <class Arch>
 inline constexpr bool is_avx512 = XSIMD_WITH_AVX512F && std::is_base_of_v<xsimd::avx512f, Arch>;
 
+/// True for the AVX2 archs (xsimd::avx2, fma3<avx2>; not AVX-512): 16 vector registers.
+template <class Arch>
+inline constexpr bool is_avx2 = XSIMD_WITH_AVX2 && std::is_base_of_v<xsimd::avx2, Arch>;
+
 /// Columns per panel: two registers of 32-bit (or T) lanes; 8 scalar columns for the scalar fallback.
 template <class T, class Arch>
 constexpr Index panel_width() {
