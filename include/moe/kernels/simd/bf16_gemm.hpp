@@ -107,8 +107,11 @@ struct BF16Panels {
         const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
         const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, odd));
         for (int r = 0; r < R; ++r) {
-          const __m256 a0 = _mm256_set1_ps(detail::from_bf16(xr[r][2 * q]));
-          const __m256 a1 = _mm256_set1_ps(detail::from_bf16(xr[r][2 * q + 1]));
+          std::uint32_t pair;  // widened like the weights: one broadcast per row and step
+          std::memcpy(&pair, xr[r] + 2 * q, sizeof pair);
+          const __m256i x = _mm256_set1_epi32(static_cast<int>(pair));
+          const __m256 a0 = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+          const __m256 a1 = _mm256_castsi256_ps(_mm256_and_si256(x, odd));
           acc[r][0] = _mm256_fmadd_ps(a1, o0, _mm256_fmadd_ps(a0, e0, acc[r][0]));
           acc[r][1] = _mm256_fmadd_ps(a1, o1, _mm256_fmadd_ps(a0, e1, acc[r][1]));
         }
