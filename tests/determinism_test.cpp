@@ -131,10 +131,11 @@ TEST_CASE("D1: GRU experts carrying state along sequences, bitwise on repeat", "
 }
 
 TEST_CASE("D1: MoE++ with constant, copy and zero experts, bitwise on repeat", "[layer][determinism]") {
-  moe::MoEPlusPlus layer(moe::routers::TopKSoftmax<float>({.d_model = 32, .d_ff = 64, .n_experts = 8, .top_k = 2}, false),
-                         moe::experts::SwiGLU<float>({.d_model = 32, .d_ff = 64, .n_experts = 5}),
-                         moe::experts::ConstantExperts<float>(1, 32), moe::experts::CopyExperts<float>(1, 32),
-                         moe::experts::ZeroExperts<float>(1, 32));
+  moe::MoEPlusPlus layer(
+      moe::routers::TopKSoftmax<float>({.d_model = 32, .d_ff = 64, .n_experts = 8, .top_k = 2}, {.renormalize = false}),
+      moe::experts::SwiGLU<float>({.d_model = 32, .d_ff = 64, .n_experts = 5}),
+      moe::experts::ConstantExperts<float>(1, 32), moe::experts::CopyExperts<float>(1, 32),
+      moe::experts::ZeroExperts<float>(1, 32));
   layer.init(7);
   check_repeats("MoE++", layer, 97);
 }

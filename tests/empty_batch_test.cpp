@@ -121,7 +121,7 @@ void for_each_layer(F&& f) {
 
   const MoEConfig gru_cfg{.d_model = 16, .d_ff = 1, .n_experts = 4, .top_k = 1};
   moe::MoELayer<moe::routers::TopKSoftmax<float>, moe::experts::GRU<float>> gru{
-      moe::routers::TopKSoftmax<float>(gru_cfg, false), moe::experts::GRU<float>(gru_cfg)};
+      moe::routers::TopKSoftmax<float>(gru_cfg, {.renormalize = false}), moe::experts::GRU<float>(gru_cfg)};
   gru.init(3);
   f("GRU", gru);
 }

@@ -574,12 +574,12 @@ TEST_CASE("Layer on default_arch vs scalar: top-3 raw softmax (Qwen2), plain SiL
       "Qwen2-style raw top-3, plain FFN with biases", cfg, Storage::native, true,
       [](const moe::MoEConfig& c) {
         using L = PlainBiased<kernels::default_arch>;
-        return L(moe::routers::TopKSoftmax<float, kernels::default_arch>(c, false),
+        return L(moe::routers::TopKSoftmax<float, kernels::default_arch>(c, {.renormalize = false}),
                  moe::experts::FFN<float, kernels::SiLU, false, kernels::default_arch>(c, {.bias = true}));
       },
       [](const moe::MoEConfig& c) {
         using L = PlainBiased<kernels::scalar>;
-        return L(moe::routers::TopKSoftmax<float, kernels::scalar>(c, false),
+        return L(moe::routers::TopKSoftmax<float, kernels::scalar>(c, {.renormalize = false}),
                  moe::experts::FFN<float, kernels::SiLU, false, kernels::scalar>(c, {.bias = true}));
       },
       53);

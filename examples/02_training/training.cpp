@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
 
   // Top-1 without renormalisation: the router trains through the routing weight (Switch style).
   moe::MoELayer<moe::routers::TopKSoftmax<double>, moe::experts::SwiGLU<double>> moe_layer(
-      moe::routers::TopKSoftmax<double>({.d_model = d, .d_ff = ff, .n_experts = n_regimes, .top_k = 1}, false),
+      moe::routers::TopKSoftmax<double>({.d_model = d, .d_ff = ff, .n_experts = n_regimes, .top_k = 1},
+                                        {.renormalize = false}),
       moe::experts::SwiGLU<double>({.d_model = d, .d_ff = ff, .n_experts = n_regimes, .top_k = 1}));
   moe::MixtralMoEType<double> dense({.d_model = d, .d_ff = ff, .n_experts = 1, .top_k = 1});
   moe_layer.init(opt.seed + 1);

@@ -65,10 +65,11 @@ int main(int argc, char** argv) {
   }
   const moe::Index d = 16, ff = 32;
   const auto shape = [&](moe::Index n) { return moe::MoEConfig{.d_model = d, .d_ff = ff, .n_experts = n, .top_k = 1}; };
-  Layer layer(moe::routers::TopKSoftmax<T>({.d_model = d, .d_ff = ff, .n_experts = 14, .top_k = 2}, false),
-              moe::experts::SwiGLU<T>(shape(4)), moe::experts::LoRASwiGLU<T>(shape(4), {.rank = 4, .alpha = 8}),
-              moe::experts::GRU<T>(shape(2)), moe::experts::ConstantExperts<T>(2, d), moe::experts::CopyExperts<T>(1, d),
-              moe::experts::ZeroExperts<T>(1, d));
+  Layer layer(
+      moe::routers::TopKSoftmax<T>({.d_model = d, .d_ff = ff, .n_experts = 14, .top_k = 2}, {.renormalize = false}),
+      moe::experts::SwiGLU<T>(shape(4)), moe::experts::LoRASwiGLU<T>(shape(4), {.rank = 4, .alpha = 8}),
+      moe::experts::GRU<T>(shape(2)), moe::experts::ConstantExperts<T>(2, d), moe::experts::CopyExperts<T>(1, d),
+      moe::experts::ZeroExperts<T>(1, d));
   layer.init(seed);
   const auto data = moe::examples::make_regimes(256, d, 4, seed + 1);
   std::printf("MoE layer over %td experts in 6 banks (ffn 4, lora 4, gru 2, constant 2, copy 1, zero 1), top-2\n",

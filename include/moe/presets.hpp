@@ -19,7 +19,8 @@ using MixtralMoE = MixtralMoEType<float>;
 /// MoE++ (arXiv 2410.07348): FFN experts followed by constant, copy and zero experts, in the paper's
 /// order. Build it from its parts, e.g. MoE++ 0.6B's 8 FFN + 2 constant + 1 copy + 1 zero, top-2 over all
 /// 12 with the paper's unrenormalised softmax weights:
-///   MoEPlusPlus layer(routers::TopKSoftmax<float>({.d_model = d, .d_ff = ff, .n_experts = 12, .top_k = 2}, false),
+///   MoEPlusPlus layer(routers::TopKSoftmax<float>({.d_model = d, .d_ff = ff, .n_experts = 12, .top_k = 2},
+///                                                 {.renormalize = false}),
 ///                     experts::SwiGLU<float>({.d_model = d, .d_ff = ff, .n_experts = 8}),
 ///                     experts::ConstantExperts<float>(2, d), experts::CopyExperts<float>(1, d),
 ///                     experts::ZeroExperts<float>(1, d));

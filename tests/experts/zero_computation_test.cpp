@@ -30,10 +30,10 @@ using MoEPP = moe::MoELayer<moe::routers::TopKSoftmax<T>, moe::experts::SwiGLU<T
 // MoE++ 0.6B's expert mix at test size: 8 FFN, 2 constant, 1 copy, 1 zero; top-2 without renormalisation.
 template <class T>
 MoEPP<T> make_layer(Index d, Index ff, std::uint64_t seed) {
-  MoEPP<T> layer(moe::routers::TopKSoftmax<T>({.d_model = d, .d_ff = ff, .n_experts = 12, .top_k = 2}, false),
-                 moe::experts::SwiGLU<T>({.d_model = d, .d_ff = ff, .n_experts = 8, .top_k = 2}),
-                 moe::experts::ConstantExperts<T>(2, d), moe::experts::CopyExperts<T>(1, d),
-                 moe::experts::ZeroExperts<T>(1, d));
+  MoEPP<T> layer(
+      moe::routers::TopKSoftmax<T>({.d_model = d, .d_ff = ff, .n_experts = 12, .top_k = 2}, {.renormalize = false}),
+      moe::experts::SwiGLU<T>({.d_model = d, .d_ff = ff, .n_experts = 8, .top_k = 2}),
+      moe::experts::ConstantExperts<T>(2, d), moe::experts::CopyExperts<T>(1, d), moe::experts::ZeroExperts<T>(1, d));
   layer.init(seed);
   return layer;
 }

@@ -654,7 +654,7 @@ void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
   std::optional<routers::TopKRouter<float>> r;
   try {
     if (softmax_preset) {
-      r.emplace(routers::TopKSoftmax<float>(cfg, in.flag()));
+      r.emplace(routers::TopKSoftmax<float>(cfg, {.renormalize = in.flag()}));
     } else {
       r.emplace(cfg, setup.options);
       configure(*r, setup);

@@ -51,7 +51,7 @@ TEST_CASE("An MoE learns a mixture of regimes far better than one FFN of the sam
   const auto data = moe::examples::make_regimes(256, d, 4, 1);
   // Top-1 without renormalisation, so the router trains through the weight (Switch style).
   moe::MoELayer<moe::routers::TopKSoftmax<double>, moe::experts::SwiGLU<double>> moe_layer(
-      moe::routers::TopKSoftmax<double>({.d_model = d, .d_ff = ff, .n_experts = 4, .top_k = 1}, false),
+      moe::routers::TopKSoftmax<double>({.d_model = d, .d_ff = ff, .n_experts = 4, .top_k = 1}, {.renormalize = false}),
       moe::experts::SwiGLU<double>({.d_model = d, .d_ff = ff, .n_experts = 4, .top_k = 1}));
   moe::MixtralMoEType<double> dense({.d_model = d, .d_ff = ff, .n_experts = 1, .top_k = 1});
   moe_layer.init(2);

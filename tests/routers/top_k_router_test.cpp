@@ -486,7 +486,7 @@ TEST_CASE("TopKRouter noise is reproducible, step-dependent and thread-count ind
 TEST_CASE("TopKSoftmax is TopKRouter with the Mixtral knobs, bit for bit", "[router]") {
   moe::test::Rng rng(5);
   for (const bool renormalize : {true, false}) {
-    moe::routers::TopKSoftmax<float> a(shape(24, 64, 6), renormalize);
+    moe::routers::TopKSoftmax<float> a(shape(24, 64, 6), {.renormalize = renormalize});
     TopKRouter<float> b(shape(24, 64, 6), {.renormalize = renormalize});
     a.init(rng);
     std::copy_n(a.gate().data(), 64 * 24, b.gate().data());

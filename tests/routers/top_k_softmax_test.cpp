@@ -25,7 +25,7 @@ struct IdentityRouter {
   moe::routers::TopKSoftmax<T> router;
   moe::Workspace ws{1 << 16};  // the renormalising router takes a row of logits per token chunk
   IdentityRouter(Index E, Index k, bool renormalize = true)
-      : router(moe::MoEConfig{.d_model = E, .d_ff = 1, .n_experts = E, .top_k = k}, renormalize) {
+      : router(moe::MoEConfig{.d_model = E, .d_ff = 1, .n_experts = E, .top_k = k}, {.renormalize = renormalize}) {
     auto g = router.gate();
     for (Index e = 0; e < E; ++e) g(e, e) = T(1);
   }
@@ -145,7 +145,7 @@ TEST_CASE("TopKSoftmax::route_backward matches central finite differences in dou
     for (const Index k : {1, 2, 4}) {
       const Index T = 5, d = 7, E = 6;
       moe::routers::TopKSoftmax<double> router(moe::MoEConfig{.d_model = d, .d_ff = 1, .n_experts = E, .top_k = k},
-                                               renormalize);
+                                               {.renormalize = renormalize});
       moe::test::Rng rng(40 + static_cast<std::uint64_t>(k));
       router.init(rng);
       RowMatrix<double> x = moe::test::normal_matrix<double>(rng, T, d, 2.0);

@@ -11,6 +11,11 @@
 
 namespace moe::routers {
 
+/// TopKSoftmax's one knob (designated initialisers: `TopKSoftmax<float>(cfg, {.renormalize = false})`).
+struct TopKSoftmaxOptions {
+  bool renormalize = true;  ///< divide the k weights by their sum (Mixtral); false: the raw p (Qwen2-MoE, DeepSeek-V2)
+};
+
 /// Top-k softmax router: TopKRouter with default options but for the renormalisation.
 /// @tparam T    scalar type (float; double for references and gradient checks)
 /// @tparam Arch instruction set of the kernels (see kernels/arch.hpp)
@@ -18,9 +23,8 @@ template <class T, class Arch = kernels::default_arch>
 class TopKSoftmax : public TopKRouter<T, Arch> {
  public:
   /// @param cfg shape (validated: throws moe::Error naming the bad field)
-  /// @param renormalize divide the k weights by their sum (Mixtral: true)
-  explicit TopKSoftmax(const MoEConfig& cfg, bool renormalize = true)
-      : TopKRouter<T, Arch>(cfg, TopKOptions{.renormalize = renormalize}) {}
+  explicit TopKSoftmax(const MoEConfig& cfg, const TopKSoftmaxOptions& options = {})
+      : TopKRouter<T, Arch>(cfg, TopKOptions{.renormalize = options.renormalize}) {}
 };
 
 }  // namespace moe::routers
