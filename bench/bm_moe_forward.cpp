@@ -21,9 +21,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -31,7 +33,7 @@
 #include <moe/moe.hpp>
 #include <moe/reference/naive_moe.hpp>
 
-#if defined(__AVX512BF16__) || defined(__AVX512VNNI__)
+#if defined(__AVX512BF16__) || defined(__AVX512VNNI__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -106,7 +108,8 @@ double fma_peak(int threads) {
   return threads * double(k_peak_iterations) * 12 * 2 * B::size / s * 1e-9;
 }
 
-/// GFLOP/s of 12 independent vdpbf16ps chains per thread (64 FLOP each); 0 without AVX512-BF16.
+/// GFLOP/s of 12 independent vdpbf16ps chains per thread (64 FLOP each); without AVX512-BF16 the bf16
+/// kernel widens to f32 and runs FMAs, so its peak is the FMA one.
 double bf16_peak(int threads) {
 #if defined(__AVX512BF16__)
   float sink = 0;
@@ -129,12 +132,13 @@ double bf16_peak(int threads) {
   benchmark::DoNotOptimize(sink);
   return threads * double(k_peak_iterations) * 12 * 64 / s * 1e-9;
 #else
-  (void)threads;
-  return 0;
+  return fma_peak(threads);
 #endif
 }
 
-/// GOP/s of 12 independent vpdpbusd chains per thread (128 OP each); 0 without AVX512-VNNI.
+/// GOP/s of 12 independent vpdpbusd chains per thread (128 OP each); on AVX2 without VNNI, of the AVX2
+/// kernel's step through the multiplies (vpsignb, vpmaddubsw, vpmaddwd: 32 byte products and their sums,
+/// 64 OP); 0 elsewhere (no compute peak: the roofline is the bandwidth one).
 double int8_peak(int threads) {
 #if defined(__AVX512VNNI__)
   long long sink = 0;
@@ -156,6 +160,26 @@ double int8_peak(int threads) {
   });
   benchmark::DoNotOptimize(sink);
   return threads * double(k_peak_iterations) * 12 * 128 / s * 1e-9;
+#elif defined(__AVX2__)
+  long long sink = 0;
+  const double s = best_seconds(7, [&] {
+    MOE_OMP(omp parallel num_threads(threads) reduction(+ : sink))
+    {
+      __m256i acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
+      const __m256i a = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+      for (long it = 0; it < k_peak_iterations; ++it) {  // the chain runs through the multiplies
+        for (int i = 0; i < 12; ++i) acc[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(acc[i], a)), ones);
+      }
+      alignas(32) std::int32_t lanes[8];  // (8)
+      for (int i = 0; i < 12; ++i) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i]);
+        for (std::int32_t v : lanes) sink += v;
+      }
+    }
+  });
+  benchmark::DoNotOptimize(sink);
+  return threads * double(k_peak_iterations) * 12 * 64 / s * 1e-9;
 #else
   (void)threads;
   return 0;
@@ -284,11 +308,21 @@ void set_counters(benchmark::State& state, const moe::MoEConfig& cfg, Index n_to
       benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// GFLOP/s the machine allows for this cell: min(compute peak, bandwidth x FLOPs per weight byte touched).
+/// GFLOP/s the machine allows for this cell: min(compute peak, bandwidth x FLOPs per weight byte touched);
+/// the bandwidth bound alone where no compute peak was measured (peak 0: int8 on the scalar loop).
 double roofline_gflops(double peak, double gbs, const moe::MoEConfig& cfg, Index n_tokens, Index experts_hit,
                        double bytes_per_weight) {
   const double bytes = double(experts_hit) * 3.0 * double(cfg.d_model) * double(cfg.d_ff) * bytes_per_weight;
-  return std::min(peak, gbs * moe::bench::active_flops(cfg, n_tokens) / bytes);
+  const double memory = gbs * moe::bench::active_flops(cfg, n_tokens) / bytes;
+  return peak > 0 ? std::min(peak, memory) : memory;
+}
+
+/// The "model name" line of /proc/cpuinfo, or "unknown".
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
 }
 
 template <class Storage>
@@ -420,6 +454,10 @@ void register_forward(const moe::bench::Preset& p, const char* dtype) {
 }
 
 const bool registered = [] {
+  // What the figures depend on, printed in the context block (and in --benchmark_out's JSON).
+  benchmark::AddCustomContext("moe_isa", moe::kernels::default_arch::name());
+  benchmark::AddCustomContext("cpu_model", cpu_model());
+  benchmark::AddCustomContext("cores", std::to_string(std::thread::hardware_concurrency()));
   const char* limit_names[] = {"fma_f32", "dot_bf16", "dot_int8", "dram_read"};
   for (int threads : {1, 2}) {
     for (int which = 0; which < 4; ++which) {
