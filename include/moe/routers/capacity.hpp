@@ -23,7 +23,6 @@
 #include "../random.hpp"
 #include "../routing_plan.hpp"
 #include "../workspace.hpp"
-#include "gating.hpp"
 #include "wrapper.hpp"
 
 namespace moe::routers {

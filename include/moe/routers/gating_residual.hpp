@@ -15,7 +15,6 @@
 #include "../parameter.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
-#include "gating.hpp"
 #include "wrapper.hpp"
 
 namespace moe::routers {

@@ -20,7 +20,10 @@
 #include "../moe_config.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
-#include "gating.hpp"
+#include "../routing_plan.hpp"
+#include "linear_gate.hpp"
+#include "scores.hpp"
+#include "token_chunks.hpp"
 
 namespace moe::routers {
 

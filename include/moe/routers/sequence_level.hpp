@@ -13,7 +13,7 @@
 #include "../random.hpp"
 #include "../workspace.hpp"
 #include "../concepts.hpp"
-#include "gating.hpp"
+#include "../routing_plan.hpp"
 #include "gating_residual.hpp"
 #include "wrapper.hpp"
 

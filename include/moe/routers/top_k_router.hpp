@@ -27,7 +27,11 @@
 #include "../parameter.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
-#include "gating.hpp"
+#include "../routing_plan.hpp"
+#include "linear_gate.hpp"
+#include "noise.hpp"
+#include "scores.hpp"
+#include "token_chunks.hpp"
 
 namespace moe::routers {
 

@@ -20,7 +20,7 @@
 #include "../losses/balance_batch.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
-#include "gating.hpp"
+#include "../routing_plan.hpp"
 #include "wrapper.hpp"
 
 namespace moe::routers {

@@ -1,29 +1,16 @@
 #pragma once
-/// @file routers/gating.hpp
-/// @brief What every router shares: the linear gate (logits = x W_gᵀ, in named row blocks), the fixed
-/// token chunks that keep results independent of the thread count, the score functions with their
-/// derivatives, the weight normalisation with its derivative, counter-based noise, and a count of the
-/// slots in use.
+/// @file routers/scores.hpp
+/// @brief Score functions (softmax, sigmoid, sqrt-softplus) with their derivatives, the renormalisation of the
+/// chosen weights (in log space where their scores underflow) with its derivative, and the slot gather/scatter
+/// of a backward.
 
 #include <algorithm>
-#include <array>
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <string>
-#include <string_view>
-#include <utility>
-#include <vector>
 
 #include "../config.hpp"
-#include "../detail/linalg.hpp"
-#include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
-#include "../kernels/simd/matmul.hpp"
 #include "../kernels/simd/softmax.hpp"
-#include "../parameter.hpp"
-#include "../random.hpp"
-#include "../routing_plan.hpp"
 
 namespace moe::routers {
 
@@ -35,82 +22,6 @@ enum class ScoreFunction {
 };
 
 namespace detail {
-
-/// Tokens per work item of a router's forward: a split that does not depend on the thread count.
-inline constexpr Index k_token_chunk = 16;
-
-/// Chunks of k_token_chunk tokens in n_tokens (the last one may be shorter).
-inline Index n_token_chunks(Index n_tokens) { return (n_tokens + k_token_chunk - 1) / k_token_chunk; }
-
-/// Calls f(chunk, t0, t1) for fixed chunks [t0, t1) of k_token_chunk tokens, in parallel when the work
-/// (`work_per_token` multiply-adds per token) is worth a parallel region.
-template <class F>
-void for_each_token_chunk(Index n_tokens, double work_per_token, F&& f) {
-  const Index n_chunks = n_token_chunks(n_tokens);
-  MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * work_per_token >= moe::detail::k_parallel_min_work))
-  for (Index c = 0; c < n_chunks; ++c) f(c, c * k_token_chunk, std::min(n_tokens, (c + 1) * k_token_chunk));
-}
-
-/// A linear gate without bias: logits = x Wᵀ, W made of named row blocks stacked in order (e.g. AdaMoE's
-/// "gate" (n, d) and "null_gate" (m, d), which together give the n + m logits).
-/// @tparam T scalar; @tparam Arch kernel instruction set
-template <class T, class Arch>
-class LinearGate {
- public:
-  /// @param d_model input width; @param blocks (name, rows) of each block, in output order
-  LinearGate(Index d_model, std::initializer_list<std::pair<const char*, Index>> blocks) : d_model_(d_model) {
-    for (const auto& [name, rows] : blocks) {
-      if (rows == 0) continue;
-      names_.emplace_back(name);
-      weights_.emplace_back(rows, d_model);
-      n_outputs_ += rows;
-    }
-  }
-
-  Index d_model() const { return d_model_; }      ///< input width
-  Index n_outputs() const { return n_outputs_; }  ///< logits per token
-  /// Block i's weight (rows_i, d_model).
-  Parameter<T>& block(std::size_t i) { return weights_[i]; }
-  const Parameter<T>& block(std::size_t i) const { return weights_[i]; }
-
-  /// Every block from U(-1/sqrt(d_model), 1/sqrt(d_model)), in block order.
-  void init(Rng& rng) {
-    for (auto& w : weights_) w.init_uniform(rng, d_model_);
-  }
-  /// f(name, Parameter&) for each block.
-  template <class F>
-  void visit(F&& f) {
-    for (std::size_t i = 0; i < weights_.size(); ++i) f(std::string_view(names_[i]), weights_[i]);
-  }
-
-  /// logits (rows, n_outputs) = x (rows, d_model) Wᵀ.
-  void logits(ConstMatrixView<T> x, MatrixView<T> out) const {
-    Index col = 0;
-    for (const auto& w : weights_) {
-      kernels::matmul_nt(Arch{}, x, w.value(), MatrixView<T>(out.data() + col, out.rows(), w.rows(), out.stride()));
-      col += w.rows();
-    }
-  }
-
-  /// From dlogits (n_tokens, n_outputs): dW += dlogitsᵀ x and dx += dlogits W.
-  void backward(ConstMatrixView<T> x, ConstMatrixView<T> dlogits, MatrixView<T> dx) {
-    Index col = 0;
-    for (auto& w : weights_) {
-      const ConstMatrixView<T> dz(dlogits.data() + col, dlogits.rows(), w.rows(), dlogits.stride());
-      moe::detail::add_matmul_tn(dz, x, w.grad());                    // (rows, d_model)
-      // Read through const: a non-const value() advances version(), which would mark every other training
-      // forward still in flight as stale (MoELayer::backward checks it).
-      moe::detail::add_matmul_nn(dz, std::as_const(w).value(), dx);  // (n_tokens, d_model)
-      col += w.rows();
-    }
-  }
-
- private:
-  Index d_model_;
-  Index n_outputs_ = 0;
-  std::vector<std::string> names_;
-  std::vector<Parameter<T>> weights_;  // block i: (rows_i, d_model)
-};
 
 /// s = score(z) for a row of n logits. NaN logits count as -inf (score 0), for every function.
 template <class Arch, class T>
@@ -277,28 +188,6 @@ void scatter_slots(const Index* id, const T* g, Index k, T* ds, Index n) {
   std::fill_n(ds, n, T(0));
   for (Index i = 0; i < k; ++i)
     if (id[i] >= 0) ds[id[i]] = g[i];
-}
-
-/// splitmix64's finaliser: a bijection of 64-bit words with full avalanche.
-inline std::uint64_t mix64(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-/// Uniform in the open interval (0, 1) from the counter (seed, step, token, index): a pure function, so
-/// noise does not depend on the thread count or on call order, and backward can recompute it.
-inline double counter_uniform(std::uint64_t seed, std::uint64_t step, Index token, Index index) {
-  std::uint64_t h = mix64(seed + 0x9E3779B97F4A7C15ULL);
-  h = mix64(h ^ step);
-  h = mix64(h ^ static_cast<std::uint64_t>(token));
-  h = mix64(h ^ static_cast<std::uint64_t>(index));
-  return (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53;
-}
-
-/// Standard Gumbel noise -log(-log(u)) from the counter (finite: u is never 0 or 1).
-inline double counter_gumbel(std::uint64_t seed, std::uint64_t step, Index token, Index index) {
-  return -std::log(-std::log(counter_uniform(seed, step, token, index)));
 }
 
 }  // namespace detail
