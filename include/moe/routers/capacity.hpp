@@ -53,7 +53,7 @@ class CapacityLimited : public RouterWrapper<R> {
   using Base::d_model;
   using Base::n_experts;
   using Base::top_k;
-  using Scalar = typename R::Scalar;
+  using typename Base::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; @param options capacity knobs (throws moe::Error naming a bad field)

@@ -32,7 +32,7 @@ class GatingResidual : public RouterWrapper<R> {
   using Base::d_model;
   using Base::n_experts;
   using Base::top_k;
-  using Scalar = typename R::Scalar;
+  using typename Base::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; the map is (n_experts, n_experts), zero until init() (moe::Error when

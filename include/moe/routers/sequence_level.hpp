@@ -34,7 +34,7 @@ class SequenceLevel : public RouterWrapper<R> {
   using Base::d_model;
   using Base::n_experts;
   using Base::top_k;
-  using Scalar = typename R::Scalar;
+  using typename Base::Scalar;
   using T = Scalar;
 
   explicit SequenceLevel(R inner) : Base(std::move(inner)) {}

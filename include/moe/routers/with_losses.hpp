@@ -50,7 +50,7 @@ class WithLosses : public RouterWrapper<R> {
   using Base::d_model;
   using Base::n_experts;
   using Base::top_k;
-  using Scalar = typename R::Scalar;
+  using typename Base::Scalar;
   using T = Scalar;
 
   /// @param router the inner router; @param losses the loss policies (their coefficients inside; each with a
