@@ -66,13 +66,14 @@ class TableRouter {
   Index d_model() const { return d_model_; }
   Index n_experts() const { return n_experts_; }
   Index top_k() const { return top_k_; }
-  Index saved_width() const { return 0; }
+  using Saved = moe::NothingSaved;
+  Saved carve_saved(moe::Arena&, Index) const { return {}; }
   void init(moe::Rng&) {}
-  void route(moe::ConstMatrixView<float> x, Index* ids, float* weights, float*, moe::Arena& arena) const {
+  void route(const moe::RouteInput<float>& in, moe::RouteOutput<float, Saved>& out, moe::Arena& arena) const {
     if (arena.measuring()) return;
-    for (Index i = 0; i < x.rows() * top_k_; ++i) {
-      ids[i] = table_[static_cast<std::size_t>(i)];
-      weights[i] = std::ldexp(1.0f, -static_cast<int>(i % top_k_ + 1));
+    for (Index i = 0; i < in.n_tokens() * top_k_; ++i) {
+      out.ids[i] = table_[static_cast<std::size_t>(i)];
+      out.weights[i] = std::ldexp(1.0f, -static_cast<int>(i % top_k_ + 1));
     }
   }
 

@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <vector>
 
 #include <moe/moe.hpp>
 
@@ -15,25 +14,28 @@ namespace {
 
 constexpr moe::Index k_tokens = 6, k_d_model = 16, k_experts = 8;
 
-// Routes x with `router`, prints (id:weight) per token, and checks ids in range and weights finite.
+// Routes x with `router` (and the previous layer's logits, for a gating residual), prints (id:weight) per
+// token, and checks ids in range and weights finite.
 template <class R>
-bool show(const char* name, const R& router, const moe::RowMatrix<float>& x) {
+bool show(const char* name, const R& router, const moe::RowMatrix<float>& x,
+          moe::ConstMatrixView<float> previous_logits = {}) {
   const moe::Index k = router.top_k();
-  std::vector<moe::Index> ids(static_cast<std::size_t>(k_tokens * k));
-  std::vector<float> weights(ids.size()), saved(static_cast<std::size_t>(k_tokens * router.saved_width()));
-  moe::Arena measure;
-  router.route(x, nullptr, nullptr, nullptr, measure);
+  const moe::RouteInput<float> in{.x = x, .previous_logits = previous_logits};
+  moe::Arena measure;  // sizes the workspace: the output (ids, weights, what backward would need), then scratch
+  auto sizing = moe::carve_route_output(router, measure, k_tokens);
+  router.route(in, sizing, measure);
   moe::Workspace ws(measure.peak());
   moe::Arena arena(ws);
-  router.route(x, ids.data(), weights.data(), saved.data(), arena);
+  auto out = moe::carve_route_output(router, arena, k_tokens);
+  router.route(in, out, arena);
 
   std::printf("%s\n", name);
   bool ok = true;
   for (moe::Index t = 0; t < k_tokens; ++t) {
     std::printf("  token %td:", t);
     for (moe::Index s = 0; s < k; ++s) {
-      const moe::Index e = ids[static_cast<std::size_t>(t * k + s)];
-      const float w = weights[static_cast<std::size_t>(t * k + s)];
+      const moe::Index e = out.ids[t * k + s];
+      const float w = out.weights[t * k + s];
       if (e >= 0) std::printf(" %td:%.3f", e, static_cast<double>(w));
       ok = ok && e >= -1 && e < router.n_experts() && std::isfinite(w) && (e >= 0 || w == 0.0f);
     }
@@ -90,8 +92,8 @@ int main() {
   auto residual = make(r::GatingResidual<r::TopKRouter<float>>(r::TopKRouter<float>(shape)));
   moe::RowMatrix<float> previous_logits(k_tokens, k_experts);
   for (moe::Index i = 0; i < previous_logits.size(); ++i) previous_logits.data()[i] = static_cast<float>(3.0 * rng.normal());
-  residual.bind_forward(previous_logits, {});
-  ok &= show("Mixtral + MoE++ gating residual (previous layer's logits added through gate_map)", residual, x);
+  ok &= show("Mixtral + MoE++ gating residual (previous layer's logits added through gate_map)", residual, x,
+             previous_logits);
   if (!ok) std::printf("FAILED: a router broke its invariants\n");
   return ok ? 0 : 1;
 }

@@ -37,6 +37,7 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <moe/moe.hpp>
@@ -72,13 +73,14 @@ class ReplayRouter {
   Index d_model() const { return d_; }
   Index n_experts() const { return n_experts_; }
   Index top_k() const { return k_top_k; }
-  Index saved_width() const { return 0; }
+  using Saved = moe::NothingSaved;
+  Saved carve_saved(moe::Arena&, Index) const { return {}; }
   void init(moe::Rng&) {}
-  void route(moe::ConstMatrixView<T> x, Index* ids, T* weights, T*, moe::Arena& arena) const {
+  void route(const moe::RouteInput<T>& in, moe::RouteOutput<T, Saved>& out, moe::Arena& arena) const {
     if (arena.measuring()) return;
-    if (std::size_t(x.rows() * k_top_k) != ids_.size()) throw moe::Error("ReplayRouter: not the recorded tokens");
-    std::copy(ids_.begin(), ids_.end(), ids);
-    std::copy(weights_.begin(), weights_.end(), weights);
+    if (std::size_t(in.n_tokens() * k_top_k) != ids_.size()) throw moe::Error("ReplayRouter: not the recorded tokens");
+    std::copy(ids_.begin(), ids_.end(), out.ids);
+    std::copy(weights_.begin(), weights_.end(), out.weights);
   }
 
  private:
@@ -156,8 +158,8 @@ struct Outcome {
 };
 
 // Each layer's full routing-score vectors softmax(z_l) (n_tokens, n_experts) on x, from a layer-by-layer
-// pass (h_{l+1} = h_l + MoE_l(h_l)) that binds the previous logits of a gating-residual router as
-// moe::Stack does; checked against the routing the stack itself chose (`ctx`).
+// pass (h_{l+1} = h_l + MoE_l(h_l)) that passes a gating-residual router the previous layer's logits as
+// moe::Stack does (moe::LayerLinks); checked against the routing the stack itself chose (`ctx`).
 template <class Layer>
 std::vector<moe::RowMatrix<double>> routing_scores(moe::Stack<Layer>& stack, const moe::RowMatrix<T>& x,
                                                    const moe::StackContext<T>& ctx) {
@@ -166,10 +168,12 @@ std::vector<moe::RowMatrix<double>> routing_scores(moe::Stack<Layer>& stack, con
   moe::Workspace ws;
   std::vector<moe::RowMatrix<double>> scores;
   for (std::size_t l = 0; l < stack.n_layers(); ++l) {
-    auto& router = stack.layer(l).router().inner();
-    if constexpr (requires { router.gate_map(); }) {
-      router.bind_forward(l > 0 ? moe::ConstMatrixView<T>(previous) : moe::ConstMatrixView<T>(), z);
+    moe::LayerLinks<T> links;
+    if constexpr (moe::links_logits<typename Layer::RouterType>) {  // the router writes its logits into z
+      if (l > 0) links.previous_logits = moe::ConstMatrixView<T>(previous);
+      links.logits = moe::MatrixView<T>(z);
     } else {
+      const auto& router = std::as_const(stack.layer(l)).router().inner();
       for (Index t = 0; t < n; ++t)
         for (Index e = 0; e < E; ++e) {
           T acc = 0;
@@ -177,8 +181,7 @@ std::vector<moe::RowMatrix<double>> routing_scores(moe::Stack<Layer>& stack, con
           z(t, e) = acc;
         }
     }
-    const auto r = stack.layer(l).forward(h, y, ws);
-    if constexpr (requires { router.gate_map(); }) router.bind_forward({}, {});
+    const auto r = stack.layer(l).forward(h, y, ws, {}, links);
     if (!std::equal(r.expert_ids.begin(), r.expert_ids.end(), ctx.result(l).expert_ids.begin()))
       throw moe::Error("moe_plus_plus: the layer-by-layer pass disagrees with Stack::forward");
     moe::RowMatrix<double> p = z.cast<double>();

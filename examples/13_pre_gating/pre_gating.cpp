@@ -95,7 +95,9 @@ Trace trace(moe::Stack<Layer>& stack, const moe::RowMatrix<T>& x) {
   t.h.push_back(x);
   for (std::size_t l = 0; l < k_layers; ++l) {
     const bool early = stack.options().pre_gating && l > 0;
-    const auto r = early ? stack.layer(l).forward(t.h[l], y, ws, {}, t.h[l - 1]) : stack.layer(l).forward(t.h[l], y, ws);
+    moe::LayerLinks<T> links;
+    if (early) links.router_input = moe::ConstMatrixView<T>(t.h[l - 1]);  // the router reads the layer before's input
+    const auto r = stack.layer(l).forward(t.h[l], y, ws, {}, links);
     t.used.emplace_back(r.expert_ids.begin(), r.expert_ids.end());
     const moe::RowMatrix<T> next = t.h[l] + y;
     if (l + 1 < k_layers) t.h.push_back(next); else t.out = next;

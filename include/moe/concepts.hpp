@@ -5,9 +5,11 @@
 
 #include <concepts>
 #include <string_view>
+#include <type_traits>
 
 #include "config.hpp"
 #include "parameter.hpp"
+#include "route_io.hpp"
 #include "workspace.hpp"
 
 namespace moe {
@@ -18,31 +20,22 @@ concept Scalar = std::same_as<T, float> || std::same_as<T, double>;
 
 /// A router scores tokens and chooses, per token, up to `top_k()` slots of (expert id, weight).
 ///
-/// Requires: `R::Scalar`; `d_model()`, `n_experts()`, `top_k()`, `saved_width()`; and
-/// `route(x, ids, weights, saved, arena)` const, which reads x (n_tokens, d_model) and writes
-/// ids (n_tokens, top_k) with distinct experts in [0, n_experts) (or -1 for an unused slot),
-/// weights (n_tokens, top_k), and saved (n_tokens, saved_width): whatever its backward needs (e.g. the
-/// probabilities). Scratch comes from `arena` only (it may be a measuring arena that returns nullptr:
-/// then the router must only take() what it needs and return), so routing never allocates.
+/// Requires: `R::Scalar`; `R::Saved`, the layout of what its backward needs (pointers into an Arena) and
+/// `carve_saved(arena, n_tokens)` const that carves it; `d_model()`, `n_experts()`, `top_k()`; and
+/// `route(in, out, arena)` const (RouteInput in, RouteOutput out, see route_io.hpp), which reads in.x
+/// (n_tokens, d_model) and writes out.ids (n_tokens, top_k) with distinct experts in [0, n_experts) (or -1 for
+/// an unused slot), out.weights (n_tokens, top_k) and out.saved. Scratch comes from `arena` only (it may be a
+/// measuring arena that returns nullptr: then the router must only take() what it needs and return), so
+/// routing never allocates.
 template <class R>
-concept Router = Scalar<typename R::Scalar> &&
-    requires(const R& r, ConstMatrixView<typename R::Scalar> x, Index* ids, typename R::Scalar* w,
-             typename R::Scalar* saved, Arena& arena) {
-      { r.d_model() } -> std::convertible_to<Index>;
-      { r.n_experts() } -> std::convertible_to<Index>;
-      { r.top_k() } -> std::convertible_to<Index>;
-      { r.saved_width() } -> std::convertible_to<Index>;
-      { r.route(x, ids, w, saved, arena) } -> std::same_as<void>;
-    };
-
-/// A router that routes whole sequences (routers::SequenceLevel): route(..., arena, sequence_of_token,
-/// n_sequences) and the matching route_backward; the layer passes each token's sequence.
-template <class R>
-concept SequenceRouter = Router<R> &&
-    requires(const R& r, ConstMatrixView<typename R::Scalar> x, Index* ids, typename R::Scalar* w,
-             typename R::Scalar* saved, Arena& arena, const Index* sequence_of_token) {
-      { r.route(x, ids, w, saved, arena, sequence_of_token, Index{}) } -> std::same_as<void>;
-    };
+concept Router = Scalar<typename R::Scalar> && std::is_trivially_copyable_v<typename R::Saved> &&
+    requires(const R& r, const RouteInput<typename R::Scalar>& in, RouteOutputOf<R>& out, Arena& arena) {
+  { r.d_model() } -> std::convertible_to<Index>;
+  { r.n_experts() } -> std::convertible_to<Index>;
+  { r.top_k() } -> std::convertible_to<Index>;
+  { r.carve_saved(arena, Index{}) } -> std::same_as<typename R::Saved>;
+  { r.route(in, out, arena) } -> std::same_as<void>;
+};
 
 /// What visit_parameters hands each parameter to: f(name, parameter).
 template <class T>
@@ -50,44 +43,47 @@ struct ParameterVisitorArchetype {
   void operator()(std::string_view, Parameter<T>&) const {}
 };
 
-/// A router that trains: `route_backward(x, ids, weights, saved, dweights, dx, arena)` takes the gradient
-/// of the loss w.r.t. the weights (n_tokens, top_k), ADDS the input gradient to dx (n_tokens, d_model) and
+/// A router that trains: `route_backward(in, out, grad, arena)` takes the forward's input and output and
+/// grad.dweights = dL/dweights (n_tokens, top_k), ADDS the input gradient to grad.dx (n_tokens, d_model) and
 /// accumulates its parameters' gradients; `visit_parameters(f)` calls f(name, Parameter&) for each.
 template <class R>
 concept TrainableRouter = Router<R> &&
-    requires(R& r, ConstMatrixView<typename R::Scalar> x, const Index* ids, const typename R::Scalar* w,
-             const typename R::Scalar* saved, MatrixView<typename R::Scalar> dx, Arena& arena) {
-      { r.route_backward(x, ids, w, saved, w, dx, arena) } -> std::same_as<void>;
-      r.visit_parameters(ParameterVisitorArchetype<typename R::Scalar>{});
-    };
+    requires(R& r, const RouteInput<typename R::Scalar>& in, const RouteOutputOf<R>& out,
+             const RouteGradient<typename R::Scalar>& grad, Arena& arena) {
+  { r.route_backward(in, out, grad, arena) } -> std::same_as<void>;
+  r.visit_parameters(ParameterVisitorArchetype<typename R::Scalar>{});
+};
 
 /// A router that exposes what balance losses need (TopKRouter, NullExpertRouter, DenseToSparseGate,
-/// GatingResidual): the width of its balance columns; `balance_logits(x, z, arena)`, the logits it routes on, and
-/// `route_logits(z, ids, weights, saved, arena)`, route() from those logits (so the gate runs once); `balance_probabilities(z, s, p)` per token
-/// row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g, dz)` (g =
-/// dL/dp in, clobbered; ADDS dL/dz); `balance_choice(saved, ids, n_tokens, cols)`, the column of each slot;
-/// and `balance_logits_backward(x, dz, dx, arena)`, which accumulates the gate gradient and ADDS dL/dx.
+/// GatingResidual): the width of its balance columns; `balance_logits(in, z, arena)`, the logits it routes on;
+/// `route_logits(z, out, arena)`, route() from those logits (so the gate runs once); `balance_probabilities(z,
+/// s, p)` per token row (its scores s and the probabilities p, Σp = 1); `balance_probabilities_backward(s, p, g,
+/// dz)` (g = dL/dp in, clobbered; ADDS dL/dz); `balance_choice(out, n_tokens, cols)`, the column of each slot;
+/// and `balance_logits_backward(in, dz, grad, arena)`, which accumulates the gate gradient and ADDS dL/dx to
+/// grad.dx (and dL/d(previous logits) to grad.dprevious_logits).
 template <class R>
 concept BalanceRouter = TrainableRouter<R> &&
-    requires(R& r, const R& cr, ConstMatrixView<typename R::Scalar> x, MatrixView<typename R::Scalar> z,
-             typename R::Scalar* p, const Index* ids, Index* cols, Arena& arena) {
-      { cr.balance_width() } -> std::convertible_to<Index>;
-      cr.balance_logits(x, z, arena);
-      cr.route_logits(z, cols, p, p, arena);
-      cr.balance_probabilities(p, p, p);
-      cr.balance_probabilities_backward(p, p, p, p);
-      cr.balance_choice(p, ids, Index{}, cols);
-      r.balance_logits_backward(x, x, z, arena);
-    };
+    requires(R& r, const R& cr, const RouteInput<typename R::Scalar>& in, MatrixView<typename R::Scalar> z,
+             RouteOutputOf<R>& out, const RouteGradient<typename R::Scalar>& grad, typename R::Scalar* p, Index* cols,
+             Arena& arena) {
+  { cr.balance_width() } -> std::convertible_to<Index>;
+  cr.balance_logits(in, z, arena);
+  cr.route_logits(z, out, arena);
+  cr.balance_probabilities(p, p, p);
+  cr.balance_probabilities_backward(p, p, p, p);
+  cr.balance_choice(out, Index{}, cols);
+  r.balance_logits_backward(in, z, grad, arena);
+};
 
 /// A router that routes from logits it is given (TopKRouter; what routers::GatingResidual wraps): a
-/// BalanceRouter whose `logits_backward(ids, saved, dweights, dz, arena)` gives dL/dz (n_tokens, n_experts)
-/// of route_logits' weights.
+/// BalanceRouter whose `logits_backward(out, dweights, dz, arena)` WRITES dL/dz (n_tokens, n_experts) of
+/// route_logits' weights.
 template <class R>
 concept LogitsRouter = BalanceRouter<R> &&
-    requires(R& r, const Index* ids, const typename R::Scalar* v, MatrixView<typename R::Scalar> dz, Arena& arena) {
-      r.logits_backward(ids, v, v, dz, arena);
-    };
+    requires(const R& r, const RouteOutputOf<R>& out, const typename R::Scalar* v, MatrixView<typename R::Scalar> dz,
+             Arena& arena) {
+  r.logits_backward(out, v, dz, arena);
+};
 
 /// An expert bank holds `n_experts()` experts of one kind and runs them on rows grouped by expert.
 ///

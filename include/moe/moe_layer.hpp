@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -12,6 +13,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "concepts.hpp"
@@ -21,6 +23,7 @@
 #include "kernels/simd/scatter_add.hpp"
 #include "moe_config.hpp"
 #include "random.hpp"
+#include "route_io.hpp"
 #include "routing_plan.hpp"
 #include "workspace.hpp"
 
@@ -56,6 +59,28 @@ struct ForwardResult {
   double aux_loss = 0;     ///< sum of aux_losses
 };
 
+/// What a layer of a stack exchanges with its neighbours in a forward (moe::Stack fills it; a lone layer needs
+/// none). Every view is optional (empty: none).
+template <class T>
+struct LayerLinks {
+  /// (n_tokens, d_model) the rows the router reads instead of x (pre-gating: moe::Stack routes layer l+1 on
+  /// layer l's input); x still feeds the experts.
+  ConstMatrixView<T> router_input{};
+  /// (n_tokens, n_experts) the previous layer's gate logits, for a router that reads them (links_logits<R>:
+  /// MoE++'s gating residual); copied by a training forward.
+  ConstMatrixView<T> previous_logits{};
+  /// (n_tokens, n_experts) where such a router writes this layer's gate logits for the next layer.
+  MatrixView<T> logits{};
+};
+
+/// The gradients of LayerLinks in a backward.
+template <class T>
+struct LayerLinkGradients {
+  MatrixView<T> d_router_input{};  ///< out, WRITTEN: dL/d(router_input); required when the forward had a router_input
+  ConstMatrixView<T> d_logits{};   ///< in: dL/d(logits) from the next layer, or empty
+  MatrixView<T> d_previous_logits{};  ///< out, ADDED: dL/d(previous_logits), or empty: dropped
+};
+
 /// What a training forward records for backward: the routing, the grouped rows, the expert outputs, a copy
 /// of x and the version() of every parameter (backward refuses weights written since). Caller-owned,
 /// reusable (its memory grows like a Workspace); one per forward in flight.
@@ -69,19 +94,23 @@ class TrainingContext {
   template <class R, class... Banks>
   friend class MoELayer;
   struct Record {
+    // The route's output (ids, weights and the router's Saved block) is carved first from the forward's
+    // workspace, so backward carves it again at the same place (carve_route_output) with the router's type.
     Index* ids = nullptr;  // (n_tokens, top_k)
     T* weights = nullptr;  // (n_tokens, top_k)
-    T* saved = nullptr;    // (n_tokens, router saved_width)
     RoutingPlan plan;
     T* xs = nullptr;  // (n_slots, d_model) grouped rows
     T* ys = nullptr;  // (n_slots, d_model) expert outputs
     T* x = nullptr;   // (n_tokens, d_model) copy of the input
     T* x_route = nullptr;  // (n_tokens, d_model) copy of a separate router input (pre-gating), or nullptr
+    T* previous_logits = nullptr;        // (n_tokens, n_experts) copy of LayerLinks::previous_logits, or nullptr
     Index* prev_rows = nullptr;          // (n_slots) previous grouped row of a recurrent bank's row, or -1
     Index* sequence_of_token = nullptr;  // (n_tokens) sequence of each token (each token alone without sequences)
     Index n_sequences = 0;
     bool sequences = false;              // prev_rows holds carried-state links
-    RouteStats stats;           // dropped slots, loss values
+    Index dropped_slots = 0;             // the route's reports
+    std::array<double, k_max_losses> losses{};
+    Index n_losses = 0;
   };
   Workspace forward_ws_;
   Workspace backward_ws_;
@@ -105,8 +134,9 @@ class TrainingContext {
 template <class R, class... Banks>
 class MoELayer {
   static_assert(moe::Router<R>,
-                "MoELayer<R, Banks...>: R must model moe::Router: R::Scalar (float or double), d_model(), "
-                "n_experts(), top_k() and route(x, ids, weights, arena) const; see include/moe/concepts.hpp");
+                "MoELayer<R, Banks...>: R must model moe::Router: R::Scalar (float or double), R::Saved and "
+                "carve_saved(arena, n_tokens), d_model(), n_experts(), top_k() and route(RouteInput, RouteOutput, "
+                "arena) const; see include/moe/concepts.hpp");
   static_assert(sizeof...(Banks) >= 1, "MoELayer<R, Banks...>: give at least one expert bank");
   static_assert(((ExpertBank<Banks> || SharedBank<Banks>) && ...),
                 "MoELayer<R, Banks...>: every bank must model moe::ExpertBank: B::Scalar, d_model(), n_experts() "
@@ -141,9 +171,9 @@ class MoELayer {
                     " experts but the router routes over n_experts = ", router_.n_experts());
     // The router bounds top_k itself: null-expert routers (AdaMoE) may use more slots than real experts.
     detail::require(router_.top_k() >= 1, "moe::MoELayer: top_k = ", router_.top_k(), " must be >= 1");
-    // Loss policies weight MoE++'s zero-computation experts by their own factor.
-    if constexpr (requires { router_.set_zero_computation_mask(zero_computation_mask()); })
-      router_.set_zero_computation_mask(zero_computation_mask());
+    // Loss policies weight MoE++'s zero-computation experts by their own factor (RouteInput::zero_computation).
+    const std::vector<bool> mask = zero_computation_mask();
+    if (std::find(mask.begin(), mask.end(), true) != mask.end()) zero_computation_.assign(mask.begin(), mask.end());
   }
 
   Index d_model() const { return router_.d_model(); }      ///< token width
@@ -185,7 +215,7 @@ class MoELayer {
 
   /// Bytes of scratch a forward over n_tokens needs: what forward reserves in its Workspace. Throws moe::Error
   /// when n_tokens < 0 or the workspace would exceed PTRDIFF_MAX bytes (see forward_bytes).
-  std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false, false); }
+  std::size_t workspace_bytes(Index n_tokens) const { return forward_bytes(n_tokens, false, {}); }
 
   /// y = MoE(x), x and y (n_tokens, d_model). y may be x itself: every read of x happens before y is written.
   /// Grows `ws` on the first call at a size; later calls at the same or a smaller n_tokens do not allocate.
@@ -197,36 +227,37 @@ class MoELayer {
   /// sequence's previous token routed to it (token-level routing, docs/experts.md); without it every routed
   /// row of a recurrent bank starts from a zero state. Other banks ignore it.
   ///
-  /// `router_input` (optional, (n_tokens, d_model)): the rows the router reads instead of x (pre-gating:
-  /// moe::Stack routes layer l+1 on layer l's input); x still feeds the experts.
+  /// `links` (optional): what a layer of a stack exchanges with its neighbours (LayerLinks: a separate router
+  /// input for pre-gating, the previous layer's logits and where this layer's go, for gating residuals).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws,
                                 std::span<const Index> sequence_starts = {},
-                                ConstMatrixView<Scalar> router_input = {}) const {
-    check_input(x, y, router_input);
+                                const LayerLinks<Scalar>& links = {}) const {
+    check_input(x, y, links);
     check_sequences(sequence_starts, x.rows());
     if (x.rows() == 0) return {};
-    ws.reserve(forward_bytes(x.rows(), false, router_input.data() != nullptr));
+    ws.reserve(forward_bytes(x.rows(), false, links));
     Arena arena(ws);
-    return result(run(x, y, arena, false, sequence_starts, router_input), x.rows());
+    return result(run(x, y, arena, false, sequence_starts, links), x.rows());
   }
 
   /// As above with a Workspace owned by the layer (so this overload is not const).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) { return forward(x, y, ws_); }
 
-  /// Training forward: as forward(), and records in `ctx` what backward() needs (x and router_input are copied).
+  /// Training forward: as forward(), and records in `ctx` what backward() needs (x, the router input and the
+  /// previous logits are copied).
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, TrainingContext<Scalar>& ctx,
                                 std::span<const Index> sequence_starts = {},
-                                ConstMatrixView<Scalar> router_input = {}) const {
-    check_input(x, y, router_input);
+                                const LayerLinks<Scalar>& links = {}) const {
+    check_input(x, y, links);
     check_sequences(sequence_starts, x.rows());
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();
     ctx.record_ = Record{};
     if (x.rows() == 0) return {};  // backward on 0 tokens reads no weight: no versions to record
     record_versions(ctx);
-    ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, router_input.data() != nullptr));
+    ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, links));
     Arena arena(ctx.forward_ws_);
-    ctx.record_ = run(x, y, arena, true, sequence_starts, router_input);
+    ctx.record_ = run(x, y, arena, true, sequence_starts, links);
     return result(ctx.record_, x.rows());
   }
 
@@ -235,7 +266,7 @@ class MoELayer {
   ForwardResult<Scalar> route(ConstMatrixView<Scalar> x, Workspace& ws) const {
     check_input(x, MatrixView<Scalar>::shape_only(x.rows(), d_model()), {});
     if (x.rows() == 0) return {};
-    ws.reserve(forward_bytes(x.rows(), false, false));
+    ws.reserve(forward_bytes(x.rows(), false, {}));
     Arena arena(ws);
     return result(run(x, MatrixView<Scalar>(), arena, false, {}, {}, true), x.rows());
   }
@@ -246,11 +277,13 @@ class MoELayer {
   /// ctx was not recorded by this layer, a shape is wrong, dy holds NaN or ±inf, or a parameter was written
   /// since that forward (its version() advanced: an optimizer step, a non-const accessor; the error names
   /// it, see modified_parameter()). dx may be dy itself. Repeating backward on one ctx is allowed.
-  /// With a forward that had a `router_input`, its gradient is WRITTEN to `d_router_input` (required then).
+  /// `links` (optional): with a forward that had a `router_input`, its gradient is WRITTEN to
+  /// links.d_router_input (required then); a router that passes logits on takes links.d_logits and ADDS to
+  /// links.d_previous_logits.
   void backward(ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx, TrainingContext<Scalar>& ctx,
-                MatrixView<Scalar> d_router_input = {})
-    requires(TrainableRouter<R> && ((TrainableBank<Banks> || TrainableSharedBank<Banks>) && ...))
-  {
+                const LayerLinkGradients<Scalar>& links = {}) requires(TrainableRouter<R> &&
+                                                                       ((TrainableBank<Banks> ||
+                                                                         TrainableSharedBank<Banks>)&&...)) {
     detail::require(ctx.layer_ == this, "moe::MoELayer::backward: the TrainingContext was not recorded by a "
                                         "training forward of this layer");
     detail::require(dy.rows() == ctx.n_tokens_ && dy.cols() == d_model(), "moe::MoELayer::backward: dy is (",
@@ -258,6 +291,7 @@ class MoELayer {
     detail::require(dx.rows() == dy.rows() && dx.cols() == d_model(), "moe::MoELayer::backward: dx is (",
                     dx.rows(), ", ", dx.cols(), "), expected (", dy.rows(), ", ", d_model(), ")");
     const bool separate = ctx.record_.x_route != nullptr;
+    const MatrixView<Scalar> d_router_input = links.d_router_input;
     detail::require(!separate || (d_router_input.rows() == dy.rows() && d_router_input.cols() == d_model() &&
                                   d_router_input.data() != nullptr),
                     "moe::MoELayer::backward: the forward had a router_input: give d_router_input (", dy.rows(), ", ",
@@ -266,9 +300,17 @@ class MoELayer {
     if (dy.rows() == 0) return;
     if (const std::string name = modified_parameter(ctx); !name.empty())
       throw Error(detail::stale_backward_message("moe::MoELayer::backward", name));
+    for (const auto& [view, what] : {std::pair{links.d_logits, "d_logits"},
+                                     std::pair{ConstMatrixView<Scalar>(links.d_previous_logits), "d_previous_logits"}})
+      detail::require(view.data() == nullptr || (view.rows() == dy.rows() && view.cols() == n_experts()),
+                      "moe::MoELayer::backward: links.", what, " is (", view.rows(), ", ", view.cols(), "), expected (",
+                      dy.rows(), ", ", n_experts(), ")");
     ctx.backward_ws_.reserve(backward_bytes(dy.rows()));
     Arena arena(ctx.backward_ws_);
-    run_backward(ctx.record_, dy, dx, d_router_input, arena);
+    Arena recorded(ctx.forward_ws_);  // the route's output, carved again where the forward carved it
+    const RouteOutputOf<R> route = carve_route_output(router_, recorded, dy.rows());
+    assert(route.ids == ctx.record_.ids && route.weights == ctx.record_.weights);
+    run_backward(ctx.record_, route, dy, dx, links, arena);
     // A policy's backward may advance versions by reading weights through non-const accessors; the values
     // are those of the forward still, so a repeated backward on this ctx stays valid.
     record_versions(ctx);
@@ -319,17 +361,24 @@ class MoELayer {
  private:
   using Record = typename TrainingContext<Scalar>::Record;
 
-  void check_input(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, ConstMatrixView<Scalar> router_input) const {
+  void check_input(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, const LayerLinks<Scalar>& links) const {
     detail::require(x.cols() == d_model(), "moe::MoELayer::forward: x is (", x.rows(), ", ", x.cols(),
                     ") but d_model = ", d_model());
     detail::require(y.rows() == x.rows() && y.cols() == d_model(), "moe::MoELayer::forward: y is (", y.rows(),
                     ", ", y.cols(), "), expected (", x.rows(), ", ", d_model(), ")");
     check_finite(x, "moe::MoELayer::forward: x");
-    if (router_input.data() == nullptr) return;
-    detail::require(router_input.rows() == x.rows() && router_input.cols() == d_model(),
-                    "moe::MoELayer::forward: router_input is (", router_input.rows(), ", ", router_input.cols(),
-                    "), expected (", x.rows(), ", ", d_model(), ")");
-    check_finite(router_input, "moe::MoELayer::forward: router_input");
+    const auto check_view = [&](ConstMatrixView<Scalar> v, Index cols, const char* what) {
+      if (v.data() == nullptr) return;
+      detail::require(v.rows() == x.rows() && v.cols() == cols, what, " is (", v.rows(), ", ", v.cols(),
+                      "), expected (", x.rows(), ", ", cols, ")");
+      check_finite(v, what);
+    };
+    check_view(links.router_input, d_model(), "moe::MoELayer::forward: links.router_input");
+    check_view(links.previous_logits, n_experts(), "moe::MoELayer::forward: links.previous_logits");
+    if (links.logits.data() != nullptr)
+      detail::require(links.logits.rows() == x.rows() && links.logits.cols() == n_experts(),
+                      "moe::MoELayer::forward: links.logits is (", links.logits.rows(), ", ", links.logits.cols(),
+                      "), expected (", x.rows(), ", ", n_experts(), ")");
   }
 
   // Calls f(const Parameter&) for every parameter in visit_parameters order, building no name (no allocation).
@@ -385,16 +434,22 @@ class MoELayer {
   std::size_t backward_bytes(Index n_tokens) {
     check_tokens(n_tokens, [&] { return backward_bytes(1); });
     Arena measure;
-    run_backward(Record{}, ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()),
-                 MatrixView<Scalar>::shape_only(n_tokens, d_model()), MatrixView<Scalar>(), measure);
+    run_backward(Record{}, RouteOutputOf<R>{}, ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()),
+                 MatrixView<Scalar>::shape_only(n_tokens, d_model()), {}, measure);
     return measure.peak();
   }
 
-  std::size_t forward_bytes(Index n_tokens, bool training, bool router_input) const {
-    check_tokens(n_tokens, [&] { return forward_bytes(1, training, router_input); });
+  // Bytes of scratch of a forward over n_tokens with the given links (only whether each is present matters).
+  std::size_t forward_bytes(Index n_tokens, bool training, const LayerLinks<Scalar>& links) const {
+    check_tokens(n_tokens, [&] { return forward_bytes(1, training, links); });
     Arena measure;
     const auto shape = ConstMatrixView<Scalar>::shape_only(n_tokens, d_model());
-    run(shape, MatrixView<Scalar>(), measure, training, {}, router_input ? shape : ConstMatrixView<Scalar>());
+    // Shape-only views (no data) stand for the links that are present: run() sizes their copies.
+    LayerLinks<Scalar> sized;
+    if (links.router_input.data() != nullptr) sized.router_input = shape;
+    if (links.previous_logits.data() != nullptr)
+      sized.previous_logits = ConstMatrixView<Scalar>::shape_only(n_tokens, n_experts());
+    run(shape, MatrixView<Scalar>(), measure, training, {}, sized);
     return measure.peak();
   }
 
@@ -406,9 +461,9 @@ class MoELayer {
                             {rec.weights, n_slots},
                             {rec.plan.counts, static_cast<std::size_t>(n_experts())},
                             {rec.plan.experts_per_token, static_cast<std::size_t>(n_tokens)},
-                            rec.stats.dropped_slots,
-                            rec.stats.losses,
-                            rec.stats.n_losses};
+                            rec.dropped_slots,
+                            rec.losses,
+                            rec.n_losses};
     for (Index i = 0; i < r.n_aux_losses; ++i) r.aux_loss += r.aux_losses[static_cast<std::size_t>(i)];
     return r;
   }
@@ -429,47 +484,41 @@ class MoELayer {
     std::apply([&](auto&... bank) { (one(bank), ...); }, self.banks_);
   }
 
-  // Routes; routers that report (capacity limits, loss policies) learn whether this is a training forward
-  // and the batch's sequences, and return dropped slots and loss values.
-  void route_tokens(ConstMatrixView<Scalar> x, Record& rec, Arena& arena, bool training) const {
-    if constexpr (SequenceRouter<R>) {
-      rec.stats.training = training;
-      if constexpr (requires { router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token,
-                                             rec.n_sequences, &rec.stats); }) {
-        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences,
-                      &rec.stats);
-      } else {
-        router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.sequence_of_token, rec.n_sequences);
-      }
-    } else if constexpr (requires(RouteStats st) { router_.route(x, rec.ids, rec.weights, rec.saved, arena, st); }) {
-      rec.stats.training = training;
-      rec.stats.sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr;
-      rec.stats.n_sequences = rec.sequences ? rec.n_sequences : 1;
-      router_.route(x, rec.ids, rec.weights, rec.saved, arena, rec.stats);
-    } else {
-      router_.route(x, rec.ids, rec.weights, rec.saved, arena);
-    }
+  // What the router reads in this forward (and its backward): the rows it routes and the batch's layout.
+  RouteInput<Scalar> route_input(ConstMatrixView<Scalar> rows, const Record& rec, bool training,
+                                 ConstMatrixView<Scalar> previous_logits) const {
+    return {.x = rows,
+            .training = training,
+            .sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr,
+            .n_sequences = rec.sequences ? rec.n_sequences : 0,
+            .previous_logits = previous_logits,
+            .zero_computation = zero_computation_};
   }
 
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
-  // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x (training).
-  // `router_input`: the rows the router reads (default x); `route_only`: stop after routing (route()).
+  // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x, the router input and
+  // the previous logits (training). `route_only`: stop after routing (route()).
   Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x,
-             std::span<const Index> sequence_starts = {}, ConstMatrixView<Scalar> router_input = {},
-             bool route_only = false) const {
-    const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
+             std::span<const Index> sequence_starts, const LayerLinks<Scalar>& links, bool route_only = false) const {
+    const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k, E = n_experts();
     Record rec;
-    rec.ids = arena.take<Index>(n_slots);
-    rec.weights = arena.take<Scalar>(n_slots);
-    rec.saved = arena.take<Scalar>(n_tokens * router_.saved_width());
+    RouteOutputOf<R> route = carve_route_output(router_, arena, n_tokens);  // first: see Record
+    route.logits = links.logits;
+    rec.ids = route.ids;
+    rec.weights = route.weights;
     rec.plan = RoutingPlan::carve(arena, n_tokens, k, n_experts());
     // The grouped copy of x: for backward, and for banks that cannot read the tokens in place.
     const bool gather = keep_x || !all_token_indexed;
     rec.xs = arena.take<Scalar>(gather ? n_slots * d : 0);
     rec.ys = arena.take<Scalar>(n_slots * d);
     if (keep_x) rec.x = arena.take<Scalar>(n_tokens * d);
-    const bool separate = router_input.data() != nullptr || (arena.measuring() && router_input.rows() > 0);
+    // A shape-only view (measuring) stands for a present link: see forward_bytes.
+    const auto present = [&](ConstMatrixView<Scalar> v) {
+      return v.data() != nullptr || (arena.measuring() && v.rows() > 0);
+    };
+    const bool separate = present(links.router_input), previous = present(links.previous_logits);
     if (keep_x && separate) rec.x_route = arena.take<Scalar>(n_tokens * d);
+    if (keep_x && previous) rec.previous_logits = arena.take<Scalar>(n_tokens * E);
     rec.sequence_of_token = arena.take<Index>(n_tokens);
     rec.prev_rows = arena.take<Index>(n_slots);
     Scalar* shared = arena.take<Scalar>(has_shared ? n_tokens * d : 0);  // (n_tokens, d_model) always-on sum
@@ -487,7 +536,10 @@ class MoELayer {
         std::fill(rec.sequence_of_token + begin, rec.sequence_of_token + end, i);
       }
     }
-    route_tokens(separate ? router_input : x, rec, arena, keep_x);
+    router_.route(route_input(separate ? links.router_input : x, rec, keep_x, links.previous_logits), route, arena);
+    rec.dropped_slots = route.dropped_slots;
+    rec.losses = route.losses;
+    rec.n_losses = route.n_losses;
     arena.rewind(mark);
     if (!measuring) {
       rec.plan.build(rec.ids);
@@ -496,7 +548,9 @@ class MoELayer {
       if (keep_x)
         for (Index t = 0; t < n_tokens; ++t) std::copy_n(x.row(t), d, rec.x + t * d);
       if (rec.x_route != nullptr)
-        for (Index t = 0; t < n_tokens; ++t) std::copy_n(router_input.row(t), d, rec.x_route + t * d);
+        for (Index t = 0; t < n_tokens; ++t) std::copy_n(links.router_input.row(t), d, rec.x_route + t * d);
+      if (rec.previous_logits != nullptr)
+        for (Index t = 0; t < n_tokens; ++t) std::copy_n(links.previous_logits.row(t), E, rec.previous_logits + t * E);
     }
     const Index n_rows = measuring ? n_slots : rec.plan.n_rows();
     const auto xs = grouped(rec.xs, n_rows), ys = grouped(rec.ys, n_rows);
@@ -546,8 +600,8 @@ class MoELayer {
 
   // Backward through combine, banks and router; sized like run() with a measuring arena.
   // dx may be dy: every read of dy (the combine's gradient, the always-on banks) happens before dx is written.
-  void run_backward(const Record& rec, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx,
-                    MatrixView<Scalar> d_router_input, Arena& arena) {
+  void run_backward(const Record& rec, const RouteOutputOf<R>& route, ConstMatrixView<Scalar> dy, MatrixView<Scalar> dx,
+                    const LayerLinkGradients<Scalar>& links, Arena& arena) {
     const Index n_tokens = dy.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k;
     Scalar* dweights = arena.take<Scalar>(n_slots);  // (n_tokens, top_k) dL/dw
     Scalar* dys = arena.take<Scalar>(n_slots * d);   // (n_slots, d_model) dL/d(expert output)
@@ -619,15 +673,16 @@ class MoELayer {
     // The router read x, or a separate input whose gradient goes to d_router_input.
     const bool separate = rec.x_route != nullptr;
     const auto xr = separate ? ConstMatrixView<Scalar>(rec.x_route, n_tokens, d) : x;
-    const MatrixView<Scalar> dxr = separate ? d_router_input : dx;
+    const MatrixView<Scalar> dxr = separate ? links.d_router_input : dx;
     if (separate)
       for (Index t = 0; t < n_tokens; ++t) std::fill_n(dxr.row(t), d, Scalar(0));
-    if constexpr (SequenceRouter<R>) {
-      router_.route_backward(xr, rec.ids, rec.weights, rec.saved, dweights, dxr, arena, rec.sequence_of_token,
-                             rec.n_sequences);
-    } else {
-      router_.route_backward(xr, rec.ids, rec.weights, rec.saved, dweights, dxr, arena);
-    }
+    const auto previous = rec.previous_logits == nullptr
+                              ? ConstMatrixView<Scalar>()
+                              : ConstMatrixView<Scalar>(rec.previous_logits, n_tokens, n_experts());
+    router_.route_backward(
+        route_input(xr, rec, true, previous), route,
+        {.dweights = dweights, .dlogits = links.d_logits, .dx = dxr, .dprevious_logits = links.d_previous_logits},
+        arena);
   }
 
   // A (rows, d_model) view of a grouped buffer, or only its shape while measuring (p == nullptr).
@@ -658,6 +713,7 @@ class MoELayer {
 
   R router_;
   std::tuple<Banks...> banks_;
+  std::vector<std::uint8_t> zero_computation_;  // (n_experts) RouteInput::zero_computation, or empty: none
   Workspace ws_;  // used by the non-const forward overload only
 };
 

@@ -1,33 +1,19 @@
 #pragma once
 /// @file routing_plan.hpp
-/// @brief The dispatch plan: a counting sort of (token, slot) pairs by expert, as ggml's mul_mat_id does;
-/// and what a route() exchanges with the layer about the batch (RouteStats).
+/// @brief The dispatch plan: a counting sort of (token, slot) pairs by expert, as ggml's mul_mat_id does,
+/// and the plan-level helpers (slots in use per token, carried-state links of recurrent banks).
 ///
 /// Rows of the grouped matrix are ordered by expert, then by token, then by slot (a stable sort), so
 /// expert e owns grouped rows [offsets[e], offsets[e+1]). `slot_row` maps each (token, slot) back to its
 /// grouped row; the combine step reads it in slot order, which keeps results independent of threads.
 
 #include <algorithm>
-#include <array>
 #include <span>
 
 #include "config.hpp"
 #include "workspace.hpp"
 
 namespace moe {
-
-/// Most loss values a route() reports (one per loss policy of routers::WithLosses).
-inline constexpr Index k_max_losses = 8;
-
-/// What the layer tells a route() about the batch, and what the route() reports beyond ids and weights.
-struct RouteStats {
-  bool training = false;                     ///< in: a training forward (the global-batch counts advance only then)
-  const Index* sequence_of_token = nullptr;  ///< in: (n_tokens) sequence of each token; nullptr: one sequence
-  Index n_sequences = 1;                     ///< in: sequences of the batch
-  Index dropped_slots = 0;                   ///< out: slots dropped for capacity in this batch
-  std::array<double, k_max_losses> losses{};  ///< out: each loss policy's value (coefficient included), in order
-  Index n_losses = 0;                         ///< out: losses reported
-};
 
 /// Counts, per token, the slots in use (id >= 0): the true experts a token runs (null experts, dense-to-sparse
 /// and expert-choice routing, dropped slots all leave ids of -1).

@@ -2,8 +2,9 @@
 /// @file stack.hpp
 /// @brief moe::Stack<Layer>: L MoE layers with residual connections, h_{l+1} = h_l + MoE_l(h_l), forward and
 /// backward, passing the routing state from layer to layer:
-///  - MoE++ gating residuals: with a routers::GatingResidual router (also inside WithLosses/CapacityLimited),
-///    layer l's raw logits feed layer l+1's router, and their gradient flows back;
+///  - MoE++ gating residuals: with a router that passes logits on (moe::links_logits: a routers::GatingResidual,
+///    also inside WithLosses/CapacityLimited), layer l's raw logits feed layer l+1's router (LayerLinks), and
+///    their gradient flows back (LayerLinkGradients);
 ///  - pre-gating (Pre-gated MoE, Read-ME; StackOptions::pre_gating): layer l+1 routes on h_l, layer l's
 ///    input, so its experts are known before layer l runs; set_prefetch() receives them at that point.
 
@@ -11,7 +12,6 @@
 #include <cstdint>
 #include <functional>
 #include <span>
-#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,6 +21,7 @@
 #include "error.hpp"
 #include "moe_layer.hpp"
 #include "random.hpp"
+#include "route_io.hpp"
 #include "workspace.hpp"
 
 namespace moe {
@@ -31,20 +32,6 @@ struct StackOptions {
   /// own input (its extra gate). Not combinable with gating residuals (which need layer l's logits first).
   bool pre_gating = false;
 };
-
-namespace detail {
-// The GatingResidual inside a (possibly wrapped) router, or nullptr: wrappers expose the wrapped router as inner().
-template <class R>
-auto gating_residual_of(R& r) {
-  if constexpr (requires { r.bind_forward(ConstMatrixView<typename R::Scalar>(), MatrixView<typename R::Scalar>()); }) {
-    return &r;
-  } else if constexpr (requires { r.inner(); }) {
-    return gating_residual_of(r.inner());
-  } else {
-    return nullptr;
-  }
-}
-}  // namespace detail
 
 template <class Layer>
 class Stack;
@@ -142,12 +129,16 @@ class Stack {
     ctx.drouter_.resize(n, d);
     for (std::size_t l = layers_.size(); l-- > 0;) {
       const bool routed_early = options_.pre_gating && l > 0;
+      LayerLinkGradients<T> links;
+      if (routed_early) links.d_router_input = view(ctx.drouter_);
       if constexpr (residual) {
-        if (l > 0) ctx.dlogits_[l - 1].setZero();
-        residual_of(l)->bind_backward(previous(ctx, l), l + 1 < layers_.size() ? view(ctx.dlogits_[l]) : MatrixView<T>(),
-                                      l > 0 ? view(ctx.dlogits_[l - 1]) : MatrixView<T>());
+        if (l + 1 < layers_.size()) links.d_logits = view(ctx.dlogits_[l]);
+        if (l > 0) {
+          ctx.dlogits_[l - 1].setZero();
+          links.d_previous_logits = view(ctx.dlogits_[l - 1]);
+        }
       }
-      layers_[l].backward(ctx.dh_, ctx.dlayer_, ctx.layers_[l], routed_early ? view(ctx.drouter_) : MatrixView<T>());
+      layers_[l].backward(ctx.dh_, ctx.dlayer_, ctx.layers_[l], links);
       // h_{l+1} = h_l + MoE_l(h_l): dL/dh_l = dL/dh_{l+1} + the layer's dx + layer l+1's router gradient.
       ctx.dh_ += ctx.dlayer_ + ctx.pending_;
       if (routed_early) {
@@ -155,7 +146,6 @@ class Stack {
       } else {
         ctx.pending_.setZero();
       }
-      if constexpr (residual) residual_of(l)->bind_backward({}, {}, {});
     }
     for (Index t = 0; t < n; ++t)
       for (Index j = 0; j < d; ++j) dx(t, j) = ctx.dh_(t, j);
@@ -173,15 +163,10 @@ class Stack {
   }
 
  private:
-  static constexpr bool residual =
-      !std::is_same_v<decltype(detail::gating_residual_of(std::declval<typename Layer::RouterType&>())), std::nullptr_t>;
+  // Whether the layers' routers pass gate logits from layer to layer (gating residuals).
+  static constexpr bool residual = links_logits<typename Layer::RouterType>;
 
-  auto residual_of(std::size_t l) { return detail::gating_residual_of(layers_[l].router()); }
   static MatrixView<T> view(RowMatrix<T>& m) { return MatrixView<T>(m.data(), m.rows(), m.cols()); }
-  static ConstMatrixView<T> previous(StackContext<T>& ctx, std::size_t l) {
-    return l > 0 ? ConstMatrixView<T>(ctx.logits_[l - 1].data(), ctx.logits_[l - 1].rows(), ctx.logits_[l - 1].cols())
-                 : ConstMatrixView<T>();
-  }
 
   double run(ConstMatrixView<T> x, MatrixView<T> y, StackContext<T>* training, std::span<const Index> sequence_starts) {
     detail::require(x.cols() == d_model() && y.rows() == x.rows() && y.cols() == d_model(), "moe::Stack::forward: x is (",
@@ -211,12 +196,15 @@ class Stack {
     for (std::size_t l = 0; l < L; ++l) {
       const bool routed_early = options_.pre_gating && l > 0;
       if (options_.pre_gating && prefetch_ && l + 1 < L) prefetch_(l + 1, layers_[l + 1].route(ctx.h_[l], prefetch_ws_));
-      if constexpr (residual) residual_of(l)->bind_forward(previous(ctx, l), view(ctx.logits_[l]));
-      const ConstMatrixView<T> router_input = routed_early ? ConstMatrixView<T>(ctx.h_[l - 1]) : ConstMatrixView<T>();
-      const ForwardResult<T> res =
-          training != nullptr ? layers_[l].forward(ctx.h_[l], ctx.out_, ctx.layers_[l], sequence_starts, router_input)
-                              : layers_[l].forward(ctx.h_[l], ctx.out_, ws_, sequence_starts, router_input);
-      if constexpr (residual) residual_of(l)->bind_forward({}, {});
+      LayerLinks<T> links;
+      if (routed_early) links.router_input = ConstMatrixView<T>(ctx.h_[l - 1]);
+      if constexpr (residual) {
+        if (l > 0) links.previous_logits = ConstMatrixView<T>(ctx.logits_[l - 1]);
+        links.logits = view(ctx.logits_[l]);
+      }
+      const ForwardResult<T> res = training != nullptr
+                                       ? layers_[l].forward(ctx.h_[l], ctx.out_, ctx.layers_[l], sequence_starts, links)
+                                       : layers_[l].forward(ctx.h_[l], ctx.out_, ws_, sequence_starts, links);
       if (training != nullptr) ctx.results_[l] = res;
       aux += res.aux_loss;
       ctx.h_[l + 1] = ctx.h_[l] + ctx.out_;

@@ -186,20 +186,21 @@ class ScriptedRouter {
   Index d_model() const { return d_model_; }
   Index n_experts() const { return a_->E; }
   Index top_k() const { return a_->k; }
-  Index saved_width() const { return 0; }
+  using Saved = moe::NothingSaved;
+  Saved carve_saved(moe::Arena&, Index) const { return {}; }
   void init(moe::Rng&) {}
   template <class F>
   void visit_parameters(F&&) {}
-  void route(moe::ConstMatrixView<float> x, Index* ids, float* w, float*, moe::Arena& arena) const {
-    if (arena.measuring() || x.rows() == 0) return;
-    MOE_FUZZ_CHECK(x.rows() == a_->T, "ScriptedRouter: routed " << x.rows() << " tokens, scripted " << a_->T);
-    std::copy(a_->ids.begin(), a_->ids.end(), ids);
-    std::copy(a_->w.begin(), a_->w.end(), w);
+  void route(const moe::RouteInput<float>& in, moe::RouteOutput<float, Saved>& out, moe::Arena& arena) const {
+    if (arena.measuring() || in.n_tokens() == 0) return;
+    MOE_FUZZ_CHECK(in.n_tokens() == a_->T, "ScriptedRouter: routed " << in.n_tokens() << " tokens, scripted " << a_->T);
+    std::copy(a_->ids.begin(), a_->ids.end(), out.ids);
+    std::copy(a_->w.begin(), a_->w.end(), out.weights);
   }
-  void route_backward(moe::ConstMatrixView<float> x, const Index*, const float*, const float*, const float* dweights,
-                      moe::MatrixView<float>, moe::Arena& arena) {
-    if (arena.measuring() || x.rows() == 0) return;
-    dweights_->assign(dweights, dweights + x.rows() * a_->k);
+  void route_backward(const moe::RouteInput<float>& in, const moe::RouteOutput<float, Saved>&,
+                      const moe::RouteGradient<float>& grad, moe::Arena& arena) {
+    if (arena.measuring() || in.n_tokens() == 0) return;
+    dweights_->assign(grad.dweights, grad.dweights + in.n_tokens() * a_->k);
   }
 
  private:

@@ -19,6 +19,7 @@
 // A violated oracle aborts with a message.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +28,7 @@
 #include <numeric>
 #include <optional>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -53,62 +55,107 @@ constexpr Index k_max_d_model = 8;
 struct Routed {
   Index n_tokens = 0;
   Index slots = 0;
-  std::vector<Index> ids;    // (n_tokens, slots)
-  std::vector<float> w;      // (n_tokens, slots)
-  std::vector<float> saved;  // (n_tokens, saved_width)
-  moe::RouteStats stats;
+  std::vector<Index> ids;           // (n_tokens, slots)
+  std::vector<float> w;             // (n_tokens, slots)
+  std::vector<float> saved;         // the router's saved arrays the oracles read: (n_tokens, width) blocks in turn
+  std::vector<Index> saved_widths;  // their widths
+  Index dropped_slots = 0;          // the route's reports (0 when it reports none, as the layer sees them)
+  std::array<double, moe::k_max_losses> losses{};
+  Index n_losses = 0;
   const Index* id(Index t) const { return ids.data() + t * slots; }
   const float* weight(Index t) const { return w.data() + t * slots; }
 };
 
-// call(arena, measuring, ids, weights, saved, stats)
-template <class Call>
-Routed run_router(Index n_tokens, Index slots, Index saved_width, Call&& call) {
+// The saved arrays of a router as (pointer, width) blocks of n_tokens rows: what the oracles read. A wrapper
+// gives its inner router's.
+using Blocks = std::vector<std::pair<const float*, Index>>;
+template <class R>
+Blocks saved_blocks(const R&, const typename R::Saved&) {
+  return {};
+}
+template <class A>
+Blocks saved_blocks(const routers::TopKRouter<float, A>& r, const typename routers::TopKRouter<float, A>::Saved& s) {
+  return {{s.scores, r.n_experts()}, {s.chosen_logits, s.chosen_logits == nullptr ? 0 : r.top_k()}};
+}
+template <class A>
+Blocks saved_blocks(const routers::NullExpertRouter<float, A>& r,
+                    const typename routers::NullExpertRouter<float, A>::Saved& s) {
+  return {{s.probabilities, r.n_experts() + r.n_null_experts()}, {s.chosen_logits, r.top_k()}};
+}
+template <class A>
+Blocks saved_blocks(const routers::DenseToSparseGate<float, A>& r,
+                    const typename routers::DenseToSparseGate<float, A>::Saved& s) {
+  return {{s.probabilities, r.n_experts()}};
+}
+template <class A>
+Blocks saved_blocks(const routers::ExpertChoiceRouter<float, A>& r,
+                    const typename routers::ExpertChoiceRouter<float, A>::Saved& s) {
+  return {{s.scores, r.n_experts()}};
+}
+template <class R>
+Blocks saved_blocks(const routers::SequenceLevel<R>& r, const typename R::Saved& s) {
+  return saved_blocks(r.inner(), s);
+}
+template <class R>
+Blocks saved_blocks(const routers::GatingResidual<R>& r, const typename R::Saved& s) {
+  return saved_blocks(r.inner(), s);
+}
+template <class R, class... L>
+Blocks saved_blocks(const routers::WithLosses<R, L...>& r, const typename routers::WithLosses<R, L...>::Saved& s) {
+  return saved_blocks(r.inner(), s.inner);
+}
+template <class R>
+Blocks saved_blocks(const routers::CapacityLimited<R>& r, const typename routers::CapacityLimited<R>::Saved& s) {
+  return saved_blocks(r.inner(), s.inner);
+}
+
+// Runs call(arena, measuring, out) for a batch of n_tokens: ids and weights poisoned first (-7, NaN), the
+// workspace (which holds the saved block) sized by a measuring run and poisoned with NaN (RELIABILITY H3).
+template <class R, class Call>
+Routed run_router(const R& router, Index n_tokens, Call&& call) {
   Routed r;
   r.n_tokens = n_tokens;
-  r.slots = slots;
-  r.ids.assign(static_cast<std::size_t>(n_tokens * slots), -7);
-  r.w.assign(static_cast<std::size_t>(n_tokens * slots), std::numeric_limits<float>::quiet_NaN());
-  r.saved.assign(static_cast<std::size_t>(n_tokens * saved_width), std::numeric_limits<float>::quiet_NaN());
+  r.slots = router.top_k();
+  r.ids.assign(static_cast<std::size_t>(n_tokens * r.slots), -7);
+  r.w.assign(static_cast<std::size_t>(n_tokens * r.slots), std::numeric_limits<float>::quiet_NaN());
   moe::Arena measure;
-  moe::RouteStats ignored;
-  call(measure, true, nullptr, nullptr, nullptr, ignored);
+  moe::RouteOutputOf<R> sizing;
+  sizing.saved = router.carve_saved(measure, n_tokens);
+  call(measure, true, sizing);
   moe::Workspace ws(std::max<std::size_t>(measure.peak(), 64));
   std::fill_n(reinterpret_cast<unsigned char*>(ws.data()), ws.capacity(), 0xFF);
   moe::Arena arena(ws);
-  call(arena, false, r.ids.data(), r.w.data(), r.saved.data(), r.stats);
+  moe::RouteOutputOf<R> out;
+  out.ids = r.ids.data();
+  out.weights = r.w.data();
+  out.saved = router.carve_saved(arena, n_tokens);
+  call(arena, false, out);
   MOE_FUZZ_CHECK(arena.peak() <= measure.peak(), "the router used " << arena.peak() << " bytes, measured " << measure.peak());
+  for (const auto& [p, width] : saved_blocks(router, out.saved)) {
+    r.saved.insert(r.saved.end(), p, p + n_tokens * width);
+    r.saved_widths.push_back(width);
+  }
+  r.dropped_slots = out.dropped_slots;
+  r.losses = out.losses;
+  r.n_losses = out.n_losses;
   return r;
 }
 
-// route(x, ...) of a router without stats; x is a shape-only view while measuring.
+// route(in, out) with in.x = x (a shape-only view while measuring) and `in` otherwise from `input`.
 template <class R>
-Routed route_plain(const R& router, moe::ConstMatrixView<float> x) {
-  return run_router(x.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats&) {
-                      router.route(measuring ? moe::ConstMatrixView<float>::shape_only(x.rows(), x.cols()) : x, ids, w,
-                                   saved, a);
-                    });
+Routed route_x(const R& router, moe::ConstMatrixView<float> x, moe::RouteInput<float> input = {}) {
+  return run_router(router, x.rows(), [&](moe::Arena& a, bool measuring, moe::RouteOutputOf<R>& out) {
+    input.x = measuring ? moe::ConstMatrixView<float>::shape_only(x.rows(), x.cols()) : x;
+    router.route(input, out, a);
+  });
 }
 
-// route(x, ..., stats) of a reporting router (CapacityLimited, WithLosses).
-template <class R>
-Routed route_with_stats(const R& router, moe::ConstMatrixView<float> x) {
-  return run_router(x.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats& st) {
-                      router.route(measuring ? moe::ConstMatrixView<float>::shape_only(x.rows(), x.cols()) : x, ids, w,
-                                   saved, a, st);
-                    });
-}
-
-// route_logits(z, ...) of a router that chooses from given logits.
+// route_logits(z, out) of a router that chooses from given logits.
 template <class R>
 Routed route_from_logits(const R& router, moe::ConstMatrixView<float> z) {
-  return run_router(z.rows(), router.top_k(), router.saved_width(),
-                    [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats&) {
-                      router.route_logits(measuring ? moe::ConstMatrixView<float>::shape_only(z.rows(), z.cols()) : z,
-                                          ids, w, saved, a);
-                    });
+  return run_router(router, z.rows(), [&](moe::Arena& a, bool measuring, moe::RouteOutputOf<R>& out) {
+    router.route_logits(measuring ? moe::ConstMatrixView<float>::shape_only(z.rows(), z.cols()) : z, out, a);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -444,8 +491,8 @@ void check_capacity(const routers::CapacityLimited<routers::TopKRouter<float>>& 
                                                    << out.ids[u] << ", " << out.w[u] << ")");
     }
   }
-  MOE_FUZZ_CHECK(out.stats.dropped_slots == dropped,
-                 "CapacityLimited: reports " << out.stats.dropped_slots << " dropped slots, ids show " << dropped);
+  MOE_FUZZ_CHECK(out.dropped_slots == dropped,
+                 "CapacityLimited: reports " << out.dropped_slots << " dropped slots, ids show " << dropped);
   // Per expert: its slots in token order; the kept ones are the documented first `cap`.
   for (Index e = 0; e < E; ++e) {
     std::vector<Index> slots;  // (token, slot) indices routed to e before dropping
@@ -469,8 +516,9 @@ void check_capacity(const routers::CapacityLimited<routers::TopKRouter<float>>& 
 
 struct LayerCase {
   const Matrix* x = nullptr;
-  bool x_finite = true;
-  std::vector<Index> sequence_starts;
+  bool x_finite = true;  // x and the links finite: the layer must accept the batch (else it must reject it)
+  std::vector<Index> sequence_starts{};
+  moe::LayerLinks<float> links{};  // a gating residual's previous logits and logits output
 };
 
 template <class R>
@@ -482,7 +530,7 @@ void check_layer(const R& router, const LayerCase& c, const Routed& direct, Byte
   moe::ForwardResult<float> res;
   bool threw = false;
   try {
-    res = layer.forward(*c.x, y, ws, c.sequence_starts);
+    res = layer.forward(*c.x, y, ws, c.sequence_starts, c.links);
   } catch (const moe::Error& e) {
     threw = true;
     MOE_FUZZ_CHECK(!c.x_finite, "MoELayer::forward threw on finite x: " << e.what());
@@ -537,14 +585,14 @@ void check_layer(const R& router, const LayerCase& c, const Routed& direct, Byte
     MOE_FUZZ_CHECK(res.tokens_per_expert[static_cast<std::size_t>(e)] == count[static_cast<std::size_t>(e)],
                    "MoELayer: tokens_per_expert[" << e << "] = " << res.tokens_per_expert[static_cast<std::size_t>(e)]
                                                   << ", ids show " << count[static_cast<std::size_t>(e)]);
-  MOE_FUZZ_CHECK(res.dropped_slots == direct.stats.dropped_slots, "MoELayer: dropped_slots " << res.dropped_slots
-                                                                     << ", the router reported " << direct.stats.dropped_slots);
+  MOE_FUZZ_CHECK(res.dropped_slots == direct.dropped_slots,
+                 "MoELayer: dropped_slots " << res.dropped_slots << ", the router reported " << direct.dropped_slots);
 
   // A training forward routes the same (bitwise), and its backward runs on whatever the forward saved (NaN or
   // infinite logits, unused slots) without a sanitizer report or an exception for a finite dy.
   moe::TrainingContext<float> ctx;
   Matrix y2(T, d), dy(T, d), dx(T, d);
-  const auto train = layer.forward(*c.x, y2, ctx, c.sequence_starts);
+  const auto train = layer.forward(*c.x, y2, ctx, c.sequence_starts, c.links);
   for (Index i = 0; i < T * k; ++i) {
     const auto u = static_cast<std::size_t>(i);
     MOE_FUZZ_CHECK(train.expert_ids[u] == res.expert_ids[u] &&
@@ -560,11 +608,9 @@ void check_layer(const R& router, const LayerCase& c, const Routed& direct, Byte
 }
 
 // B3: a token's routing is a function of its own row. Replaces row b by a benign or special row and requires
-// every other token's ids, weights and saved rows to stay bitwise equal. The saved block is (T, width) blocks
-// one after the other, of the widths `saved_blocks`.
+// every other token's ids, weights and saved rows to stay bitwise equal (the saved blocks of saved_blocks).
 template <class Route>
-void check_token_independence(const Matrix& x, const Routed& base, std::initializer_list<Index> saved_blocks,
-                              ByteReader& in, Route&& route) {
+void check_token_independence(const Matrix& x, const Routed& base, ByteReader& in, Route&& route) {
   const Index T = x.rows();
   if (T < 2) return;
   const Index b = in.below(T);
@@ -581,7 +627,7 @@ void check_token_independence(const Matrix& x, const Routed& base, std::initiali
                               << other.ids[i] << ", " << other.w[i] << ") when only token " << b << "'s row changed");
     }
     Index block_start = 0;
-    for (const Index width : saved_blocks) {
+    for (const Index width : base.saved_widths) {
       for (Index j = 0; j < width; ++j) {
         const auto i = static_cast<std::size_t>(block_start + t * width + j);
         MOE_FUZZ_CHECK(std::memcmp(&base.saved[i], &other.saved[i], sizeof(float)) == 0,
@@ -625,7 +671,7 @@ void read_tokens(ByteReader& in, Case& c) {
   c.x_finite = moe::fuzz::all_finite(c.x.data(), static_cast<std::size_t>(c.x.size()));
 }
 
-LayerCase layer_case(const Case& c) { return {&c.x, c.x_finite, {}}; }
+LayerCase layer_case(const Case& c) { return {.x = &c.x, .x_finite = c.x_finite}; }
 
 // The gate, then (with the selection bias) the bias, from the bytes.
 void fill_top_k(ByteReader& in, routers::TopKRouter<float>& r) {
@@ -671,10 +717,10 @@ void run_top_k(ByteReader& in, Case& c, bool softmax_preset) {
     return;
   }
   read_tokens(in, c);
-  const Routed out = route_plain(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_top_k(*r, out, logits_finite(c.x, std::as_const(*r).gate(), r->options().temperature), "TopKRouter");
   // The scores, then the chosen logits.
-  check_token_independence(c.x, out, {r->n_experts(), r->saved_width() - r->n_experts()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  check_token_independence(c.x, out, in, [&](const Matrix& x2) { return route_x(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -689,10 +735,10 @@ void run_capacity(ByteReader& in, Case& c) {
   });
   if (!r) return;
   read_tokens(in, c);
-  const Routed inner = route_plain(r->inner(), c.x);
+  const Routed inner = route_x(r->inner(), c.x);
   check_top_k(r->inner(), inner, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature),
               "CapacityLimited's inner router");
-  const Routed out = route_with_stats(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_capacity(*r, inner, out);
   check_layer(*r, layer_case(c), out, in);
 }
@@ -717,10 +763,10 @@ void run_null_experts(ByteReader& in, Case& c) {
     return;
   }
   read_tokens(in, c);
-  const Routed out = route_plain(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_null_experts(*r, out);
   // The probabilities, then the chosen logits.
-  check_token_independence(c.x, out, {r->n_experts() + r->n_null_experts(), r->top_k()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  check_token_independence(c.x, out, in, [&](const Matrix& x2) { return route_x(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -753,9 +799,9 @@ void run_dense_to_sparse(ByteReader& in, Case& c) {
     return;
   }
   read_tokens(in, c);
-  const Routed out = route_plain(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_dense_to_sparse(*r, out);
-  check_token_independence(c.x, out, {r->saved_width()}, in, [&](const Matrix& x2) { return route_plain(*r, x2); });
+  check_token_independence(c.x, out, in, [&](const Matrix& x2) { return route_x(*r, x2); });
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -770,7 +816,7 @@ void run_expert_choice(ByteReader& in, Case& c) {
   }
   fill_matrix(in, r->gate());
   read_tokens(in, c);
-  const Routed out = route_plain(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_expert_choice(*r, out);
   check_layer(*r, layer_case(c), out, in);
 }
@@ -793,17 +839,13 @@ void run_sequence_level(ByteReader& in, Case& c) {
   const auto n_seq = static_cast<Index>(starts.size());
   // A sequence's mean has |mean_j| <= max_t |x_tj|: the same bound as the tokens'.
   const bool finite = logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature);
-  const Routed out = run_router(c.T, c.k, r->saved_width(),
-                                [&](moe::Arena& a, bool measuring, Index* ids, float* w, float* saved, moe::RouteStats& st) {
-                                  r->route(measuring ? moe::ConstMatrixView<float>::shape_only(c.T, c.d) : moe::ConstMatrixView<float>(c.x),
-                                           ids, w, saved, a, sequence_of_token.data(), n_seq, &st);
-                                });
+  const Routed out = route_x(*r, c.x, {.sequence_of_token = sequence_of_token.data(), .n_sequences = n_seq});
   for (Index t = 0; t < c.T; ++t) {
     const Index q = sequence_of_token[static_cast<std::size_t>(t)];
     const Index first = starts[static_cast<std::size_t>(q)];
-    // The inner router saw n_seq rows: its blocks are (n_seq, E) scores and (n_seq, top_k) chosen logits.
+    // The inner router saw n_seq rows: the first n_seq rows of its (T, E) scores and (T, top_k) chosen logits.
     check_top_k_token(r->inner(), scores_row(r->inner(), out.saved.data(), q),
-                      chosen_logits_row(r->inner(), out.saved.data(), n_seq, q), out.id(t), out.weight(t), finite,
+                      chosen_logits_row(r->inner(), out.saved.data(), c.T, q), out.id(t), out.weight(t), finite,
                       "SequenceLevel", t);
     for (Index s = 0; s < c.k; ++s)
       MOE_FUZZ_CHECK(out.id(t)[s] == out.id(first)[s] && std::memcmp(out.weight(t) + s, out.weight(first) + s, sizeof(float)) == 0,
@@ -827,9 +869,14 @@ void run_gating_residual(ByteReader& in, Case& c) {
   Matrix previous(c.T, c.E), logits_out(c.T, c.E);
   fill_matrix(in, previous);
   const bool bound = in.flag();
-  r->bind_forward(bound ? moe::ConstMatrixView<float>(previous) : moe::ConstMatrixView<float>(),
-                  bound && in.flag() ? moe::MatrixView<float>(logits_out) : moe::MatrixView<float>());
-  const Routed out = route_plain(*r, c.x);
+  const bool write_logits = bound && in.flag();
+  const Routed out = run_router(
+      *r, c.T, [&](moe::Arena& a, bool measuring, moe::RouteOutputOf<std::remove_reference_t<decltype(*r)>>& o) {
+        if (write_logits) o.logits = moe::MatrixView<float>(logits_out);
+        r->route({.x = measuring ? moe::ConstMatrixView<float>::shape_only(c.T, c.d) : moe::ConstMatrixView<float>(c.x),
+                  .previous_logits = bound ? moe::ConstMatrixView<float>(previous) : moe::ConstMatrixView<float>()},
+                 o, a);
+      });
   // The residual adds previous · mapᵀ: bounded by Σ|previous| |map| when bound.
   double extra = 0;
   if (bound) {
@@ -842,7 +889,14 @@ void run_gating_residual(ByteReader& in, Case& c) {
   }
   check_top_k(r->inner(), out, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature, extra),
               "GatingResidual");
-  check_layer(*r, layer_case(c), out, in);
+  // The layer gets the same links, and rejects non-finite previous logits as it rejects a non-finite x.
+  LayerCase lc = layer_case(c);
+  if (bound) {
+    lc.links.previous_logits = moe::ConstMatrixView<float>(previous);
+    lc.x_finite = lc.x_finite && previous.allFinite();
+  }
+  if (write_logits) lc.links.logits = moe::MatrixView<float>(logits_out);
+  check_layer(*r, lc, out, in);
 }
 
 void run_with_losses(ByteReader& in, Case& c) {
@@ -854,15 +908,15 @@ void run_with_losses(ByteReader& in, Case& c) {
   });
   if (!r) return;
   read_tokens(in, c);
-  const Routed out = route_with_stats(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   check_top_k(r->inner(), out, logits_finite(c.x, std::as_const(*r).inner().gate(), setup.options.temperature),
               "WithLosses");
   // The losses read the logits the choice is made on: the same choice as the router alone, bitwise.
-  const Routed alone = route_plain(r->inner(), c.x);
+  const Routed alone = route_x(r->inner(), c.x);
   for (std::size_t i = 0; i < out.ids.size(); ++i)
     MOE_FUZZ_CHECK(out.ids[i] == alone.ids[i] && std::memcmp(&out.w[i], &alone.w[i], sizeof(float)) == 0,
                    "WithLosses: slot " << i << " differs from the inner router alone");
-  MOE_FUZZ_CHECK(out.stats.n_losses == 2, "WithLosses: " << out.stats.n_losses << " losses reported");
+  MOE_FUZZ_CHECK(out.n_losses == 2, "WithLosses: " << out.n_losses << " losses reported");
   // Finite logits (no overflow in W x) give finite losses.
   bool finite_logits = c.x_finite && moe::fuzz::all_finite(r->inner().gate().data(), static_cast<std::size_t>(c.E * c.d));
   for (Index t = 0; t < c.T && finite_logits; ++t) {
@@ -874,8 +928,9 @@ void run_with_losses(ByteReader& in, Case& c) {
   }
   if (finite_logits && !setup.options.gumbel_noise && setup.options.jitter == 0.0)
     for (Index i = 0; i < 2; ++i)
-      MOE_FUZZ_CHECK(std::isfinite(out.stats.losses[static_cast<std::size_t>(i)]),
-                     "WithLosses: loss " << i << " = " << out.stats.losses[static_cast<std::size_t>(i)] << " from finite logits");
+      MOE_FUZZ_CHECK(
+          std::isfinite(out.losses[static_cast<std::size_t>(i)]),
+          "WithLosses: loss " << i << " = " << out.losses[static_cast<std::size_t>(i)] << " from finite logits");
   check_layer(*r, layer_case(c), out, in);
 }
 
@@ -900,8 +955,8 @@ void run_null_experts_with_losses(ByteReader& in, Case& c) {
     }
   }
   read_tokens(in, c);
-  const Routed out = route_with_stats(*r, c.x);
-  const Routed alone = route_plain(r->inner(), c.x);
+  const Routed out = route_x(*r, c.x);
+  const Routed alone = route_x(r->inner(), c.x);
   check_null_experts(r->inner(), alone);
   for (std::size_t i = 0; i < out.ids.size(); ++i)
     MOE_FUZZ_CHECK(out.ids[i] == alone.ids[i] && std::memcmp(&out.w[i], &alone.w[i], sizeof(float)) == 0,
@@ -923,14 +978,14 @@ void run_capacity_with_losses(ByteReader& in, Case& c) {
   if (!r) return;
   auto& top_k = r->inner().inner();
   read_tokens(in, c);
-  const Routed inner = route_with_stats(r->inner(), c.x);
+  const Routed inner = route_x(r->inner(), c.x);
   check_top_k(top_k, inner, logits_finite(c.x, std::as_const(top_k).gate(), setup.options.temperature),
               "CapacityLimited<WithLosses>'s inner router");
-  const Routed out = route_with_stats(*r, c.x);
+  const Routed out = route_x(*r, c.x);
   // The same drop rules as CapacityLimited<TopKRouter>, from the inner choice; the losses come through.
   const routers::CapacityLimited<routers::TopKRouter<float>> plain(top_k, options);
   check_capacity(plain, inner, out);
-  MOE_FUZZ_CHECK(out.stats.n_losses == 2, "CapacityLimited<WithLosses>: " << out.stats.n_losses << " losses reported");
+  MOE_FUZZ_CHECK(out.n_losses == 2, "CapacityLimited<WithLosses>: " << out.n_losses << " losses reported");
   check_layer(*r, layer_case(c), out, in);
 }
 

@@ -5,7 +5,7 @@
 #
 # Modules (by path under ROOT):
 #   base       config, error, version, workspace, parameter, random, moe_config, detail/*
-#   contracts  concepts.hpp, routing_plan.hpp: what policies and the layer exchange
+#   contracts  concepts.hpp, route_io.hpp, routing_plan.hpp: what policies and the layer exchange
 #   kernels    kernels/* and kernels.hpp
 #   losses     losses/* and losses.hpp;  routers  routers/*, routers.hpp;  experts  experts/*, experts.hpp
 #   layer      moe_layer.hpp, stack.hpp, routing_stats.hpp, training_loop.hpp
@@ -23,7 +23,7 @@ function(module_of rel out)
     set(m "${CMAKE_MATCH_1}")
   elseif(rel MATCHES "^detail/" OR rel MATCHES "^(config|error|version|workspace|parameter|random|moe_config)\\.hpp$")
     set(m base)
-  elseif(rel MATCHES "^(concepts|routing_plan)\\.hpp$")
+  elseif(rel MATCHES "^(concepts|routing_plan|route_io)\\.hpp$")
     set(m contracts)
   elseif(rel MATCHES "^(moe_layer|stack|routing_stats|training_loop)\\.hpp$")
     set(m layer)

@@ -28,8 +28,9 @@ moe::MoEConfig shape(Index d, Index E, Index k) { return {.d_model = d, .d_ff = 
 
 // Expected routing after capacity, by brute force from the inner router's routing: per expert, its slots
 // in token order, ranked by the policy, the first C kept.
-template <class T>
-moe::test::Routing<T> brute_force(moe::test::Routing<T> r, Index E, Index C, DropPolicy policy, Index& dropped) {
+template <class R>
+moe::test::Routing<R> brute_force(moe::test::Routing<R> r, Index E, Index C, DropPolicy policy, Index& dropped) {
+  using T = typename R::Scalar;
   dropped = 0;
   for (Index e = 0; e < E; ++e) {
     std::vector<Index> slots;
@@ -69,13 +70,10 @@ TEST_CASE("CapacityLimited drops exactly what a brute force drops, for both poli
             const Index C = std::min(  // an expert never has more than T slots to keep
                 T, static_cast<Index>(std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * cf)));
             REQUIRE(router.capacity(T) == C);
-            moe::RouteStats stats{.dropped_slots = -1};
-            const auto r = moe::test::run_router(router, T, [&](Index* ids, float* w, float* saved, moe::Arena& a) {
-              router.route(x, ids, w, saved, a, stats);
-            });
+            const auto r = moe::test::route(router, x);
             Index expected_dropped = 0;
             const auto expected = brute_force(moe::test::route(inner, x), E, C, policy, expected_dropped);
-            REQUIRE(stats.dropped_slots == expected_dropped);
+            REQUIRE(r.out.dropped_slots == expected_dropped);
             REQUIRE(r.ids == expected.ids);
             REQUIRE(r.weights == expected.weights);
             moe::test::check_invariants(r, E, {.sums_to_one = false, .unused_allowed = true});
@@ -83,8 +81,8 @@ TEST_CASE("CapacityLimited drops exactly what a brute force drops, for both poli
             moe::count_active_slots(r.ids.data(), T, k, active.data());
             Index kept = 0;
             for (Index a : active) kept += a;
-            REQUIRE(kept + stats.dropped_slots == T * k);
-            total_dropped += stats.dropped_slots;
+            REQUIRE(kept + r.out.dropped_slots == T * k);
+            total_dropped += r.out.dropped_slots;
           }
         }
       }
@@ -105,7 +103,7 @@ TEST_CASE("CapacityLimited::route_backward matches central finite differences th
       CapacityLimited<TopKRouter<double>> router(inner, {.capacity_factor = 0.75, .drop_policy = policy});
       RowMatrix<double> x = moe::test::normal_matrix<double>(rng, n_tokens, d, 3.0);
       Index dropped = 0;
-      const auto stats = moe::test::check_router_gradient(router, x, 5, [&](const moe::test::Routing<double>& r) {
+      const auto stats = moe::test::check_router_gradient(router, x, 5, [&](const auto& r) {
         for (Index i : r.ids) dropped += i < 0 ? 1 : 0;
       });
       INFO("policy " << static_cast<int>(policy) << " renormalize " << renormalize);

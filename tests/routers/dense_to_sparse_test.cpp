@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <moe/routers/dense_to_sparse.hpp>
+#include <moe/routing_plan.hpp>
 
 #include "support/routing.hpp"
 
@@ -109,7 +110,7 @@ TEST_CASE("DenseToSparseGate sparsifies as τ decays, then switches to top-1; ev
   moe::count_active_slots(r.ids.data(), n_tokens, E, active.data());
   for (Index a : active) REQUIRE(a == 1);
   for (Index t = 0; t < n_tokens; ++t) {  // argmax of the clean logits, weight p
-    const auto p = moe::test::sorted_row(r.saved, t, E);
+    const auto p = moe::test::sorted_row(r.out.saved.probabilities, t, E);
     REQUIRE(r.weight(t, 0) == static_cast<float>(p[0]));
   }
 }
@@ -161,7 +162,7 @@ TEST_CASE("DenseToSparseGate::route_backward matches central finite differences 
       router.init(rng);
       RowMatrix<double> x = moe::test::normal_matrix<double>(rng, n_tokens, d, 2.0);
       Index unused = 0;
-      const auto stats = moe::test::check_router_gradient(router, x, 3, [&](const moe::test::Routing<double>& r) {
+      const auto stats = moe::test::check_router_gradient(router, x, 3, [&](const auto& r) {
         for (Index i : r.ids) unused += i < 0 ? 1 : 0;
       });
       if (training) REQUIRE(unused > 0);

@@ -110,12 +110,13 @@ TEST_CASE("ExpertChoiceRouter::route_backward matches central finite differences
     router.init(rng);
     RowMatrix<double> x = moe::test::normal_matrix<double>(rng, n_tokens, d, 3.0);
     const Index c = router.capacity(n_tokens);
-    const auto stats = moe::test::check_router_gradient(router, x, 8, [&](const moe::test::Routing<double>& r) {
+    const auto stats = moe::test::check_router_gradient(router, x, 8, [&](const auto& r) {
       for (Index e = 0; e < E; ++e) {  // each expert's c-th and (c+1)-th tokens differ by >= 1e-3
         std::vector<double> column;
-        for (Index t = 0; t < n_tokens; ++t) column.push_back(r.saved[static_cast<std::size_t>(t * E + e)]);
+        for (Index t = 0; t < n_tokens; ++t) column.push_back(r.out.saved.scores[t * E + e]);
         std::sort(column.begin(), column.end(), std::greater<>());
-        if (c < n_tokens) REQUIRE(column[static_cast<std::size_t>(c - 1)] - column[static_cast<std::size_t>(c)] >= 1e-3);
+        if (c < n_tokens)
+          REQUIRE(column[static_cast<std::size_t>(c - 1)] - column[static_cast<std::size_t>(c)] >= 1e-3);
       }
     });
     REQUIRE(stats.max_abs_dparam > 1e-3);

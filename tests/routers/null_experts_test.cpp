@@ -55,7 +55,7 @@ TEST_CASE("NullExpertRouter reproduces AdaMoE's routing by hand", "[router]") {
   REQUIRE(counts == std::vector<Index>{2, 0});
   // saved holds the probabilities over all 8.
   double sum = 0;
-  for (Index e = 0; e < 8; ++e) sum += r.saved[static_cast<std::size_t>(e)];
+  for (Index e = 0; e < 8; ++e) sum += r.out.saved.probabilities[e];
   CHECK(sum == Approx(1.0).epsilon(1e-15));
 }
 
@@ -130,9 +130,9 @@ TEST_CASE("NullExpertRouter::route_backward matches central finite differences i
       router.init(rng);
       RowMatrix<double> x = moe::test::normal_matrix<double>(rng, n_tokens, d, 3.0);
       Index nulls = 0;
-      const auto stats = moe::test::check_router_gradient(router, x, 2, [&](const moe::test::Routing<double>& r) {
+      const auto stats = moe::test::check_router_gradient(router, x, 2, [&](const auto& r) {
         for (Index t = 0; t < r.n_tokens; ++t) {
-          const auto p = moe::test::sorted_row(r.saved, t, n + m);
+          const auto p = moe::test::sorted_row(r.out.saved.probabilities, t, n + m);
           REQUIRE(p[static_cast<std::size_t>(k - 1)] - p[static_cast<std::size_t>(k)] >= 1e-3);
         }
         for (Index i : r.ids) nulls += i < 0 ? 1 : 0;
@@ -171,7 +171,7 @@ TEST_CASE("NullExpertRouter renormalises in log space where the true experts' pr
       0.2, 1.0, -0.3, 0.1, -0.5;
   const auto base = moe::test::route(router, x);
   REQUIRE(base.weight(0, 2) > 0.5);
-  const auto stats = moe::test::check_router_gradient(router, x, 3, [](const moe::test::Routing<double>&) {});
+  const auto stats = moe::test::check_router_gradient(router, x, 3, [](const auto&) {});
   REQUIRE(stats.max_abs_dx > 1e-3);  // not the constant 0 of underflowed weights
 }
 

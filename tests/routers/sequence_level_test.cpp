@@ -12,6 +12,7 @@
 #include "support/gradcheck.hpp"
 #include "support/nmse.hpp"
 #include "support/random.hpp"
+#include "support/routing.hpp"
 
 using moe::Index;
 using moe::RowMatrix;
@@ -60,13 +61,9 @@ TEST_CASE("SequenceLevel gives every token of a sequence the choice made for the
   // Bitwise, on any build: the inner router on the (3, d_model) means pooled in the library's order is the
   // code path SequenceLevel runs.
   const RowMatrix<double> means = pooled_means(x, seqs);
-  std::vector<Index> ids(6);
-  std::vector<double> w(6), saved(static_cast<std::size_t>(3 * layer.router().inner().saved_width()));
-  {
-    moe::Workspace scratch(1 << 16);
-    moe::Arena arena(scratch);
-    layer.router().inner().route(means, ids.data(), w.data(), saved.data(), arena);
-  }
+  const auto inner = moe::test::route(layer.router().inner(), means);
+  const std::vector<Index>& ids = inner.ids;
+  const std::vector<double>& w = inner.weights;
   for (std::size_t q = 0; q < seqs.size(); ++q)
     for (Index t = seqs[q].first; t < seqs[q].second; ++t)
       for (std::size_t s = 0; s < 2; ++s) {

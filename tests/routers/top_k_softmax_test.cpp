@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -13,6 +14,7 @@
 
 #include "support/gradcheck.hpp"
 #include "support/random.hpp"
+#include "support/routing.hpp"
 
 using moe::Index;
 using moe::RowMatrix;
@@ -23,20 +25,15 @@ namespace {
 template <class T>
 struct IdentityRouter {
   moe::routers::TopKSoftmax<T> router;
-  moe::Workspace ws{1 << 16};  // the renormalising router takes a row of logits per token chunk
   IdentityRouter(Index E, Index k, bool renormalize = true)
       : router(moe::MoEConfig{.d_model = E, .d_ff = 1, .n_experts = E, .top_k = k}, {.renormalize = renormalize}) {
     auto g = router.gate();
     for (Index e = 0; e < E; ++e) g(e, e) = T(1);
   }
-  std::vector<T> saved;
   void route(const RowMatrix<T>& logits, std::vector<Index>& ids, std::vector<T>& w) {
-    const Index n = logits.rows() * router.top_k();
-    ids.assign(static_cast<std::size_t>(n), -7);
-    w.assign(static_cast<std::size_t>(n), T(-7));
-    saved.assign(static_cast<std::size_t>(logits.rows() * router.saved_width()), T(-7));
-    moe::Arena arena(ws);
-    router.route(logits, ids.data(), w.data(), saved.data(), arena);
+    auto r = moe::test::route(router, logits);
+    ids = std::move(r.ids);
+    w = std::move(r.weights);
   }
 };
 
@@ -111,14 +108,9 @@ TEST_CASE("TopKSoftmax routing invariants over many shapes", "[router]") {
       router.init(rng);
       for (Index T : {0, 1, 17, 130}) {
         const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, T, d);
-        std::vector<Index> ids(static_cast<std::size_t>(T * k), -1);
-        std::vector<float> w(static_cast<std::size_t>(T * k), -1.f);
-        std::vector<float> saved(static_cast<std::size_t>(T * router.saved_width()));
-        moe::Arena measure;  // sizes the workspace
-        router.route(x, nullptr, nullptr, nullptr, measure);
-        moe::Workspace ws(measure.peak());
-        moe::Arena arena(ws);
-        router.route(x, ids.data(), w.data(), saved.data(), arena);
+        const auto routed = moe::test::route(router, x);  // outputs poisoned, workspace measured first
+        const std::vector<Index>& ids = routed.ids;
+        const std::vector<float>& w = routed.weights;
         for (Index t = 0; t < T; ++t) {
           std::set<Index> distinct;
           double sum = 0;
@@ -152,15 +144,18 @@ TEST_CASE("TopKSoftmax::route_backward matches central finite differences in dou
       const RowMatrix<double> r = moe::test::normal_matrix<double>(rng, T, k);  // L = sum(weights .* r)
       moe::Workspace ws(1 << 16);
       std::vector<Index> ids(static_cast<std::size_t>(T * k));
-      std::vector<double> w(static_cast<std::size_t>(T * k)), saved(static_cast<std::size_t>(T * router.saved_width()));
+      std::vector<double> w(static_cast<std::size_t>(T * k));
+      moe::Workspace saved_ws(1 << 16);
+      moe::Arena saved_arena(saved_ws);
+      moe::RouteOutputOf<decltype(router)> out{ids.data(), w.data(), router.carve_saved(saved_arena, T)};
       const auto route = [&] {
         moe::Arena arena(ws);
-        router.route(x, ids.data(), w.data(), saved.data(), arena);
+        router.route({.x = x}, out, arena);
       };
       route();
       // Away from top-k boundaries: the k-th and (k+1)-th probabilities differ by >= 1e-3.
       for (Index t = 0; t < T && k < E; ++t) {
-        std::vector<double> p(saved.begin() + t * E, saved.begin() + (t + 1) * E);
+        std::vector<double> p(out.saved.scores + t * E, out.saved.scores + (t + 1) * E);
         std::sort(p.begin(), p.end(), std::greater<>());
         REQUIRE(p[static_cast<std::size_t>(k - 1)] - p[static_cast<std::size_t>(k)] >= 1e-3);
       }
@@ -168,7 +163,7 @@ TEST_CASE("TopKSoftmax::route_backward matches central finite differences in dou
       router.visit_parameters([](std::string_view, moe::Parameter<double>& p) { p.zero_grad(); });
       {
         moe::Arena arena(ws);
-        router.route_backward(x, ids.data(), w.data(), saved.data(), r.data(), dx, arena);
+        router.route_backward({.x = x}, out, {.dweights = r.data(), .dx = dx}, arena);
       }
       const auto loss = [&] {
         route();

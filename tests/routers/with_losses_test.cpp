@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <utility>
@@ -16,6 +17,7 @@
 
 #include "support/gradcheck.hpp"
 #include "support/random.hpp"
+#include "support/routing.hpp"
 #include "support/threads.hpp"
 
 using moe::Index;
@@ -438,20 +440,17 @@ TEST_CASE("WithLosses: the EvoMoE dense-to-sparse gate, LoRA and GRU banks, each
 
 TEST_CASE("route_logits(balance_logits(x)) is route(x), bitwise: WithLosses runs the gate once", "[losses]") {
   const auto same = [](const auto& router, const RowMatrix<double>& x) {
-    const Index n = x.rows(), k = router.top_k(), W = router.balance_width();
-    std::vector<Index> ids_a(static_cast<std::size_t>(n * k)), ids_b(ids_a.size());
-    std::vector<double> w_a(ids_a.size()), w_b(ids_a.size()), saved_a(static_cast<std::size_t>(n * router.saved_width())),
-        saved_b(saved_a.size());
+    const Index n = x.rows(), W = router.balance_width();
+    const auto a = moe::test::route(router, x);
     RowMatrix<double> z(n, W);
     moe::Workspace ws(1 << 20);
-    moe::Arena a(ws);
-    router.route(x, ids_a.data(), w_a.data(), saved_a.data(), a);
-    moe::Arena b(ws);
-    router.balance_logits(x, z, b);
-    router.route_logits(z, ids_b.data(), w_b.data(), saved_b.data(), b);
-    CHECK(ids_a == ids_b);
-    CHECK(w_a == w_b);
-    CHECK(saved_a == saved_b);
+    moe::Arena arena(ws);
+    router.balance_logits({.x = x}, z, arena);
+    const auto b = moe::test::route_logits(router, z);
+    CHECK(a.ids == b.ids);
+    CHECK(a.weights == b.weights);
+    REQUIRE(a.saved_bytes == b.saved_bytes);  // the whole saved block, byte for byte
+    CHECK(std::memcmp(a.saved_ws.data(), b.saved_ws.data(), a.saved_bytes) == 0);
   };
   const RowMatrix<double> x = tokens(40, 6, 21);
   const MoEConfig cfg{.d_model = 6, .d_ff = 4, .n_experts = 5, .top_k = 3};

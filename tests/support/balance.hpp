@@ -32,8 +32,14 @@ struct OwnedBatch {
     }
   }
   losses::BalanceBatch<double> view() const {
-    return {n_tokens, width, slots, z.empty() ? nullptr : z.data(), p.data(), cols.data(),
-            zero_computation.empty() ? nullptr : zero_computation.data(), training,
+    return {n_tokens,
+            width,
+            slots,
+            z.empty() ? nullptr : z.data(),
+            p.data(),
+            cols.data(),
+            zero_computation,
+            training,
             sequence_of_token.empty() ? nullptr : sequence_of_token.data()};
   }
 };

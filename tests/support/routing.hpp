@@ -12,6 +12,7 @@
 #include <catch2/catch.hpp>
 #include <moe/config.hpp>
 #include <moe/parameter.hpp>
+#include <moe/route_io.hpp>
 #include <moe/workspace.hpp>
 
 #include "support/gradcheck.hpp"
@@ -19,52 +20,73 @@
 
 namespace moe::test {
 
-/// One router's outputs for a batch.
-template <class T>
+/// One router's outputs for a batch: ids and weights, and `out`, the RouteOutput the router wrote (views
+/// into ids, weights and `saved_ws`, which holds the router's Saved block; its reports).
+template <class R>
 struct Routing {
+  using T = typename R::Scalar;
   Index n_tokens = 0;
   Index slots = 0;
   std::vector<Index> ids;  // (n_tokens, slots)
   std::vector<T> weights;  // (n_tokens, slots)
-  std::vector<T> saved;    // (n_tokens, saved_width)
+  Workspace saved_ws;      // the Saved block
+  std::size_t saved_bytes = 0;  // bytes of saved_ws it spans (poisoned with 0xFF first: NaN)
+  RouteOutputOf<R> out;
   Index id(Index t, Index s) const { return ids[static_cast<std::size_t>(t * slots + s)]; }
   T weight(Index t, Index s) const { return weights[static_cast<std::size_t>(t * slots + s)]; }
 };
 
-/// Runs `call(ids, weights, saved, arena)` for a batch of n_tokens, every output poisoned first (ids -7,
-/// values NaN) so that a slot left unwritten shows; the workspace is sized by a measuring run first.
+/// Runs `call(out, arena)` for a batch of n_tokens, every output poisoned first (ids -7, values NaN) so that a
+/// slot left unwritten shows; the workspace is sized by a measuring run first.
 template <class R, class Call>
-Routing<typename R::Scalar> run_router(const R& router, Index n_tokens, Call&& call) {
+Routing<R> run_router(const R& router, Index n_tokens, Call&& call) {
   using T = typename R::Scalar;
-  Routing<T> out;
-  out.n_tokens = n_tokens;
-  out.slots = router.top_k();
+  Routing<R> r;
+  r.n_tokens = n_tokens;
+  r.slots = router.top_k();
   const auto n = static_cast<std::size_t>(n_tokens * router.top_k());
-  out.ids.assign(n, -7);
-  out.weights.assign(n, std::numeric_limits<T>::quiet_NaN());
-  out.saved.assign(static_cast<std::size_t>(n_tokens * router.saved_width()), std::numeric_limits<T>::quiet_NaN());
+  r.ids.assign(n, -7);
+  r.weights.assign(n, std::numeric_limits<T>::quiet_NaN());
+  Arena measure_saved;
+  router.carve_saved(measure_saved, n_tokens);
+  r.saved_bytes = measure_saved.peak();
+  r.saved_ws.reserve(r.saved_bytes);
+  std::fill_n(reinterpret_cast<unsigned char*>(r.saved_ws.data()), r.saved_bytes, 0xFF);
+  Arena saved(r.saved_ws);
+  r.out.saved = router.carve_saved(saved, n_tokens);
+  r.out.ids = r.ids.data();
+  r.out.weights = r.weights.data();
+  r.out.dropped_slots = -1;  // the reports poisoned too: a router that reports must write them
+  r.out.n_losses = -1;
   Arena measure;
-  call(static_cast<Index*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), measure);
+  RouteOutputOf<R> sizing;
+  call(sizing, measure);
   Workspace ws(measure.peak());
   Arena arena(ws);
-  call(out.ids.data(), out.weights.data(), out.saved.data(), arena);
-  return out;
+  call(r.out, arena);
+  return r;
 }
 
-/// Routes x (n_tokens, d_model) with `router`.
+/// Routes x (n_tokens, d_model) with `router` (a batch without sequences, not training).
 template <class R>
-Routing<typename R::Scalar> route(const R& router, ConstMatrixView<typename R::Scalar> x) {
-  return run_router(router, x.rows(), [&](auto* ids, auto* w, auto* saved, Arena& arena) {
-    router.route(x, ids, w, saved, arena);
+Routing<R> route(const R& router, ConstMatrixView<typename R::Scalar> x) {
+  return run_router(router, x.rows(), [&](RouteOutputOf<R>& out, Arena& arena) {
+    const auto rows = arena.measuring() ? ConstMatrixView<typename R::Scalar>::shape_only(x.rows(), x.cols()) : x;
+    router.route({.x = rows}, out, arena);
   });
 }
 
 /// Routes given logits (n_tokens, n_experts) with `router.route_logits`.
 template <class R>
-Routing<typename R::Scalar> route_logits(const R& router, ConstMatrixView<typename R::Scalar> logits) {
-  return run_router(router, logits.rows(), [&](auto* ids, auto* w, auto* saved, Arena& arena) {
-    router.route_logits(logits, ids, w, saved, arena);
-  });
+Routing<R> route_logits(const R& router, ConstMatrixView<typename R::Scalar> logits) {
+  return run_router(router, logits.rows(),
+                    [&](RouteOutputOf<R>& out, Arena& arena) { router.route_logits(logits, out, arena); });
+}
+
+/// The (n_tokens, width) rows of a saved buffer p, as a vector (row t at t * width).
+template <class T>
+std::vector<T> saved_rows(const T* p, Index n_tokens, Index width) {
+  return std::vector<T>(p, p + n_tokens * width);
 }
 
 /// What the invariants expect of the weights.
@@ -77,9 +99,9 @@ struct WeightRule {
 /// RELIABILITY I1: ids distinct and in [0, n_experts) (or -1 with weight 0 where allowed), weights finite and
 /// in [0, scale], sums within 4·k·u of the scale (renormalised) or at most scale·(1 + E·u). Returns the slots
 /// checked, so a sweep can assert it covered what it meant to.
-template <class T>
-Index check_invariants(const Routing<T>& r, Index n_experts, WeightRule rule) {
-  const double u = std::numeric_limits<T>::epsilon() / 2;
+template <class R>
+Index check_invariants(const Routing<R>& r, Index n_experts, WeightRule rule) {
+  const double u = std::numeric_limits<typename R::Scalar>::epsilon() / 2;
   std::vector<bool> seen(static_cast<std::size_t>(n_experts));
   for (Index t = 0; t < r.n_tokens; ++t) {
     // Plain checks, one assertion per token: the sweeps check millions of slots.
@@ -117,8 +139,8 @@ Index check_invariants(const Routing<T>& r, Index n_experts, WeightRule rule) {
 
 /// Sorted (descending) copy of row t of a (rows, n) buffer.
 template <class T>
-std::vector<double> sorted_row(const std::vector<T>& m, Index t, Index n) {
-  std::vector<double> v(m.begin() + t * n, m.begin() + (t + 1) * n);
+std::vector<double> sorted_row(const T* m, Index t, Index n) {
+  std::vector<double> v(m + t * n, m + (t + 1) * n);
   std::sort(v.begin(), v.end(), std::greater<>());
   return v;
 }
@@ -138,20 +160,20 @@ RouterGradStats check_router_gradient(R& router, RowMatrix<double>& x, std::uint
   const Index n_tokens = x.rows(), k = router.top_k(), d = x.cols();
   Rng rng(seed);
   const RowMatrix<double> r = normal_matrix<double>(rng, n_tokens, k);
-  const Routing<double> base = route(router, x);
+  const Routing<R> base = route(router, x);
   check_gaps(base);
   RowMatrix<double> dx = RowMatrix<double>::Zero(n_tokens, d);
   router.visit_parameters([](std::string_view, Parameter<double>& p) { p.zero_grad(); });
   {
     Arena measure;
-    router.route_backward(ConstMatrixView<double>::shape_only(n_tokens, d), nullptr, nullptr, nullptr, nullptr,
-                          MatrixView<double>::shape_only(n_tokens, d), measure);
+    router.route_backward({.x = ConstMatrixView<double>::shape_only(n_tokens, d)}, RouteOutputOf<R>{},
+                          {.dx = MatrixView<double>::shape_only(n_tokens, d)}, measure);
     Workspace ws(measure.peak());
     Arena arena(ws);
-    router.route_backward(x, base.ids.data(), base.weights.data(), base.saved.data(), r.data(), dx, arena);
+    router.route_backward({.x = x}, base.out, {.dweights = r.data(), .dx = dx}, arena);
   }
   const auto loss = [&] {
-    const Routing<double> now = route(router, x);
+    const Routing<R> now = route(router, x);
     REQUIRE(now.ids == base.ids);  // no probe may flip the choice
     double l = 0;
     for (Index i = 0; i < n_tokens * k; ++i) l += now.weights[static_cast<std::size_t>(i)] * r.data()[i];

@@ -4,13 +4,15 @@
 /// starts from. Loss policies (losses/*.hpp) are attached to a router with routers::WithLosses.
 ///
 /// A loss policy L provides `double forward(const BalanceBatch<T>&, T* dp, T* dz, Arena&)`: it returns its
-/// value (coefficient included) and ADDS dL/dp (n_tokens, width) to dp and dL/dz to dz. The slot fractions f
+/// value (coefficient included) and ADDS dL/dp (n_tokens, width) to dp and dL/dz to dz; and `validate()`,
+/// which throws moe::Error naming a bad knob (routers::WithLosses calls it when it is built). The slot fractions f
 /// are constants of the forward (piecewise constant in the logits), so a balance loss's gradient flows
 /// through the probabilities p only (PAPERS.md C.1).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 
 #include "../config.hpp"
 #include "../error.hpp"
@@ -28,7 +30,9 @@ struct BalanceBatch {
   const T* z = nullptr;                ///< (n_tokens, width) raw router logits
   const T* p = nullptr;                ///< (n_tokens, width) routing probabilities (each row sums to 1)
   const Index* cols = nullptr;         ///< (n_tokens, slots) chosen column of each slot, -1 for none
-  const std::uint8_t* zero_computation = nullptr;  ///< (width) 1 for MoE++ zero-computation columns; nullptr: none
+  /// 1 for MoE++ zero-computation columns, over the first size() columns (the experts; AdaMoE's null columns
+  /// after them are ordinary); empty: none.
+  std::span<const std::uint8_t> zero_computation;
   bool training = false;               ///< a training forward (stateful losses advance)
   const Index* sequence_of_token = nullptr;  ///< (n_tokens) sequence of each token; nullptr: one sequence
 };
@@ -57,7 +61,9 @@ double switch_form(const BalanceBatch<T>& b, Index t0, Index t1, const double* f
   mean_probabilities(b, t0, t1, scratch);
   double value = 0;
   for (Index c = 0; c < b.width; ++c) {
-    const double eta = b.zero_computation != nullptr && b.zero_computation[c] ? tau : 1.0;
+    const bool zero =
+        static_cast<std::size_t>(c) < b.zero_computation.size() && b.zero_computation[static_cast<std::size_t>(c)];
+    const double eta = zero ? tau : 1.0;
     value += eta * f[c] * scratch[c];
     scratch[c] = scale * eta * f[c] / double(t1 - t0);  // now dL/dp[t, c]
   }

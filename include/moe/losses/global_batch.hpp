@@ -24,8 +24,10 @@ namespace moe::losses {
 class GlobalBatchLoss {
  public:
   /// @param coeff α (Qwen: the same 1e-3..1e-2 range as the micro-batch loss); finite, >= 0
-  explicit GlobalBatchLoss(double coeff = 1e-2) : coeff_(coeff) {
-    moe::detail::require_in(coeff, moe::detail::k_non_negative, "moe::losses::GlobalBatchLoss", "coeff");
+  explicit GlobalBatchLoss(double coeff = 1e-2) : coeff_(coeff) { validate(); }
+  /// Throws moe::Error when coeff is not finite and >= 0.
+  void validate() const {
+    moe::detail::require_in(coeff_, moe::detail::k_non_negative, "moe::losses::GlobalBatchLoss", "coeff");
   }
 
   /// Called with each training forward's counts (one per column) before they enter the buffer: an

@@ -13,9 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <utility>
-#include <vector>
 
 #include "../concepts.hpp"
 #include "../config.hpp"
@@ -58,16 +56,21 @@ class CapacityLimited : public RouterWrapper<R> {
 
   /// @param router the inner router; @param options capacity knobs (throws moe::Error naming a bad field)
   CapacityLimited(R router, const CapacityOptions& options) : Base(std::move(router)), options_(options) {
-    constexpr const char* who = "moe::routers::CapacityLimited";
-    moe::detail::require_in(options.capacity_factor, moe::detail::k_positive, who, "options.capacity_factor");
-    // backward reads the chosen ids back from `saved`, stored as Scalar: each must be exact.
-    constexpr Index exact = Index{1} << std::numeric_limits<Scalar>::digits;
-    moe::detail::require(inner_.n_experts() <= exact, who, ": n_experts = ", inner_.n_experts(),
-                         " exceeds the ", exact, " expert ids a ", sizeof(Scalar), "-byte Scalar holds exactly");
+    moe::detail::require_in(options.capacity_factor, moe::detail::k_positive, "moe::routers::CapacityLimited",
+                            "options.capacity_factor");
   }
 
-  /// The inner router's saved block, then the ids it chose (as Scalar; exact below 2^24) for backward.
-  Index saved_width() const { return inner_.saved_width() + inner_.top_k(); }
+  /// The inner router's saved block, then the ids it chose, before dropping, for backward.
+  struct Saved {
+    typename R::Saved inner{};
+    Index* chosen = nullptr;  ///< (n_tokens, top_k) the inner router's ids
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const {
+    Saved s;
+    s.inner = inner_.carve_saved(arena, n_tokens);
+    s.chosen = arena.take<Index>(n_tokens * top_k());
+    return s;
+  }
   const CapacityOptions& options() const { return options_; }  ///< the knobs
 
   /// Slots each expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
@@ -78,36 +81,24 @@ class CapacityLimited : public RouterWrapper<R> {
     return static_cast<Index>(std::min(c, static_cast<double>(n_tokens)));
   }
 
-  /// Forwards the zero-computation experts to an inner router with balance losses (MoE++ τ weighting).
-  void set_zero_computation_mask(const std::vector<bool>& mask)
-    requires requires(R& r) { r.set_zero_computation_mask(mask); }
-  {
-    inner_.set_zero_computation_mask(mask);
-  }
-
-  /// Routes with the inner router, then drops what exceeds the capacity (see the file comment).
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
-    RouteStats stats;
-    route(x, ids, weights, saved, arena, stats);
-  }
-
-  /// As above, and reports the number of dropped slots in `stats`.
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
-    const Index n_tokens = x.rows(), k = top_k(), E = n_experts();
+  /// Routes with the inner router (whose reports, e.g. loss values, pass through: the losses see the choice
+  /// before dropping), then drops what exceeds the capacity (see the file comment); out.dropped_slots counts
+  /// the slots dropped.
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const Index n_tokens = in.n_tokens(), k = top_k(), E = n_experts();
+    Index* ids = out.ids;
+    T* weights = out.weights;
     const std::size_t mark = arena.used();
-    if constexpr (requires { inner_.route(x, ids, weights, saved, arena, stats); }) {
-      inner_.route(x, ids, weights, saved, arena, stats);  // e.g. balance losses, on the choice before dropping
-    } else {
-      inner_.route(x, ids, weights, saved, arena);
-    }
-    stats.dropped_slots = 0;
+    auto inner = out.with_saved(out.saved.inner);
+    inner_.route(in, inner, arena);
+    out.take_reports(inner);
+    out.dropped_slots = 0;
     arena.rewind(mark);
     RoutingPlan plan = RoutingPlan::carve(arena, n_tokens, k, E);
     Index* order = arena.take<Index>(n_tokens * k);  // (n_tokens * top_k) grouped rows, reordered per expert
     if (arena.measuring() || n_tokens == 0) return;
 
-    T* chosen = saved + n_tokens * inner_.saved_width();  // (n_tokens, top_k) ids before dropping
-    for (Index i = 0; i < n_tokens * k; ++i) chosen[i] = static_cast<T>(ids[i]);
+    std::copy_n(ids, n_tokens * k, out.saved.chosen);
     plan.build(ids);
     const Index cap = capacity(n_tokens);
     Index dropped = 0;
@@ -135,24 +126,22 @@ class CapacityLimited : public RouterWrapper<R> {
       }
       dropped += n - cap;
     }
-    stats.dropped_slots = dropped;
+    out.dropped_slots = dropped;
   }
 
   /// Backward through the inner router with the ids it chose; dropped slots (weight constantly 0) pass no
   /// gradient of their own, but a renormalising router still sees them in its sum.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* weights, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), k = top_k();
-    Index* chosen = arena.take<Index>(n_tokens * k);  // (n_tokens, top_k) ids before dropping
-    T* dkept = arena.take<T>(n_tokens * k);           // (n_tokens, top_k) dweights, 0 where dropped
-    if (!arena.measuring() && n_tokens > 0) {
-      const T* saved_ids = saved + n_tokens * inner_.saved_width();
-      for (Index i = 0; i < n_tokens * k; ++i) {
-        chosen[i] = static_cast<Index>(saved_ids[i]);
-        dkept[i] = ids[i] >= 0 ? dweights[i] : T(0);
-      }
-    }
-    inner_.route_backward(x, chosen, weights, saved, dkept, dx, arena);
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens(), k = top_k();
+    T* dkept = arena.take<T>(n_tokens * k);  // (n_tokens, top_k) dweights, 0 where dropped
+    if (!arena.measuring())
+      for (Index i = 0; i < n_tokens * k; ++i) dkept[i] = out.ids[i] >= 0 ? grad.dweights[i] : T(0);
+    auto inner = out.with_saved(out.saved.inner);
+    inner.ids = out.saved.chosen;
+    RouteGradient<T> kept = grad;
+    kept.dweights = dkept;
+    inner_.route_backward(in, inner, kept, arena);
   }
 
  private:

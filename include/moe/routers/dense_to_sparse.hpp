@@ -24,8 +24,8 @@
 #include "../kernels/simd/top_k.hpp"
 #include "../moe_config.hpp"
 #include "../random.hpp"
+#include "../route_io.hpp"
 #include "../workspace.hpp"
-#include "../routing_plan.hpp"
 #include "linear_gate.hpp"
 #include "noise.hpp"
 #include "scores.hpp"
@@ -74,7 +74,11 @@ class DenseToSparseGate {
   Index d_model() const { return d_model_; }        ///< token width
   Index n_experts() const { return n_experts_; }    ///< experts
   Index top_k() const { return top_k_; }            ///< the most slots a token uses
-  Index saved_width() const { return n_experts_; }  ///< saved per token: softmax(z), or G with gumbel gates
+  /// What backward reads: the distribution the weights come from.
+  struct Saved {
+    T* probabilities = nullptr;  ///< (n_tokens, n_experts) softmax(z), or G with gumbel gates
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const { return {arena.take<T>(n_tokens * n_experts_)}; }
   const DenseToSparseOptions& options() const { return options_; }  ///< the knobs
 
   /// The gate weight W_g, (n_experts, d_model).
@@ -118,34 +122,36 @@ class DenseToSparseGate {
     gate_.visit(f);
   }
 
-  /// Routes x (n_tokens, d_model): ids (n_tokens, top_k), active experts by descending G then -1; weights
-  /// (n_tokens, top_k); saved (n_tokens, n_experts) the distribution the weights come from.
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+  /// Routes in.x (n_tokens, d_model): ids (n_tokens, top_k), active experts by descending G then -1; weights
+  /// (n_tokens, top_k).
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     const Index n_tokens = x.rows(), n_chunks = detail::n_token_chunks(n_tokens);
     T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
-      gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(saved + t0 * n_experts_, t1 - t0, n_experts_));
-      choose(c, t0, t1, gumbel, ids, weights, saved);
+      gate_.logits(x.middle_rows(t0, t1 - t0),
+                   MatrixView<T>(out.saved.probabilities + t0 * n_experts_, t1 - t0, n_experts_));
+      choose(c, t0, t1, gumbel, out);
     });
   }
 
   /// As route(), from logits W_g x (n_tokens, n_experts) computed elsewhere (routers::WithLosses computes them once).
-  void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+  void route_logits(ConstMatrixView<T> logits, RouteOutput<T, Saved>& out, Arena& arena) const {
     const Index n_tokens = logits.rows(), n_chunks = detail::n_token_chunks(n_tokens);
     T* gumbel = arena.take<T>(n_chunks * n_experts_);  // (n_chunks, n_experts) G of one token
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
-      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, saved + t * n_experts_);
-      choose(c, t0, t1, gumbel, ids, weights, saved);
+      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, out.saved.probabilities + t * n_experts_);
+      choose(c, t0, t1, gumbel, out);
     });
   }
 
-  /// Backward of route(): dL/dw on the used slots through softmax(z) (or G, with its 1/τ), adds dL/dx to dx
-  /// and accumulates dL/dW_g. The mask is piecewise constant: no gradient.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows();
+  /// Backward of route(): dL/dw on the used slots through softmax(z) (or G, with its 1/τ), adds dL/dx to
+  /// grad.dx and accumulates dL/dW_g. The mask is piecewise constant: no gradient.
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens();
     T* dlogits = arena.take<T>(n_tokens * n_experts_);  // (n_tokens, n_experts)
     if (arena.measuring() || n_tokens == 0) return;
     const bool through_g = training_ && options_.use_gumbel_gates;
@@ -153,12 +159,12 @@ class DenseToSparseGate {
     MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(n_experts_) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
       T* dz = dlogits + t * n_experts_;
-      detail::scatter_slots(ids + t * top_k_, dweights + t * top_k_, top_k_, dz, n_experts_);
-      detail::score_backward(ScoreFunction::softmax, saved + t * n_experts_, dz, n_experts_);
+      detail::scatter_slots(out.ids + t * top_k_, grad.dweights + t * top_k_, top_k_, dz, n_experts_);
+      detail::score_backward(ScoreFunction::softmax, out.saved.probabilities + t * n_experts_, dz, n_experts_);
       if (through_g)
         for (Index e = 0; e < n_experts_; ++e) dz[e] *= inv_tau;
     }
-    gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, n_experts_), dx);
+    gate_.backward(in.x, ConstMatrixView<T>(dlogits, n_tokens, n_experts_), grad.dx);
   }
 
   /// @name Balance protocol (moe::BalanceRouter): columns = experts, p = softmax(z) without noise (EvoMoE's
@@ -168,7 +174,8 @@ class DenseToSparseGate {
   /// @{
   Index balance_width() const { return n_experts_; }  ///< columns: the experts
   /// z (n_tokens, n_experts) = W_g x, the logits before noise and τ.
-  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+  void balance_logits(const RouteInput<T>& in, MatrixView<T> z, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     if (arena.measuring() || x.rows() == 0) return;
     detail::for_each_token_chunk(x.rows(), double(n_experts_) * double(d_model_), [&](Index, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), z.middle_rows(t0, t1 - t0));
@@ -185,24 +192,24 @@ class DenseToSparseGate {
     for (Index e = 0; e < n_experts_; ++e) dz[e] += g[e];
   }
   /// The column of each slot: its expert (inactive slots hold -1).
-  void balance_choice(const T* /*saved*/, const Index* ids, Index n_tokens, Index* cols) const {
-    std::copy_n(ids, n_tokens * top_k_, cols);
+  void balance_choice(const RouteOutput<T, Saved>& out, Index n_tokens, Index* cols) const {
+    std::copy_n(out.ids, n_tokens * top_k_, cols);
   }
-  /// From dz (n_tokens, n_experts): accumulates dL/dW_g and ADDS dL/dx to dx.
-  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena&) {
-    if (x.rows() > 0 && dz.data() != nullptr) gate_.backward(x, dz, dx);
+  /// From dz (n_tokens, n_experts): accumulates dL/dW_g and ADDS dL/dx to grad.dx.
+  void balance_logits_backward(const RouteInput<T>& in, ConstMatrixView<T> dz, const RouteGradient<T>& grad, Arena&) {
+    if (in.n_tokens() > 0 && dz.data() != nullptr) gate_.backward(in.x, dz, grad.dx);
   }
   /// @}
 
  private:
-  // Tokens [t0, t1) of chunk c, whose logits are in saved (see the class comment for the rule).
-  void choose(Index c, Index t0, Index t1, T* gumbel, Index* ids, T* weights, T* saved) const {
+  // Tokens [t0, t1) of chunk c, whose logits are in out.saved (see the class comment for the rule).
+  void choose(Index c, Index t0, Index t1, T* gumbel, const RouteOutput<T, Saved>& out) const {
     const T inv_tau = static_cast<T>(1.0 / temperature_);
     T* g = gumbel + c * n_experts_;
     for (Index t = t0; t < t1; ++t) {
-      T* z = saved + t * n_experts_;
-      Index* id = ids + t * top_k_;
-      T* w = weights + t * top_k_;
+      T* z = out.saved.probabilities + t * n_experts_;
+      Index* id = out.ids + t * top_k_;
+      T* w = out.weights + t * top_k_;
       std::fill_n(id, top_k_, Index{-1});
       std::fill_n(w, top_k_, T(0));
       if (!training_) {  // evaluation: top-1 of softmax(z), weight p

@@ -23,8 +23,8 @@
 #include "../kernels/simd/top_k.hpp"
 #include "../moe_config.hpp"
 #include "../random.hpp"
+#include "../route_io.hpp"
 #include "../workspace.hpp"
-#include "../routing_plan.hpp"
 #include "linear_gate.hpp"
 #include "scores.hpp"
 #include "token_chunks.hpp"
@@ -56,7 +56,11 @@ class ExpertChoiceRouter {
   Index d_model() const { return d_model_; }        ///< token width
   Index n_experts() const { return n_experts_; }    ///< experts
   Index top_k() const { return n_experts_; }        ///< slots per token: one per expert
-  Index saved_width() const { return n_experts_; }  ///< saved per token: S
+  /// What backward reads: the scores.
+  struct Saved {
+    T* scores = nullptr;  ///< (n_tokens, n_experts) S = softmax(z)
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const { return {arena.take<T>(n_tokens * n_experts_)}; }
   const ExpertChoiceOptions& options() const { return options_; }  ///< the knobs
   /// Tokens each expert takes in a batch of n_tokens: min(n_tokens, ceil(n_tokens · capacity_factor / E)),
   /// bounded in double before the conversion (any valid factor gives an Index).
@@ -76,9 +80,13 @@ class ExpertChoiceRouter {
     gate_.visit(f);
   }
 
-  /// Routes x (n_tokens, d_model): ids (n_tokens, n_experts) with ids[t, e] = e or -1, weights S[t, e] or 0;
-  /// saved (n_tokens, n_experts) receives S. A token without a finite logit ranks below every other token.
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+  /// Routes in.x (n_tokens, d_model): ids (n_tokens, n_experts) with ids[t, e] = e or -1, weights S[t, e] or 0.
+  /// A token without a finite logit ranks below every other token.
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
+    Index* ids = out.ids;
+    T* weights = out.weights;
+    T* saved = out.saved.scores;
     const Index n_tokens = x.rows(), E = n_experts_, c = capacity(n_tokens);
     T* columns = arena.take<T>(E * n_tokens);  // (n_experts, n_tokens) S transposed: each expert's keys
     Index* chosen = arena.take<Index>(E * c);  // (n_experts, c) tokens each expert takes
@@ -107,20 +115,20 @@ class ExpertChoiceRouter {
     }
   }
 
-  /// Backward of route(): dL/dw[t, e] = dL/dS[t, e] on taken slots, through the softmax; adds dL/dx to dx and
-  /// accumulates dL/dW_g. The choice is piecewise constant: no gradient.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), E = n_experts_;
+  /// Backward of route(): dL/dw[t, e] = dL/dS[t, e] on taken slots, through the softmax; adds dL/dx to grad.dx
+  /// and accumulates dL/dW_g. The choice is piecewise constant: no gradient.
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens(), E = n_experts_;
     T* dlogits = arena.take<T>(n_tokens * E);  // (n_tokens, n_experts)
     if (arena.measuring() || n_tokens == 0) return;
     MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(n_experts_) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
       T* dz = dlogits + t * E;
-      detail::scatter_slots(ids + t * E, dweights + t * E, E, dz, E);
-      detail::score_backward(ScoreFunction::softmax, saved + t * E, dz, E);
+      detail::scatter_slots(out.ids + t * E, grad.dweights + t * E, E, dz, E);
+      detail::score_backward(ScoreFunction::softmax, out.saved.scores + t * E, dz, E);
     }
-    gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, E), dx);
+    gate_.backward(in.x, ConstMatrixView<T>(dlogits, n_tokens, E), grad.dx);
   }
 
  private:

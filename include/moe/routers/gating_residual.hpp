@@ -2,8 +2,9 @@
 /// @file routers/gating_residual.hpp
 /// @brief GatingResidual<R>: MoE++'s gating residuals (PAPERS.md A.2). The router of layer j adds
 /// W^j · G^{j-1}(x), the previous layer's raw logits mapped by a bias-free (E, E) "gate_map", to its own
-/// logits: G^j(x) = W_g^j x + W^j G^{j-1}(x). moe::Stack passes the logits from layer to layer (bind_*);
-/// a layer with nothing bound (the first) routes on W_g x alone.
+/// logits: G^j(x) = W_g^j x + W^j G^{j-1}(x). The previous logits come in RouteInput::previous_logits and
+/// this layer's go out in RouteOutput::logits (moe::Stack passes them from layer to layer, and their
+/// gradients back through RouteGradient); a layer given none (the first) routes on W_g x alone.
 
 #include <algorithm>
 #include <utility>
@@ -40,7 +41,9 @@ class GatingResidual : public RouterWrapper<R> {
   explicit GatingResidual(R router)
       : Base(std::move(router)), map_(map_rows(inner_), inner_.n_experts()) {}
 
-  Index saved_width() const { return inner_.saved_width(); }  ///< the inner router's
+  static constexpr bool passes_logits = true;  ///< reads RouteInput::previous_logits, writes RouteOutput::logits
+  using typename Base::Saved;                  ///< the inner router's
+
   /// W^j (n_experts, n_experts): logits += previous · W^jᵀ (nn.Linear layout, MoE++ `gate_map`).
   MatrixView<T> gate_map() { return map_.value(); }
   ConstMatrixView<T> gate_map() const { return map_.value(); }
@@ -57,67 +60,57 @@ class GatingResidual : public RouterWrapper<R> {
     f(std::string_view("gate_map"), map_);
   }
 
-  /// For the next forward: the previous layer's logits (n_tokens, n_experts) (empty: none, the first layer)
-  /// and where this layer's logits go (empty: nowhere). The views must live until the forward returns.
-  void bind_forward(ConstMatrixView<T> previous, MatrixView<T> logits) {
-    previous_ = previous;
-    out_ = logits;
-  }
-  /// For the next backward: the same previous logits, dL/d(this layer's logits) from the next layer (empty:
-  /// none) and where dL/d(previous logits) goes (ADDED to; empty: dropped).
-  void bind_backward(ConstMatrixView<T> previous, ConstMatrixView<T> dlogits, MatrixView<T> dprevious) {
-    previous_ = previous;
-    dout_ = dlogits;
-    dprevious_ = dprevious;
-  }
-
-  /// z = W_g x (+ previous · W^jᵀ), then route_logits(z).
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
-    const Index n_tokens = x.rows(), E = n_experts();
+  /// z = W_g x (+ in.previous_logits · W^jᵀ), written to out.logits (when given), then route_logits(z).
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const Index n_tokens = in.n_tokens(), E = n_experts();
     T* z = arena.take<T>(n_tokens * E);  // (n_tokens, n_experts)
     const auto zview = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, E) : MatrixView<T>(z, n_tokens, E);
-    balance_logits(x, zview, arena);
-    route_logits(zview, ids, weights, saved, arena);
+    balance_logits(in, zview, arena);
+    route_logits(zview, out, arena);
   }
 
-  /// The residual logits z (from balance_logits) written to the bound output, then the inner router's choice.
-  void route_logits(ConstMatrixView<T> z, Index* ids, T* weights, T* saved, Arena& arena) const {
+  /// The residual logits z (from balance_logits) written to out.logits (when given), then the inner router's choice.
+  void route_logits(ConstMatrixView<T> z, RouteOutput<T, Saved>& out, Arena& arena) const {
     const Index n_tokens = z.rows(), E = n_experts();
-    if (!arena.measuring() && out_.data() != nullptr) {
-      moe::detail::require(out_.rows() == n_tokens && out_.cols() == E, "moe::routers::GatingResidual: the bound logits output is (",
-                           out_.rows(), ", ", out_.cols(), "), expected (", n_tokens, ", ", E, ")");
-      for (Index t = 0; t < n_tokens; ++t) std::copy_n(z.row(t), E, out_.row(t));
+    if (!arena.measuring() && out.logits.data() != nullptr) {
+      moe::detail::require(out.logits.rows() == n_tokens && out.logits.cols() == E,
+                           "moe::routers::GatingResidual: the logits output is (", out.logits.rows(), ", ",
+                           out.logits.cols(), "), expected (", n_tokens, ", ", E, ")");
+      for (Index t = 0; t < n_tokens; ++t) std::copy_n(z.row(t), E, out.logits.row(t));
     }
-    inner_.route_logits(z, ids, weights, saved, arena);
+    inner_.route_logits(z, out, arena);
   }
 
-  /// Backward: dz = (from the weights) + the bound dL/dz of the next layer, then through gate and map.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), E = n_experts();
+  /// Backward: dz = (from the weights) + grad.dlogits of the next layer, then through gate and map.
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens(), E = n_experts();
     T* dz = arena.take<T>(n_tokens * E);  // (n_tokens, n_experts)
     const auto dzview = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, E) : MatrixView<T>(dz, n_tokens, E);
-    inner_.logits_backward(ids, saved, dweights, dzview, arena);
-    if (!arena.measuring() && dout_.data() != nullptr)
+    inner_.logits_backward(out, grad.dweights, dzview, arena);
+    if (!arena.measuring() && grad.dlogits.data() != nullptr)
       for (Index t = 0; t < n_tokens; ++t)
-        for (Index e = 0; e < E; ++e) dzview(t, e) += dout_(t, e);
-    balance_logits_backward(x, dzview, dx, arena);
+        for (Index e = 0; e < E; ++e) dzview(t, e) += grad.dlogits(t, e);
+    balance_logits_backward(in, dzview, grad, arena);
   }
 
   /// @name Balance protocol (moe::BalanceRouter): the inner router's, on the residual logits.
   /// @{
   Index balance_width() const { return inner_.balance_width(); }
-  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
-    const Index n_tokens = x.rows(), E = n_experts();
-    const bool residual = previous_.data() != nullptr;
-    T* mapped = residual ? arena.take<T>(n_tokens * E) : nullptr;  // (n_tokens, n_experts) previous · W^jᵀ
+  void balance_logits(const RouteInput<T>& in, MatrixView<T> z, Arena& arena) const {
+    const Index n_tokens = in.n_tokens(), E = n_experts();
+    const ConstMatrixView<T> previous = in.previous_logits;
+    const bool residual = previous.data() != nullptr;
+    // (n_tokens, n_experts) previous · W^jᵀ; a measuring pass sizes it whether or not logits will come.
+    T* mapped = residual || arena.measuring() ? arena.take<T>(n_tokens * E) : nullptr;
     const std::size_t mark = arena.used();
-    inner_.balance_logits(x, z, arena);
+    inner_.balance_logits(in, z, arena);
     arena.rewind(mark);
     if (arena.measuring() || !residual || n_tokens == 0) return;
-    moe::detail::require(previous_.rows() == n_tokens && previous_.cols() == E, "moe::routers::GatingResidual: the bound previous logits are (",
-                         previous_.rows(), ", ", previous_.cols(), "), expected (", n_tokens, ", ", E, ")");
-    kernels::matmul_nt(kernels::default_arch{}, previous_, map_.value(), MatrixView<T>(mapped, n_tokens, E));
+    moe::detail::require(previous.rows() == n_tokens && previous.cols() == E,
+                         "moe::routers::GatingResidual: the previous logits are (", previous.rows(), ", ",
+                         previous.cols(), "), expected (", n_tokens, ", ", E, ")");
+    kernels::matmul_nt(kernels::default_arch{}, previous, map_.value(), MatrixView<T>(mapped, n_tokens, E));
     for (Index t = 0; t < n_tokens; ++t)
       for (Index e = 0; e < E; ++e) z(t, e) += mapped[t * E + e];
   }
@@ -125,16 +118,18 @@ class GatingResidual : public RouterWrapper<R> {
   void balance_probabilities_backward(const T* s, const T* p, T* g, T* dz) const {
     inner_.balance_probabilities_backward(s, p, g, dz);
   }
-  void balance_choice(const T* saved, const Index* ids, Index n_tokens, Index* cols) const {
-    inner_.balance_choice(saved, ids, n_tokens, cols);
+  void balance_choice(const RouteOutput<T, Saved>& out, Index n_tokens, Index* cols) const {
+    inner_.balance_choice(out, n_tokens, cols);
   }
-  /// dW^j += dzᵀ previous, dprevious += dz W^j, then the inner gate's backward.
-  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena& arena) {
-    if (!arena.measuring() && x.rows() > 0 && previous_.data() != nullptr) {
-      moe::detail::add_matmul_tn(dz, previous_, map_.grad());
-      if (dprevious_.data() != nullptr) moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(map_.value()), dprevious_);
+  /// dW^j += dzᵀ previous, grad.dprevious_logits += dz W^j, then the inner gate's backward.
+  void balance_logits_backward(const RouteInput<T>& in, ConstMatrixView<T> dz, const RouteGradient<T>& grad,
+                               Arena& arena) {
+    if (!arena.measuring() && in.n_tokens() > 0 && in.previous_logits.data() != nullptr) {
+      moe::detail::add_matmul_tn(dz, in.previous_logits, map_.grad());
+      if (grad.dprevious_logits.data() != nullptr)
+        moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(map_.value()), grad.dprevious_logits);
     }
-    inner_.balance_logits_backward(x, dz, dx, arena);
+    inner_.balance_logits_backward(in, dz, grad, arena);
   }
   /// @}
 
@@ -147,21 +142,6 @@ class GatingResidual : public RouterWrapper<R> {
   }
 
   Parameter<T> map_;  // W^j (n_experts, n_experts)
-  ConstMatrixView<T> previous_;
-  MatrixView<T> out_;
-  ConstMatrixView<T> dout_;
-  MatrixView<T> dprevious_;
 };
-
-/// True when R is a GatingResidual or a wrapper (inner()) around one.
-template <class R>
-inline constexpr bool contains_gating_residual = [] {
-  if constexpr (requires(R& r) { r.inner(); })
-    return contains_gating_residual<std::remove_cvref_t<decltype(std::declval<R&>().inner())>>;
-  else
-    return false;
-}();
-template <class R>
-inline constexpr bool contains_gating_residual<GatingResidual<R>> = true;
 
 }  // namespace moe::routers

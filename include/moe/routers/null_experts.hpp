@@ -19,8 +19,9 @@
 #include "../kernels/simd/top_k.hpp"
 #include "../moe_config.hpp"
 #include "../random.hpp"
-#include "../workspace.hpp"
+#include "../route_io.hpp"
 #include "../routing_plan.hpp"
+#include "../workspace.hpp"
 #include "linear_gate.hpp"
 #include "scores.hpp"
 #include "token_chunks.hpp"
@@ -57,9 +58,18 @@ class NullExpertRouter {
   Index n_experts() const { return n_experts_; }         ///< true experts n (ids in [0, n))
   Index n_null_experts() const { return n_null_; }       ///< null experts m
   Index top_k() const { return top_k_; }                 ///< slots per token (true or null)
-  /// Saved per token: the n + m probabilities, then the chosen true experts' logits (top_k; -inf on a null
-  /// slot) for weights whose probabilities underflow (detail::renormalize).
-  Index saved_width() const { return n_experts_ + n_null_ + top_k_; }
+  /// What backward reads: the probabilities, and the chosen true experts' logits for weights whose
+  /// probabilities underflow (detail::renormalize).
+  struct Saved {
+    T* probabilities = nullptr;  ///< (n_tokens, n + m)
+    T* chosen_logits = nullptr;  ///< (n_tokens, top_k), -inf on a null slot
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const {
+    Saved s;
+    s.probabilities = arena.take<T>(n_tokens * balance_width());
+    s.chosen_logits = arena.take<T>(n_tokens * top_k_);
+    return s;
+  }
 
   /// The gate, (n, d_model), or (n + m, d_model) with the null rows last when there is no separate projection.
   MatrixView<T> gate() { return gate_.block(0).value(); }
@@ -87,50 +97,51 @@ class NullExpertRouter {
     count_active_slots(ids.data(), static_cast<Index>(counts.size()), top_k_, counts.data());
   }
 
-  /// Routes x (n_tokens, d_model): ids (n_tokens, top_k) true expert or -1 (null), ordered by descending p;
-  /// weights (n_tokens, top_k); saved the probabilities (n_tokens, n + m), then the chosen logits (n_tokens, top_k).
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+  /// Routes in.x (n_tokens, d_model): ids (n_tokens, top_k) true expert or -1 (null), ordered by descending p;
+  /// weights (n_tokens, top_k).
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     const Index width = balance_width();
     Index* chosen = arena.take<Index>(x.rows() * top_k_);  // (n_tokens, top_k) ids over n + m
     T* logits_rows = arena.take<T>(detail::n_token_chunks(x.rows()) * width);  // (n_chunks, n + m) scratch
     if (arena.measuring() || x.rows() == 0) return;
     detail::for_each_token_chunk(x.rows(), double(width) * double(d_model_), [&](Index c, Index t0, Index t1) {
-      gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(saved + t0 * width, t1 - t0, width));
-      choose(t0, t1, x.rows(), chosen, logits_rows + c * width, ids, weights, saved);
+      gate_.logits(x.middle_rows(t0, t1 - t0), MatrixView<T>(out.saved.probabilities + t0 * width, t1 - t0, width));
+      choose(t0, t1, chosen, logits_rows + c * width, out);
     });
   }
 
   /// As route(), from logits (n_tokens, n + m) computed elsewhere (routers::WithLosses computes them once).
-  void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+  void route_logits(ConstMatrixView<T> logits, RouteOutput<T, Saved>& out, Arena& arena) const {
     const Index width = balance_width();
     Index* chosen = arena.take<Index>(logits.rows() * top_k_);  // (n_tokens, top_k) ids over n + m
     T* logits_rows = arena.take<T>(detail::n_token_chunks(logits.rows()) * width);  // (n_chunks, n + m) scratch
     if (arena.measuring() || logits.rows() == 0) return;
     detail::for_each_token_chunk(logits.rows(), double(width) * double(d_model_), [&](Index c, Index t0, Index t1) {
-      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), width, saved + t * width);
-      choose(t0, t1, logits.rows(), chosen, logits_rows + c * width, ids, weights, saved);
+      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), width, out.saved.probabilities + t * width);
+      choose(t0, t1, chosen, logits_rows + c * width, out);
     });
   }
 
   /// Backward of route(): dL/dw on the true slots, through the renormalisation among true experts and the
-  /// softmax over all n + m, adds dL/dx to dx and accumulates the gates' gradients.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), width = balance_width();
+  /// softmax over all n + m, adds dL/dx to grad.dx and accumulates the gates' gradients.
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens(), width = balance_width();
     T* dlogits = arena.take<T>(n_tokens * width);  // (n_tokens, n + m)
     T* chosen = arena.take<T>(n_tokens * top_k_);  // (n_tokens, top_k) chosen probabilities, 0 for null
     T* dchosen = arena.take<T>(n_tokens * top_k_);  // (n_tokens, top_k)
     if (arena.measuring() || n_tokens == 0) return;
     MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(width) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
-      const T* p = saved + t * width;
-      const Index* id = ids + t * top_k_;
+      const T* p = out.saved.probabilities + t * width;
+      const Index* id = out.ids + t * top_k_;
       T* u = chosen + t * top_k_;
       T* g = dchosen + t * top_k_;
       T* dz = dlogits + t * width;
-      detail::gather_slots(p, id, dweights + t * top_k_, top_k_, T(1), u, g);
+      detail::gather_slots(p, id, grad.dweights + t * top_k_, top_k_, T(1), u, g);
       if (detail::renormalizes_in_log_space(u, top_k_)) {
-        detail::renormalize_log_backward(ScoreFunction::softmax, saved + n_tokens * width + t * top_k_, u, g, top_k_);
+        detail::renormalize_log_backward(ScoreFunction::softmax, out.saved.chosen_logits + t * top_k_, u, g, top_k_);
         detail::scatter_slots(id, g, top_k_, dz, width);
         continue;
       }
@@ -138,7 +149,7 @@ class NullExpertRouter {
       detail::scatter_slots(id, g, top_k_, dz, width);
       detail::score_backward(ScoreFunction::softmax, p, dz, width);
     }
-    gate_.backward(x, ConstMatrixView<T>(dlogits, n_tokens, width), dx);
+    gate_.backward(in.x, ConstMatrixView<T>(dlogits, n_tokens, width), grad.dx);
   }
 
   /// @name Balance protocol (moe::BalanceRouter): the n + m columns are the true and the null experts
@@ -146,7 +157,8 @@ class NullExpertRouter {
   /// @{
   Index balance_width() const { return n_experts_ + n_null_; }  ///< columns: n true + m null experts
   /// z (n_tokens, n + m) = the logits route() chooses on.
-  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+  void balance_logits(const RouteInput<T>& in, MatrixView<T> z, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     if (arena.measuring() || x.rows() == 0) return;
     detail::for_each_token_chunk(x.rows(), double(balance_width()) * double(d_model_), [&](Index, Index t0, Index t1) {
       gate_.logits(x.middle_rows(t0, t1 - t0), z.middle_rows(t0, t1 - t0));
@@ -163,31 +175,30 @@ class NullExpertRouter {
     for (Index c = 0; c < balance_width(); ++c) dz[c] += g[c];
   }
   /// The column of each slot, null experts included: route()'s top-k over the saved probabilities, again.
-  void balance_choice(const T* saved, const Index* /*ids*/, Index n_tokens, Index* cols) const {
+  void balance_choice(const RouteOutput<T, Saved>& out, Index n_tokens, Index* cols) const {
     for (Index t = 0; t < n_tokens; ++t)
-      kernels::top_k(Arch{}, saved + t * balance_width(), balance_width(), top_k_, cols + t * top_k_);
+      kernels::top_k(Arch{}, out.saved.probabilities + t * balance_width(), balance_width(), top_k_, cols + t * top_k_);
   }
-  /// From dz (n_tokens, n + m): accumulates the gates' gradients and ADDS dL/dx to dx.
-  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena&) {
-    if (x.rows() > 0 && dz.data() != nullptr) gate_.backward(x, dz, dx);
+  /// From dz (n_tokens, n + m): accumulates the gates' gradients and ADDS dL/dx to grad.dx.
+  void balance_logits_backward(const RouteInput<T>& in, ConstMatrixView<T> dz, const RouteGradient<T>& grad, Arena&) {
+    if (in.n_tokens() > 0 && dz.data() != nullptr) gate_.backward(in.x, dz, grad.dx);
   }
   /// @}
 
  private:
-  // Tokens [t0, t1) of n_tokens, whose logits are in saved: softmax over n + m in place, top-k, weights
-  // renormalised among the true experts, their logits kept.
-  // `logits` (n + m) is scratch.
-  void choose(Index t0, Index t1, Index n_tokens, Index* chosen, T* logits, Index* ids, T* weights, T* saved) const {
+  // Tokens [t0, t1), whose logits are in out.saved.probabilities: softmax over n + m in place, top-k, weights
+  // renormalised among the true experts, their logits kept. `logits` (n + m) is scratch.
+  void choose(Index t0, Index t1, Index* chosen, T* logits, const RouteOutput<T, Saved>& out) const {
     const Index width = balance_width();
     for (Index t = t0; t < t1; ++t) {
-      T* p = saved + t * width;
+      T* p = out.saved.probabilities + t * width;
       std::copy_n(p, width, logits);
       kernels::softmax_row(Arch{}, p, p, width);
       Index* all = chosen + t * top_k_;
       kernels::top_k(Arch{}, p, width, top_k_, all);
-      Index* id = ids + t * top_k_;
-      T* w = weights + t * top_k_;
-      T* z = saved + n_tokens * width + t * top_k_;  // (top_k) the chosen true experts' logits
+      Index* id = out.ids + t * top_k_;
+      T* w = out.weights + t * top_k_;
+      T* z = out.saved.chosen_logits + t * top_k_;  // (top_k) the chosen true experts' logits
       for (Index s = 0; s < top_k_; ++s) {
         id[s] = all[s] < n_experts_ ? all[s] : -1;
         w[s] = id[s] >= 0 ? p[id[s]] : T(0);

@@ -26,8 +26,8 @@
 #include "../moe_config.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
+#include "../route_io.hpp"
 #include "../workspace.hpp"
-#include "../routing_plan.hpp"
 #include "linear_gate.hpp"
 #include "noise.hpp"
 #include "scores.hpp"
@@ -81,9 +81,18 @@ class TopKRouter {
   Index d_model() const { return d_model_; }         ///< token width
   Index n_experts() const { return n_experts_; }     ///< experts routed over
   Index top_k() const { return top_k_; }             ///< slots per token
-  /// Saved per token for backward: the scores s (n_experts), then, when renormalising, the chosen logits
-  /// (top_k, after the temperature) for the weights whose scores underflow (detail::renormalize).
-  Index saved_width() const { return n_experts_ + logit_columns(); }
+  /// What backward reads: the scores s, and, when renormalising, the chosen logits (after the temperature) for
+  /// the weights whose scores underflow (detail::renormalize).
+  struct Saved {
+    T* scores = nullptr;         ///< (n_tokens, n_experts) s
+    T* chosen_logits = nullptr;  ///< (n_tokens, top_k) when renormalising, else nullptr
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const {
+    Saved s;
+    s.scores = arena.take<T>(n_tokens * n_experts_);
+    if (logit_columns() > 0) s.chosen_logits = arena.take<T>(n_tokens * top_k_);
+    return s;
+  }
   const TopKOptions& options() const { return options_; }  ///< the knobs
   bool renormalize() const { return options_.renormalize; }  ///< whether the k weights are renormalised
 
@@ -130,10 +139,10 @@ class TopKRouter {
     }
   }
 
-  /// Routes x (n_tokens, d_model) to ids (n_tokens, top_k), ordered by descending key (ties: lower id
-  /// first), and weights (n_tokens, top_k); saved (n_tokens, saved_width()) receives the scores s, as
-  /// (n_tokens, n_experts) rows, then the chosen logits (n_tokens, top_k) when renormalising.
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
+  /// Routes in.x (n_tokens, d_model) to out.ids (n_tokens, top_k), ordered by descending key (ties: lower id
+  /// first), and out.weights (n_tokens, top_k); out.saved receives the scores and the chosen logits.
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     const Index n_tokens = x.rows();
     T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
     const Scratch scratch = take_scratch(n_tokens, arena);
@@ -142,33 +151,33 @@ class TopKRouter {
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
       ConstMatrixView<T> xc = x.middle_rows(t0, t1 - t0);
       if (jittered != nullptr) xc = jitter(xc, t0, jittered + t0 * d_model_);
-      gate_.logits(xc, MatrixView<T>(saved + t0 * n_experts_, t1 - t0, n_experts_));
-      route_chunk(c, t0, t1, n_tokens, scratch, ids, weights, saved);
+      gate_.logits(xc, MatrixView<T>(out.saved.scores + t0 * n_experts_, t1 - t0, n_experts_));
+      route_chunk(c, t0, t1, scratch, out);
     });
   }
 
   /// As route(), from logits (n_tokens, n_experts) computed elsewhere (e.g. with a gating residual added):
   /// everything after the gate. No jitter (it acts on x).
-  void route_logits(ConstMatrixView<T> logits, Index* ids, T* weights, T* saved, Arena& arena) const {
+  void route_logits(ConstMatrixView<T> logits, RouteOutput<T, Saved>& out, Arena& arena) const {
     const Index n_tokens = logits.rows();
     const Scratch scratch = take_scratch(n_tokens, arena);
     if (arena.measuring() || n_tokens == 0) return;
     detail::for_each_token_chunk(n_tokens, double(n_experts_) * double(d_model_), [&](Index c, Index t0, Index t1) {
-      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, saved + t * n_experts_);
-      route_chunk(c, t0, t1, n_tokens, scratch, ids, weights, saved);
+      for (Index t = t0; t < t1; ++t) std::copy_n(logits.row(t), n_experts_, out.saved.scores + t * n_experts_);
+      route_chunk(c, t0, t1, scratch, out);
     });
   }
 
-  /// Backward of route(): from dweights (n_tokens, top_k) adds dL/dx to dx (n_tokens, d_model) and
+  /// Backward of route(): from grad.dweights (n_tokens, top_k) adds dL/dx to grad.dx (n_tokens, d_model) and
   /// accumulates dL/dW_g. See logits_backward() for the chain up to the logits.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* /*weights*/, const T* saved,
-                      const T* dweights, MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows();
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens();
     T* dlogits = arena.take<T>(n_tokens * n_experts_);  // (n_tokens, n_experts)
     const MatrixView<T> dz = arena.measuring() ? MatrixView<T>::shape_only(n_tokens, n_experts_)
                                                : MatrixView<T>(dlogits, n_tokens, n_experts_);
-    logits_backward(ids, saved, dweights, dz, arena);
-    balance_logits_backward(x, dz, dx, arena);
+    logits_backward(out, grad.dweights, dz, arena);
+    balance_logits_backward(in, dz, grad, arena);
   }
 
   /// @name Balance protocol (moe::BalanceRouter): what loss policies (routers::WithLosses) read.
@@ -178,7 +187,8 @@ class TopKRouter {
   Index balance_width() const { return n_experts_; }  ///< columns: the experts
 
   /// z (n_tokens, n_experts) = the logits route() chooses on (W_g x̃, before the temperature).
-  void balance_logits(ConstMatrixView<T> x, MatrixView<T> z, Arena& arena) const {
+  void balance_logits(const RouteInput<T>& in, MatrixView<T> z, Arena& arena) const {
+    const ConstMatrixView<T> x = in.x;
     const Index n_tokens = x.rows();
     T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
     if (arena.measuring() || n_tokens == 0) return;
@@ -205,11 +215,14 @@ class TopKRouter {
     for (Index e = 0; e < n_experts_; ++e) dz[e] += g[e] * inv_temperature;
   }
   /// The column of each slot: its expert.
-  void balance_choice(const T* /*saved*/, const Index* ids, Index n_tokens, Index* cols) const {
-    std::copy_n(ids, n_tokens * top_k_, cols);
+  void balance_choice(const RouteOutput<T, Saved>& out, Index n_tokens, Index* cols) const {
+    std::copy_n(out.ids, n_tokens * top_k_, cols);
   }
-  /// From dz (n_tokens, n_experts) = dL/dz: accumulates dL/dW_g and ADDS dL/dx to dx (through the jitter).
-  void balance_logits_backward(ConstMatrixView<T> x, ConstMatrixView<T> dz, MatrixView<T> dx, Arena& arena) {
+  /// From dz (n_tokens, n_experts) = dL/dz: accumulates dL/dW_g and ADDS dL/dx to grad.dx (through the jitter).
+  void balance_logits_backward(const RouteInput<T>& in, ConstMatrixView<T> dz, const RouteGradient<T>& grad,
+                               Arena& arena) {
+    const ConstMatrixView<T> x = in.x;
+    const MatrixView<T> dx = grad.dx;
     const Index n_tokens = x.rows();
     T* jittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;   // (n_tokens, d_model)
     T* djittered = jitter_on() ? arena.take<T>(n_tokens * d_model_) : nullptr;  // (n_tokens, d_model)
@@ -237,7 +250,7 @@ class TopKRouter {
   /// once), then 1/τ. The choice (bias, groups, Gumbel noise) is
   /// piecewise constant: no gradient. With top_k = 1 and renormalisation the weight is constantly 1, so the
   /// router gets no gradient.
-  void logits_backward(const Index* ids, const T* saved, const T* dweights, MatrixView<T> dlogits, Arena& arena) const {
+  void logits_backward(const RouteOutput<T, Saved>& out, const T* dweights, MatrixView<T> dlogits, Arena& arena) const {
     const Index n_tokens = dlogits.rows();
     T* chosen = arena.take<T>(n_tokens * top_k_);   // (n_tokens, top_k) chosen scores
     T* dchosen = arena.take<T>(n_tokens * top_k_);  // (n_tokens, top_k) gradient w.r.t. them
@@ -247,8 +260,8 @@ class TopKRouter {
     const T inv_temperature = static_cast<T>(1.0 / options_.temperature);
     MOE_OMP(omp parallel for schedule(static) if(double(n_tokens) * double(n_experts_) * double(d_model_) >= moe::detail::k_parallel_min_work))
     for (Index t = 0; t < n_tokens; ++t) {
-      const T* s = saved + t * n_experts_;
-      const Index* id = ids + t * top_k_;
+      const T* s = out.saved.scores + t * n_experts_;
+      const Index* id = out.ids + t * top_k_;
       T* u = chosen + t * top_k_;
       T* g = dchosen + t * top_k_;
       T* dz = dlogits.row(t);
@@ -258,7 +271,7 @@ class TopKRouter {
         detail::score_backward(ScoreFunction::softmax, u, g, top_k_);
         detail::scatter_slots(id, g, top_k_, dz, n_experts_);
       } else if (options_.renormalize && detail::renormalizes_in_log_space(u, top_k_)) {
-        detail::renormalize_log_backward(options_.score, saved + n_tokens * n_experts_ + t * top_k_, u, g, top_k_);
+        detail::renormalize_log_backward(options_.score, out.saved.chosen_logits + t * top_k_, u, g, top_k_);
         detail::scatter_slots(id, g, top_k_, dz, n_experts_);
       } else {
         if (options_.renormalize) detail::normalize_backward(u, g, top_k_);
@@ -318,15 +331,15 @@ class TopKRouter {
     return s;
   }
 
-  // Tokens [t0, t1) of chunk c (of n_tokens), whose logits are in saved.
-  void route_chunk(Index c, Index t0, Index t1, Index n_tokens, const Scratch& sc, Index* ids, T* weights,
-                   T* saved) const {
+  // Tokens [t0, t1) of chunk c, whose logits are in out.saved.scores.
+  void route_chunk(Index c, Index t0, Index t1, const Scratch& sc, const RouteOutput<T, Saved>& out) const {
     const auto row = [c](T* p, Index width) { return p == nullptr ? nullptr : p + c * width; };
-    T* chosen_logits = logit_columns() > 0 ? saved + n_tokens * n_experts_ : nullptr;  // (n_tokens, top_k)
+    T* chosen_logits = out.saved.chosen_logits;  // (n_tokens, top_k) or nullptr
     for (Index t = t0; t < t1; ++t)
-      route_token(t, saved + t * n_experts_, row(sc.keys, n_experts_), row(sc.logits, n_experts_),
-                  row(sc.group_scores, options_.n_groups), sc.group_ids == nullptr ? nullptr : sc.group_ids + c * sc.n_group_ids,
-                  ids + t * top_k_, weights + t * top_k_, chosen_logits == nullptr ? nullptr : chosen_logits + t * top_k_);
+      route_token(t, out.saved.scores + t * n_experts_, row(sc.keys, n_experts_), row(sc.logits, n_experts_),
+                  row(sc.group_scores, options_.n_groups),
+                  sc.group_ids == nullptr ? nullptr : sc.group_ids + c * sc.n_group_ids, out.ids + t * top_k_,
+                  out.weights + t * top_k_, chosen_logits == nullptr ? nullptr : chosen_logits + t * top_k_);
   }
 
   // Chosen logits kept for a renormalisation in log space (detail::renormalize).

@@ -13,14 +13,12 @@
 #include <cstdint>
 #include <tuple>
 #include <utility>
-#include <vector>
 
 #include "../concepts.hpp"
 #include "../config.hpp"
 #include "../losses/balance_batch.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
-#include "../routing_plan.hpp"
 #include "wrapper.hpp"
 
 namespace moe::routers {
@@ -29,6 +27,7 @@ namespace moe::routers {
 template <class L, class T>
 concept LossPolicy = requires(const L& l, const losses::BalanceBatch<T>& b, T* g, Arena& arena) {
   { l.forward(b, g, g, arena) } -> std::convertible_to<double>;
+  l.validate();
 };
 
 /// Router R with the loss policies Losses (e.g. losses::SwitchLoss, losses::ZLoss), in that order.
@@ -41,8 +40,8 @@ class WithLosses : public RouterWrapper<R> {
   static_assert(sizeof...(Losses) >= 1 && sizeof...(Losses) <= std::size_t(k_max_losses),
                 "moe::routers::WithLosses<R, Losses...>: give 1 to k_max_losses loss policies");
   static_assert((LossPolicy<Losses, typename R::Scalar> && ...),
-                "moe::routers::WithLosses<R, Losses...>: every loss needs forward(BalanceBatch, dp, dz, arena); "
-                "see include/moe/losses/balance_batch.hpp");
+                "moe::routers::WithLosses<R, Losses...>: every loss needs forward(BalanceBatch, dp, dz, arena) and "
+                "validate(); see include/moe/losses/balance_batch.hpp");
   using Base = RouterWrapper<R>;
   using Base::inner_;
 
@@ -53,21 +52,23 @@ class WithLosses : public RouterWrapper<R> {
   using typename Base::Scalar;
   using T = Scalar;
 
-  /// @param router the inner router; @param losses the loss policies (their coefficients inside; each with a
-  ///               validate() is validated here, so a bad coefficient throws moe::Error before any forward)
+  /// @param router the inner router; @param losses the loss policies (their coefficients inside; each is
+  ///               validated here, so a bad coefficient throws moe::Error before any forward)
   explicit WithLosses(R router, Losses... losses) : Base(std::move(router)), losses_(std::move(losses)...) {
-    std::apply(
-        [](const auto&... loss) {
-          const auto check = [](const auto& l) {
-            if constexpr (requires { l.validate(); }) l.validate();
-          };
-          (check(loss), ...);
-        },
-        losses_);
+    std::apply([](const auto&... loss) { (loss.validate(), ...); }, losses_);
   }
 
-  /// The inner router's saved block, then dL_aux/dz (n_tokens, balance width) for backward.
-  Index saved_width() const { return inner_.saved_width() + inner_.balance_width(); }
+  /// The inner router's saved block, then dL_aux/dz for backward.
+  struct Saved {
+    typename R::Saved inner{};
+    T* dz = nullptr;  ///< (n_tokens, balance width) the losses' gradient w.r.t. the logits
+  };
+  Saved carve_saved(Arena& arena, Index n_tokens) const {
+    Saved s;
+    s.inner = inner_.carve_saved(arena, n_tokens);
+    s.dz = arena.take<T>(n_tokens * inner_.balance_width());
+    return s;
+  }
 
   /// The I-th loss policy (e.g. to reset() a GlobalBatchLoss).
   template <std::size_t I>
@@ -79,22 +80,11 @@ class WithLosses : public RouterWrapper<R> {
     return std::get<I>(losses_);
   }
 
-  /// Which experts are zero-computation (MoE++ τ weighting); MoELayer calls it with its banks' mask. Columns
-  /// past the mask (AdaMoE's null experts) are ordinary.
-  void set_zero_computation_mask(const std::vector<bool>& mask) {
-    zero_computation_.assign(static_cast<std::size_t>(inner_.balance_width()), 0);
-    for (std::size_t c = 0; c < mask.size() && c < zero_computation_.size(); ++c) zero_computation_[c] = mask[c];
-  }
-
-  /// Routes with the inner router; the losses' values are dropped (use the RouteStats overload or the layer).
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena) const {
-    RouteStats stats;
-    route(x, ids, weights, saved, arena, stats);
-  }
-
-  /// Routes with the inner router and evaluates every loss: stats.losses[i] is loss i's value.
-  void route(ConstMatrixView<T> x, Index* ids, T* weights, T* saved, Arena& arena, RouteStats& stats) const {
-    const Index n_tokens = x.rows(), W = inner_.balance_width(), k = top_k();
+  /// Routes with the inner router and evaluates every loss: out.losses[i] is loss i's value. The losses read
+  /// in.training (stateful losses advance only then), in.sequence_of_token (sequence-wise losses) and
+  /// in.zero_computation (MoE++ τ weighting).
+  void route(const RouteInput<T>& in, RouteOutput<T, Saved>& out, Arena& arena) const {
+    const Index n_tokens = in.n_tokens(), W = inner_.balance_width(), k = top_k();
     T* z = arena.take<T>(n_tokens * W);   // (n_tokens, W) logits
     T* s = arena.take<T>(n_tokens * W);   // (n_tokens, W) scores
     T* p = arena.take<T>(n_tokens * W);   // (n_tokens, W) probabilities
@@ -102,27 +92,27 @@ class WithLosses : public RouterWrapper<R> {
     Index* cols = arena.take<Index>(n_tokens * k);
     const bool run = !arena.measuring() && n_tokens > 0;
     const auto zview = run ? MatrixView<T>(z, n_tokens, W) : MatrixView<T>::shape_only(n_tokens, W);
-    const std::size_t inner = arena.used();
+    const std::size_t mark = arena.used();
+    auto inner = out.with_saved(out.saved.inner);
     // The gate runs once: the losses and the choice read the same logits.
-    inner_.balance_logits(x, zview, arena);
-    arena.rewind(inner);
-    inner_.route_logits(zview, ids, weights, saved, arena);
-    arena.rewind(inner);
-    T* dz = run ? saved + n_tokens * inner_.saved_width() : nullptr;  // (n_tokens, W), kept for backward
+    inner_.balance_logits(in, zview, arena);
+    arena.rewind(mark);
+    inner_.route_logits(zview, inner, arena);
+    arena.rewind(mark);
+    T* dz = run ? out.saved.dz : nullptr;  // (n_tokens, W), kept for backward
     if (run) {
       for (Index t = 0; t < n_tokens; ++t) inner_.balance_probabilities(z + t * W, s + t * W, p + t * W);
-      inner_.balance_choice(saved, ids, n_tokens, cols);
+      inner_.balance_choice(inner, n_tokens, cols);
       std::fill_n(dp, n_tokens * W, T(0));
       std::fill_n(dz, n_tokens * W, T(0));
     }
-    const losses::BalanceBatch<T> batch{n_tokens,         W,     k, z, p, cols,
-                                        zero_computation_.empty() ? nullptr : zero_computation_.data(),
-                                        stats.training, stats.sequence_of_token};
-    stats.n_losses = 0;
+    const losses::BalanceBatch<T> batch{
+        n_tokens, W, k, z, p, cols, in.zero_computation, in.training, in.sequence_of_token};
+    out.n_losses = 0;
     std::apply(
         [&](const auto&... loss) {
-          ((stats.losses[static_cast<std::size_t>(stats.n_losses++)] = loss.forward(batch, dp, dz, arena),
-            arena.rewind(inner)),
+          ((out.losses[static_cast<std::size_t>(out.n_losses++)] = loss.forward(batch, dp, dz, arena),
+            arena.rewind(mark)),
            ...);
         },
         losses_);
@@ -132,21 +122,19 @@ class WithLosses : public RouterWrapper<R> {
   }
 
   /// Backward of the inner router, plus the losses' gradient saved by the forward.
-  void route_backward(ConstMatrixView<T> x, const Index* ids, const T* weights, const T* saved, const T* dweights,
-                      MatrixView<T> dx, Arena& arena) {
-    const Index n_tokens = x.rows(), W = inner_.balance_width();
+  void route_backward(const RouteInput<T>& in, const RouteOutput<T, Saved>& out, const RouteGradient<T>& grad,
+                      Arena& arena) {
+    const Index n_tokens = in.n_tokens(), W = inner_.balance_width();
     const std::size_t mark = arena.used();
-    inner_.route_backward(x, ids, weights, saved, dweights, dx, arena);
+    inner_.route_backward(in, out.with_saved(out.saved.inner), grad, arena);
     arena.rewind(mark);
     const bool run = !arena.measuring() && n_tokens > 0;
-    const auto dz = run ? ConstMatrixView<T>(saved + n_tokens * inner_.saved_width(), n_tokens, W)
-                        : ConstMatrixView<T>::shape_only(n_tokens, W);
-    inner_.balance_logits_backward(x, dz, dx, arena);
+    const auto dz = run ? ConstMatrixView<T>(out.saved.dz, n_tokens, W) : ConstMatrixView<T>::shape_only(n_tokens, W);
+    inner_.balance_logits_backward(in, dz, grad, arena);
   }
 
  private:
   std::tuple<Losses...> losses_;
-  std::vector<std::uint8_t> zero_computation_;  // (W) 1 for zero-computation columns, or empty
 };
 
 }  // namespace moe::routers
