@@ -6,10 +6,12 @@
 #include <bit>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <limits>
+#include <map>
+#include <span>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -641,4 +643,38 @@ TEST_CASE("MoELayer carries a GRU expert's state along each sequence of a packed
   REQUIRE_THROWS_WITH(layer.forward(x, y, layer_ws(), bad), Contains("sequence_starts[2] = 5"));
   const std::vector<Index> late = {1};
   REQUIRE_THROWS_WITH(layer.forward(x, y, layer_ws(), late), Contains("sequence_starts[0] = 1"));
+}
+
+TEST_CASE("visit_state gives every state buffer by name: the selection bias and a frozen LoRA base", "[layer][state]") {
+  const MoEConfig cfg{.d_model = 6, .d_ff = 8, .n_experts = 8, .top_k = 2};
+  namespace r = moe::routers;
+  namespace e = moe::experts;
+  auto v3 = r::presets::deepseek_v3();
+  v3.n_groups = 1;
+  v3.top_k_groups = 1;
+  moe::MoELayer<r::TopKRouter<double>, e::SwiGLU<double>> layer(r::TopKRouter<double>(cfg, v3), e::SwiGLU<double>(cfg));
+  layer.init(5);
+  std::vector<std::string> names;
+  std::span<double> bias;
+  layer.visit_state([&](const std::string& name, auto values) {
+    names.push_back(name);
+    if constexpr (std::is_same_v<decltype(values), std::span<double>>) bias = values;
+  });
+  REQUIRE(names == std::vector<std::string>{"router.bias"});
+  REQUIRE(bias.size() == 8);
+  // The visited buffer is the router's: a large bias on expert 7 puts it into every token's choice.
+  moe::Rng rng(6);
+  const RowMatrix<double> x = moe::test::normal_matrix<double>(rng, 10, 6);
+  RowMatrix<double> y(10, 6);
+  bias[7] = 100;
+  const auto res = layer.forward(x, y);
+  for (Index t = 0; t < 10; ++t)
+    CHECK((res.expert_ids[static_cast<std::size_t>(2 * t)] == 7 ||
+           res.expert_ids[static_cast<std::size_t>(2 * t + 1)] == 7));
+
+  // A LoRA bank with a frozen base: its base is state (w1, w3, w2), not a parameter.
+  moe::MoELayer<r::TopKSoftmax<double>, e::LoRASwiGLU<double>> lora(cfg);
+  names.clear();
+  lora.visit_state([&](const std::string& name, auto) { names.push_back(name); });
+  REQUIRE(names == std::vector<std::string>{"bank0.w1", "bank0.w3", "bank0.w2"});
 }

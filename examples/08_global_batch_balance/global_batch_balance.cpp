@@ -10,7 +10,8 @@
 /// accumulates the gradients of 16 micro-batches of one sequence each (512 tokens; each micro-batch is one
 /// domain). Two arms from the same initialisation and the same data, balance coefficient 1e-2:
 ///   micro   losses::SwitchLoss: f and P from each micro-batch (Megatron/DeepSpeed's default);
-///   global  losses::GlobalBatchLoss: f from every micro-batch of the optimizer step so far (reset() after
+///   global  losses::GlobalBatchLoss: f from every micro-batch of the optimizer step so far (ctx.global_batch().reset()
+///   after
 ///           each optimizer step), P from the current one.
 /// Metrics, on 4096 held-out tokens (equal domains): the mutual information I(domain; expert) of the routed
 /// slots divided by H(domain) (0: routing ignores the domain, 1: each domain has its own experts); per domain
@@ -124,7 +125,7 @@ Eval train(const char* name, Layer<Loss>& layer, const moe::examples::DomainGene
       layer.backward(dy, dx, ctx);
     }
     adam.step(layer);
-    if constexpr (std::is_same_v<Loss, moe::losses::GlobalBatchLoss>) layer.router().template loss<0>().reset();
+    ctx.global_batch().reset();  // GlobalBatchLoss's counts (in the context): a new optimizer step
     loss /= k_micro_batches;
     loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
     if ((step + 1) % eval_every == 0 || step == 0) {

@@ -4,6 +4,8 @@
 /// MoELayer turns a failed concept into one static_assert sentence naming what is missing.
 
 #include <concepts>
+#include <cstdint>
+#include <span>
 #include <string_view>
 #include <type_traits>
 
@@ -43,15 +45,26 @@ struct ParameterVisitorArchetype {
   void operator()(std::string_view, Parameter<T>&) const {}
 };
 
+/// What visit_state hands each state buffer to: f(name, values), values a std::span<T> (buffers: a selection
+/// bias, a frozen base, optimizer moments) or a std::span<std::int64_t> (counters: an optimizer's step).
+/// State is what a model needs besides its parameters to resume exactly; it receives no gradient.
+template <class T>
+struct StateVisitorArchetype {
+  void operator()(std::string_view, std::span<T>) const {}
+  void operator()(std::string_view, std::span<std::int64_t>) const {}
+};
+
 /// A router that trains: `route_backward(in, out, grad, arena)` takes the forward's input and output and
 /// grad.dweights = dL/dweights (n_tokens, top_k), ADDS the input gradient to grad.dx (n_tokens, d_model) and
-/// accumulates its parameters' gradients; `visit_parameters(f)` calls f(name, Parameter&) for each.
+/// accumulates its parameters' gradients; `visit_parameters(f)` calls f(name, Parameter&) for each, and
+/// `visit_state(f)` f(name, values) for each state buffer (StateVisitorArchetype; none: an empty body).
 template <class R>
 concept TrainableRouter = Router<R> &&
     requires(R& r, const RouteInput<typename R::Scalar>& in, const RouteOutputOf<R>& out,
              const RouteGradient<typename R::Scalar>& grad, Arena& arena) {
   { r.route_backward(in, out, grad, arena) } -> std::same_as<void>;
   r.visit_parameters(ParameterVisitorArchetype<typename R::Scalar>{});
+  r.visit_state(StateVisitorArchetype<typename R::Scalar>{});
 };
 
 /// A router that exposes what balance losses need (TopKRouter, NullExpertRouter, DenseToSparseGate,
@@ -128,13 +141,14 @@ inline constexpr bool is_zero_computation = requires { requires B::zero_computat
 
 /// A bank that trains: `backward(xs, offsets, dys, dxs, arena)` takes the gradient w.r.t. its outputs on
 /// the grouped rows, WRITES the input gradient of every row in its range to dxs and accumulates its
-/// parameters' gradients (same determinism rule as forward); `visit_parameters(f)` as for routers.
+/// parameters' gradients (same determinism rule as forward); `visit_parameters(f)` and `visit_state(f)` as for routers.
 template <class B>
 concept TrainableBank = ExpertBank<B> &&
     requires(B& b, ConstMatrixView<typename B::Scalar> xs, const Index* offsets,
              ConstMatrixView<typename B::Scalar> dys, MatrixView<typename B::Scalar> dxs, Arena& arena) {
       { b.backward(xs, offsets, dys, dxs, arena) } -> std::same_as<void>;
       b.visit_parameters(ParameterVisitorArchetype<typename B::Scalar>{});
+      b.visit_state(StateVisitorArchetype<typename B::Scalar>{});
     };
 
 /// An always-on (shared) bank: every token goes through it and its output is added to the routed
@@ -149,13 +163,14 @@ concept SharedBank = Scalar<typename B::Scalar> &&
       { b.forward(x, y, arena) } -> std::same_as<void>;
     };
 
-/// A shared bank that trains: `backward(x, dy, dx, arena)` WRITES dx (n_tokens, d_model) and accumulates its
-/// parameters' gradients; `visit_parameters(f)` as for routers.
-template <class B>
-concept TrainableSharedBank = SharedBank<B> &&
-    requires(B& b, ConstMatrixView<typename B::Scalar> x, MatrixView<typename B::Scalar> dx, Arena& arena) {
+    /// A shared bank that trains: `backward(x, dy, dx, arena)` WRITES dx (n_tokens, d_model) and accumulates its
+    /// parameters' gradients; `visit_parameters(f)` and `visit_state(f)` as for routers.
+    template <class B>
+    concept TrainableSharedBank = SharedBank<B> &&
+        requires(B& b, ConstMatrixView<typename B::Scalar> x, MatrixView<typename B::Scalar> dx, Arena& arena) {
       { b.backward(x, x, dx, arena) } -> std::same_as<void>;
       b.visit_parameters(ParameterVisitorArchetype<typename B::Scalar>{});
+      b.visit_state(StateVisitorArchetype<typename B::Scalar>{});
     };
 
 }  // namespace moe

@@ -89,6 +89,11 @@ class TrainingContext {
  public:
   /// Tokens of the recorded forward (-1 before any).
   Index n_tokens() const { return n_tokens_; }
+  /// The global-batch counts the training forwards with this context read and advance (losses::GlobalBatchLoss):
+  /// state the caller owns, one per context, so concurrent training forwards share nothing. Reset them once
+  /// per optimizer step; set `recomputing` while re-running counted micro-batches.
+  GlobalBatchCounts& global_batch() { return global_batch_; }
+  const GlobalBatchCounts& global_batch() const { return global_batch_; }
 
  private:
   template <class R, class... Banks>
@@ -116,6 +121,7 @@ class TrainingContext {
   Workspace backward_ws_;
   Record record_;
   std::vector<std::uint64_t> versions_;  // version() of every parameter at the forward, in visit order
+  GlobalBatchCounts global_batch_;
   Index n_tokens_ = -1;
   const void* layer_ = nullptr;  // the layer that recorded it
 };
@@ -127,8 +133,8 @@ class TrainingContext {
 ///               every token goes through them and their output is added; they take no routed ids)
 ///
 /// Threading: `forward(x, y, ws)` is const; concurrent calls are safe with one Workspace per caller, and so
-/// are concurrent training forwards with one TrainingContext each (except with losses::GlobalBatchLoss, whose
-/// buffer training forwards update). backward() is not: it accumulates into the layer's own gradient buffers,
+/// are concurrent training forwards with one TrainingContext each (losses::GlobalBatchLoss too: its counts live
+/// in the context). backward() is not: it accumulates into the layer's own gradient buffers,
 /// so run the backwards of concurrent forwards one after another, or give each thread its own layer
 /// (tests/concurrency_test.cpp, RELIABILITY.md T1/T2).
 template <class R, class... Banks>
@@ -257,7 +263,7 @@ class MoELayer {
     record_versions(ctx);
     ctx.forward_ws_.reserve(forward_bytes(x.rows(), true, links));
     Arena arena(ctx.forward_ws_);
-    ctx.record_ = run(x, y, arena, true, sequence_starts, links);
+    ctx.record_ = run(x, y, arena, true, sequence_starts, links, &ctx.global_batch_);
     return result(ctx.record_, x.rows());
   }
 
@@ -268,7 +274,7 @@ class MoELayer {
     if (x.rows() == 0) return {};
     ws.reserve(forward_bytes(x.rows(), false, {}));
     Arena arena(ws);
-    return result(run(x, MatrixView<Scalar>(), arena, false, {}, {}, true), x.rows());
+    return result(run(x, MatrixView<Scalar>(), arena, false, {}, {}, nullptr, true), x.rows());
   }
 
   /// Backward of the training forward recorded in `ctx`: from dy = dL/dy (n_tokens, d_model) writes
@@ -347,6 +353,23 @@ class MoELayer {
         [&](auto&... bank) {
           ((bank.visit_parameters(
                 [&](std::string_view name, auto& p) { f("bank" + std::to_string(i) + "." + std::string(name), p); }),
+            ++i),
+           ...);
+        },
+        banks_);
+  }
+
+  /// Calls f(name, values) for every state buffer (moe::StateVisitorArchetype: a selection bias, a frozen LoRA
+  /// base), named as visit_parameters names parameters: what a checkpoint needs besides the parameters.
+  template <class F>
+  void visit_state(F&& f) requires(TrainableRouter<R> && ((TrainableBank<Banks> || TrainableSharedBank<Banks>)&&...)) {
+    router_.visit_state([&](std::string_view name, auto values) { f("router." + std::string(name), values); });
+    std::size_t i = 0;
+    std::apply(
+        [&](auto&... bank) {
+          ((bank.visit_state([&](std::string_view name, auto values) {
+             f("bank" + std::to_string(i) + "." + std::string(name), values);
+           }),
             ++i),
            ...);
         },
@@ -486,20 +509,23 @@ class MoELayer {
 
   // What the router reads in this forward (and its backward): the rows it routes and the batch's layout.
   RouteInput<Scalar> route_input(ConstMatrixView<Scalar> rows, const Record& rec, bool training,
-                                 ConstMatrixView<Scalar> previous_logits) const {
+                                 ConstMatrixView<Scalar> previous_logits, GlobalBatchCounts* global_batch) const {
     return {.x = rows,
             .training = training,
             .sequence_of_token = rec.sequences ? rec.sequence_of_token : nullptr,
             .n_sequences = rec.sequences ? rec.n_sequences : 0,
             .previous_logits = previous_logits,
-            .zero_computation = zero_computation_};
+            .zero_computation = zero_computation_,
+            .global_batch = global_batch};
   }
 
   // The one code path for sizing (measuring arena: every stage takes its scratch and returns) and for
   // running, so workspace_bytes() and forward() cannot disagree. `keep_x` also copies x, the router input and
-  // the previous logits (training). `route_only`: stop after routing (route()).
+  // the previous logits (training). `global_batch`: the training context's counts, or nullptr. `route_only`: stop
+  // after routing (route()).
   Record run(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Arena& arena, bool keep_x,
-             std::span<const Index> sequence_starts, const LayerLinks<Scalar>& links, bool route_only = false) const {
+             std::span<const Index> sequence_starts, const LayerLinks<Scalar>& links,
+             GlobalBatchCounts* global_batch = nullptr, bool route_only = false) const {
     const Index n_tokens = x.rows(), k = top_k(), d = d_model(), n_slots = n_tokens * k, E = n_experts();
     Record rec;
     RouteOutputOf<R> route = carve_route_output(router_, arena, n_tokens);  // first: see Record
@@ -536,7 +562,8 @@ class MoELayer {
         std::fill(rec.sequence_of_token + begin, rec.sequence_of_token + end, i);
       }
     }
-    router_.route(route_input(separate ? links.router_input : x, rec, keep_x, links.previous_logits), route, arena);
+    router_.route(route_input(separate ? links.router_input : x, rec, keep_x, links.previous_logits, global_batch),
+                  route, arena);
     rec.dropped_slots = route.dropped_slots;
     rec.losses = route.losses;
     rec.n_losses = route.n_losses;
@@ -680,7 +707,7 @@ class MoELayer {
                               ? ConstMatrixView<Scalar>()
                               : ConstMatrixView<Scalar>(rec.previous_logits, n_tokens, n_experts());
     router_.route_backward(
-        route_input(xr, rec, true, previous), route,
+        route_input(xr, rec, true, previous, nullptr), route,
         {.dweights = dweights, .dlogits = links.d_logits, .dx = dxr, .dprevious_logits = links.d_previous_logits},
         arena);
   }

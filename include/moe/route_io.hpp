@@ -7,9 +7,11 @@
 /// A router declares the layout of what its backward needs as a type, `R::Saved` (pointers into an Arena,
 /// carved by `carve_saved`), and a wrapper composes it with its own (e.g. CapacityLimited's `{inner, chosen}`).
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "config.hpp"
 #include "workspace.hpp"
@@ -18,6 +20,24 @@ namespace moe {
 
 /// Most loss values a route() reports (one per loss policy of routers::WithLosses).
 inline constexpr Index k_max_losses = 8;
+
+/// Slot counts per balance column accumulated over the training forwards of one optimizer step: what
+/// losses::GlobalBatchLoss reads and advances. Mutable state the caller owns and passes in (MoELayer passes
+/// its TrainingContext's), so a const forward writes nothing shared: concurrent training forwards with one
+/// context each are safe. reset() after the step's last backward.
+struct GlobalBatchCounts {
+  std::vector<double> counts;  ///< slots per column since reset() (sized by the first training forward)
+  long micro_batches = 0;      ///< training forwards counted since reset()
+  /// While true, training forwards recompute micro-batches already counted (activation checkpointing): they
+  /// neither count nor communicate, and read f as it is.
+  bool recomputing = false;
+
+  /// Forgets the counts (keeps the buffer: no allocation after the first step).
+  void reset() {
+    std::fill(counts.begin(), counts.end(), 0.0);
+    micro_batches = 0;
+  }
+};
 
 /// The Saved block of a router whose backward needs nothing beyond ids, weights and x (or that has none).
 struct NothingSaved {};
@@ -37,6 +57,8 @@ struct RouteInput {
   ConstMatrixView<T> previous_logits{};
   /// (n_experts) 1 for zero-computation experts (MoE++: loss policies weight them by τ), or empty: none.
   std::span<const std::uint8_t> zero_computation{};
+  /// The caller's global-batch counts (a training forward advances them), or nullptr: none.
+  GlobalBatchCounts* global_batch = nullptr;
 
   Index n_tokens() const { return x.rows(); }  ///< rows routed
 };

@@ -44,6 +44,8 @@ class StackContext {
   /// Layer l's routing in the recorded forward (views valid until this context's next forward).
   const ForwardResult<T>& result(std::size_t l) const { return results_.at(l); }
   std::size_t n_layers() const { return results_.size(); }  ///< layers recorded
+  /// Layer l's global-batch counts (TrainingContext::global_batch): reset each layer's once per optimizer step.
+  GlobalBatchCounts& global_batch(std::size_t l) { return layers_.at(l).global_batch(); }
   /// h_l, the input of layer l (l = n_layers(): the stack's output), (n_tokens, d_model).
   ConstMatrixView<T> hidden(std::size_t l) const { return h_.at(l); }
   /// Layer l's raw router logits (n_tokens, n_experts), with gating residuals only (empty otherwise).
@@ -156,6 +158,13 @@ class Stack {
   void visit_parameters(F&& f) {
     for (std::size_t l = 0; l < layers_.size(); ++l)
       layers_[l].visit_parameters([&](const std::string& name, auto& p) { f("layer" + std::to_string(l) + "." + name, p); });
+  }
+  /// f(name, values) for every state buffer: "layer<l>.<the layer's name>".
+  template <class F>
+  void visit_state(F&& f) {
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      layers_[l].visit_state(
+          [&](const std::string& name, auto values) { f("layer" + std::to_string(l) + "." + name, values); });
   }
   /// Sets every gradient to zero.
   void zero_grad() {

@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <span>
+#include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -119,13 +122,20 @@ TEST_CASE("LoRA bank backward matches central finite differences in double (B !=
   using moe::experts::LoRA;
   auto frozen = check(moe::experts::LoRASwiGLU<double>(cfg, k_nonzero_b), {2, 0, 3});
   check(LoRA<double, moe::kernels::GELUTanh, false>(cfg, k_nonzero_b), {1, 3, 2});
-  // The frozen base got no gradient at all (not even a zero buffer).
-  Index visited = 0;
-  frozen.visit_frozen_parameters([&](std::string_view, moe::Parameter<double>& p) {
-    ++visited;
-    REQUIRE_FALSE(p.has_grad());
+  // The frozen base is state, not a parameter: visit_state gives w1, w3, w2 (their values), and no parameter of
+  // that name trains.
+  std::vector<std::string> state;
+  frozen.visit_state([&](std::string_view name, std::span<double> values) {
+    state.emplace_back(name);
+    const auto base = name == "w1"   ? std::as_const(frozen).w1()
+                      : name == "w3" ? std::as_const(frozen).w3()
+                                     : std::as_const(frozen).w2();
+    REQUIRE(static_cast<Index>(values.size()) == base.rows() * base.cols());
+    REQUIRE(std::equal(values.begin(), values.end(), base.data()));
   });
-  REQUIRE(visited == 3);
+  REQUIRE(state == std::vector<std::string>{"w1", "w3", "w2"});
+  frozen.visit_parameters(
+      [&](std::string_view name, moe::Parameter<double>&) { REQUIRE(name.find("lora") != std::string_view::npos); });
   // Asked to, the base trains too: visit_parameters then includes w1, w3, w2 and they pass the check.
   auto opts = k_nonzero_b;
   opts.train_base = true;

@@ -191,6 +191,8 @@ class ScriptedRouter {
   void init(moe::Rng&) {}
   template <class F>
   void visit_parameters(F&&) {}
+  template <class F>
+  void visit_state(F&&) {}
   void route(const moe::RouteInput<float>& in, moe::RouteOutput<float, Saved>& out, moe::Arena& arena) const {
     if (arena.measuring() || in.n_tokens() == 0) return;
     MOE_FUZZ_CHECK(in.n_tokens() == a_->T, "ScriptedRouter: routed " << in.n_tokens() << " tokens, scripted " << a_->T);
@@ -224,6 +226,8 @@ class MarkerBank {
   void init(moe::Rng&) {}
   template <class F>
   void visit_parameters(F&&) {}
+  template <class F>
+  void visit_state(F&&) {}
   void forward(moe::ConstMatrixView<float> xs, const Index* offsets, moe::MatrixView<float> ys, moe::Arena& arena) const {
     if (arena.measuring()) return;
     run(offsets, ys, [&](Index r) { return xs(r, d_ - 1); });

@@ -1,6 +1,7 @@
-// losses::GlobalBatchLoss ("Demons in the Detail"): counts accumulate over training forwards until reset(),
-// inference forwards read without advancing, the all-reduce hook sees (and may replace) each micro-batch's
-// counts, and the value equals the Switch form over the concatenated micro-batches' f.
+// losses::GlobalBatchLoss ("Demons in the Detail"): counts accumulate in the caller's GlobalBatchCounts over
+// training forwards until reset(), inference forwards read without advancing, no counts means this micro-batch alone,
+// the all-reduce hook sees (and may replace) each micro-batch's counts, and the value equals the Switch form over the
+// concatenated micro-batches' f.
 
 #include <catch2/catch.hpp>
 #include <moe/losses/global_batch.hpp>
@@ -34,38 +35,40 @@ double mean_p(const moe::test::OwnedBatch& b, Index c) {
 
 TEST_CASE("GlobalBatchLoss: f over every micro-batch since reset(), P from the current one", "[loss]") {
   GlobalBatchLoss loss(0.1);
+  moe::GlobalBatchCounts counts;
   std::vector<double> dp, dz;
-  const auto a = single_domain(0, 1), b = single_domain(1, 2);
+  auto a = single_domain(0, 1), b = single_domain(1, 2);
+  a.global_batch = b.global_batch = &counts;
   // First micro-batch: the global f is its own: (1, 0, 0, 0).
   CHECK(moe::test::evaluate(loss, a, dp, dz) == Approx(0.1 * 4.0 * mean_p(a, 0)).epsilon(1e-14));
-  CHECK(loss.micro_batches() == 1);
+  CHECK(counts.micro_batches == 1);
   // evaluate() runs forward twice (measure, then run); only the real run counts.
-  CHECK(loss.counts()[0] == 4.0);
+  CHECK(counts.counts[0] == 4.0);
   // Second: f = (1/2, 1/2, 0, 0) over both, P from b only.
   const double second = moe::test::evaluate(loss, b, dp, dz);
   CHECK(second == Approx(0.1 * 4.0 * 0.5 * (mean_p(b, 0) + mean_p(b, 1))).epsilon(1e-14));
   CHECK(dp[0] == Approx(0.1 * 4.0 * 0.5 / 4.0).epsilon(1e-14));
   CHECK(dp[2] == 0.0);
-  CHECK(loss.micro_batches() == 2);
+  CHECK(counts.micro_batches == 2);
 
   // An inference forward reads the buffer and its own counts, and changes nothing.
   auto eval = b;
   eval.training = false;
   CHECK(moe::test::evaluate(loss, eval, dp, dz) ==
         Approx(0.1 * 4.0 * (1.0 / 3.0 * mean_p(b, 0) + 2.0 / 3.0 * mean_p(b, 1))).epsilon(1e-14));
-  CHECK(loss.micro_batches() == 2);
-  CHECK(loss.counts()[1] == 4.0);
+  CHECK(counts.micro_batches == 2);
+  CHECK(counts.counts[1] == 4.0);
 
   // A recomputation of b (activation checkpointing) reproduces its value and counts nothing.
-  loss.set_recomputing(true);
+  counts.recomputing = true;
   CHECK(moe::test::evaluate(loss, b, dp, dz) == second);
-  CHECK(loss.micro_batches() == 2);
-  CHECK(loss.counts()[1] == 4.0);
-  loss.set_recomputing(false);
+  CHECK(counts.micro_batches == 2);
+  CHECK(counts.counts[1] == 4.0);
+  counts.recomputing = false;
 
   // reset(): the next micro-batch starts a new global batch (the micro-batch loss again).
-  loss.reset();
-  CHECK(loss.micro_batches() == 0);
+  counts.reset();
+  CHECK(counts.micro_batches == 0);
   std::vector<double> dp_switch;
   CHECK(moe::test::evaluate(loss, b, dp, dz) ==
         Approx(moe::test::evaluate(moe::losses::SwitchLoss{.coeff = 0.1}, b, dp_switch, dz)).epsilon(1e-14));
@@ -79,8 +82,10 @@ TEST_CASE("GlobalBatchLoss: the all-reduce hook sees each training micro-batch's
     seen.emplace_back(counts.begin(), counts.end());
     counts[3] += 4.0;
   });
+  moe::GlobalBatchCounts counts;
   std::vector<double> dp, dz;
-  const auto a = single_domain(0, 3);
+  auto a = single_domain(0, 3);
+  a.global_batch = &counts;
   const double value = moe::test::evaluate(loss, a, dp, dz);
   REQUIRE(seen.size() == 1);
   CHECK(seen[0] == std::vector<double>{4, 0, 0, 0});
@@ -90,4 +95,13 @@ TEST_CASE("GlobalBatchLoss: the all-reduce hook sees each training micro-batch's
   moe::test::evaluate(loss, eval, dp, dz);
   CHECK(seen.size() == 1);  // inference forwards do not communicate
   CHECK_THROWS_WITH(GlobalBatchLoss(-0.5), Catch::Contains("coeff = -0.5"));
+}
+
+TEST_CASE("GlobalBatchLoss without counts is the micro-batch loss, and writes nothing", "[loss]") {
+  const GlobalBatchLoss loss(0.1);
+  const auto b = single_domain(2, 4);  // no global_batch
+  std::vector<double> dp, dz, dp_switch;
+  CHECK(moe::test::evaluate(loss, b, dp, dz) ==
+        Approx(moe::test::evaluate(moe::losses::SwitchLoss{.coeff = 0.1}, b, dp_switch, dz)).epsilon(1e-14));
+  CHECK(dp == dp_switch);
 }

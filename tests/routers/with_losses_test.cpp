@@ -317,27 +317,27 @@ TEST_CASE("WithLosses + GlobalBatchLoss: training forwards accumulate, backward 
   moe::MoELayer<Router, experts::SwiGLU<double>> layer(
       Router(routers::TopKRouter<double>(cfg), losses::GlobalBatchLoss(0.1)), experts::SwiGLU<double>(cfg));
   layer.init(23);
-  auto& global = layer.router().loss<0>();
   moe::TrainingContext<double> ctx;
+  const moe::GlobalBatchCounts& global = ctx.global_batch();
   RowMatrix<double> y(6, 5), dx(6, 5);
   double total = 0;
   for (int micro = 0; micro < 3; ++micro) {
     const RowMatrix<double> x = tokens(6, 5, 30 + static_cast<std::uint64_t>(micro));
     const auto res = layer.forward(x, y, ctx);
     total += 12;
-    CHECK(global.micro_batches() == micro + 1);
+    CHECK(global.micro_batches == micro + 1);
     double sum = 0;
-    for (double c : global.counts()) sum += c;
+    for (double c : global.counts) sum += c;
     CHECK(sum == total);
-    layer.backward(y, dx, ctx);  // backward leaves the buffer alone
-    CHECK(global.micro_batches() == micro + 1);
+    layer.backward(y, dx, ctx);  // backward leaves the counts alone
+    CHECK(global.micro_batches == micro + 1);
     layer.forward(x, y);         // so does an inference forward
-    CHECK(global.micro_batches() == micro + 1);
+    CHECK(global.micro_batches == micro + 1);
     CHECK(res.aux_loss > 0);
   }
-  global.reset();
-  CHECK(global.micro_batches() == 0);
-  for (double c : global.counts()) CHECK(c == 0.0);
+  ctx.global_batch().reset();
+  CHECK(global.micro_batches == 0);
+  for (double c : global.counts) CHECK(c == 0.0);
 }
 
 TEST_CASE("WithLosses: forward, aux loss and gradients are bitwise equal for 1-4 threads (with jitter)", "[losses][determinism]") {

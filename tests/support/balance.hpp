@@ -19,6 +19,7 @@ struct OwnedBatch {
   std::vector<std::uint8_t> zero_computation;  // empty: none
   std::vector<Index> sequence_of_token;        // empty: one sequence
   bool training = true;
+  moe::GlobalBatchCounts* global_batch = nullptr;  // the global-batch counts a forward reads and advances
 
   /// p = softmax of each row of z.
   void softmax_from_logits() {
@@ -40,7 +41,8 @@ struct OwnedBatch {
             cols.data(),
             zero_computation,
             training,
-            sequence_of_token.empty() ? nullptr : sequence_of_token.data()};
+            sequence_of_token.empty() ? nullptr : sequence_of_token.data(),
+            global_batch};
   }
 };
 

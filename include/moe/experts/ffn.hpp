@@ -143,7 +143,9 @@ class FFN {
     f(std::string_view("b1"), b1_);
     if constexpr (Gated) f(std::string_view("b3"), b3_);
     f(std::string_view("b2"), b2_);
-  }
+  }  /// No state besides the parameters.
+  template <class F>
+  void visit_state(F&&) {}
 
   /// Marks the packed panels stale: the next forward re-packs them (each expert when it next gets rows).
   void repack_on_next_forward() { pack_state_.forced.fetch_add(1, std::memory_order_acq_rel); }

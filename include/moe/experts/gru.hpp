@@ -76,7 +76,9 @@ class GRU {
     f(std::string_view("weight_hh"), w_hh_);
     f(std::string_view("bias_ih"), b_ih_);
     f(std::string_view("bias_hh"), b_hh_);
-  }
+  }  /// No state besides the parameters.
+  template <class F>
+  void visit_state(F&&) {}
 
   /// ExpertBank forward: every row a sequence of one step from h = 0.
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {

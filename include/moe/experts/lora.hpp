@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <span>
 #include <string_view>
 
 #include "../config.hpp"
@@ -179,10 +180,14 @@ class LoRA {
     if (opts_.train_base) visit_base(f);
   }
 
-  /// The frozen base "w1", "w3", "w2" when !train_base() (for loading checkpoints); nothing otherwise.
+  /// State: the frozen base "w1", "w3", "w2" as f(name, std::span<T>) when !train_base() (loaded from a
+  /// checkpoint, never trained); nothing otherwise (the base is then a parameter).
   template <class F>
-  void visit_frozen_parameters(F&& f) {
-    if (!opts_.train_base) visit_base(f);
+  void visit_state(F&& f) {
+    if (opts_.train_base) return;
+    visit_base([&](std::string_view name, Parameter<T>& p) {
+      f(name, std::span<T>(p.data(), static_cast<std::size_t>(p.rows() * p.cols())));
+    });
   }
 
   /// Runs expert e on grouped rows [offsets[e], offsets[e+1]) of xs (rows, d_model) into ys.

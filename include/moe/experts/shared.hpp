@@ -75,6 +75,11 @@ class Shared {
     inner_.visit_parameters(f);
     if constexpr (gated) f(std::string_view("shared_gate"), gate_);
   }
+  /// The inner bank's state.
+  template <class F>
+  void visit_state(F&& f) requires TrainableBank<Inner> {
+    inner_.visit_state(f);
+  }
 
   /// y (n_tokens, d_model) = the shared output for every row of x (n_tokens, d_model). The inner bank runs
   /// once over x repeated n_experts times (its own parallel split over experts); each token's sum over

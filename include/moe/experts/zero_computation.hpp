@@ -60,6 +60,8 @@ class ZeroExperts : public detail::ZeroComputationShape {
   void init(Rng&) {}  ///< no parameters
   template <class F>
   void visit_parameters(F&&) {}  ///< no parameters
+  template <class F>
+  void visit_state(F&&) {}  ///< no state
 
   void forward(ConstMatrixView<T>, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     if (arena.measuring()) return;
@@ -87,6 +89,8 @@ class CopyExperts : public detail::ZeroComputationShape {
   void init(Rng&) {}  ///< no parameters
   template <class F>
   void visit_parameters(F&&) {}  ///< no parameters
+  template <class F>
+  void visit_state(F&&) {}  ///< no state
 
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     if (arena.measuring()) return;
@@ -134,6 +138,8 @@ class ConstantExperts : public detail::ZeroComputationShape {
     f(std::string_view("wc"), wc_);
     f(std::string_view("v"), v_);
   }
+  template <class F>
+  void visit_state(F&&) {}  ///< no state besides the parameters
 
   void forward(ConstMatrixView<T> xs, const Index* offsets, MatrixView<T> ys, Arena& arena) const {
     if (arena.measuring()) return;

@@ -16,6 +16,7 @@
 
 #include "../config.hpp"
 #include "../error.hpp"
+#include "../route_io.hpp"
 #include "../workspace.hpp"
 
 namespace moe::losses {
@@ -35,6 +36,7 @@ struct BalanceBatch {
   std::span<const std::uint8_t> zero_computation;
   bool training = false;               ///< a training forward (stateful losses advance)
   const Index* sequence_of_token = nullptr;  ///< (n_tokens) sequence of each token; nullptr: one sequence
+  GlobalBatchCounts* global_batch = nullptr;  ///< the caller's global-batch counts, or nullptr: none
 };
 
 /// counts[c] += slots of tokens [t0, t1) choosing column c (in token order: the sum is exact in double).

@@ -4,7 +4,9 @@
 /// v = b2 v + (1-b2) g^2; p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 
 #include "../config.hpp"
@@ -51,7 +53,17 @@ class AdamW {
                        "moe::optim::AdamW::set_lr", "lr");
     cfg_.lr = lr;
   }
-  long steps() const { return t_; }                     ///< steps taken
+  long steps() const { return static_cast<long>(t_); }  ///< steps taken
+
+  /// The optimizer's state for `model`, to save and resume: f(name + ".exp_avg", std::span<T>) and f(name +
+  /// ".exp_avg_sq", ...) per parameter (PyTorch's names; created zero if not stepped yet), then f("step",
+  /// std::span<std::int64_t>).
+  template <class Model, class F>
+  void visit_state(Model& model, F&& f) {
+    static constexpr const char* k_buffers[] = {"exp_avg", "exp_avg_sq"};
+    state_.visit(model, k_buffers, f);
+    f(std::string("step"), std::span<std::int64_t>(&t_, 1));
+  }
 
  private:
   void update(const std::string& name, Parameter<T>& p) {
@@ -74,7 +86,7 @@ class AdamW {
 
   AdamWConfig cfg_;
   ParameterState<T> state_;  // first and second moments per parameter
-  long t_ = 0;
+  std::int64_t t_ = 0;
 };
 
 }  // namespace moe::optim

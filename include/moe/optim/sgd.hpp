@@ -3,7 +3,9 @@
 /// @brief Stochastic gradient descent with momentum and L2 weight decay, with PyTorch's torch.optim.SGD
 /// update: g += wd p; b = mu b + g (b = g at the first step); p -= lr (nesterov ? g + mu b : b).
 
+#include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 
 #include "../config.hpp"
@@ -38,7 +40,16 @@ class SGD {
   template <class Model>
   void step(Model& model) {
     model.visit_parameters([&](const std::string& name, Parameter<T>& p) { update(name, p); });
-    first_ = false;
+    ++steps_;
+  }
+
+  /// The optimizer's state for `model`, to save and resume: f(name + ".momentum_buffer", std::span<T>) per
+  /// parameter when momentum > 0 (PyTorch's name), then f("step", std::span<std::int64_t>).
+  template <class Model, class F>
+  void visit_state(Model& model, F&& f) {
+    static constexpr const char* k_buffers[] = {"momentum_buffer"};
+    if (cfg_.momentum > 0) state_.visit(model, k_buffers, f);
+    f(std::string("step"), std::span<std::int64_t>(&steps_, 1));
   }
 
   const SGDConfig& config() const { return cfg_; }  ///< the settings
@@ -59,7 +70,7 @@ class SGD {
     for (Index i = 0; i < n; ++i) {
       T d = g[i] + wd * w[i];
       if (b != nullptr) {
-        b[i] = first_ ? d : mu * b[i] + d;
+        b[i] = steps_ == 0 ? d : mu * b[i] + d;
         d = cfg_.nesterov ? d + mu * b[i] : b[i];
       }
       w[i] -= lr * d;
@@ -68,7 +79,7 @@ class SGD {
 
   SGDConfig cfg_;
   ParameterState<T> state_;  // momentum buffer per parameter
-  bool first_ = true;
+  std::int64_t steps_ = 0;   // steps taken (the first sets the momentum buffer)
 };
 
 }  // namespace moe::optim

@@ -4,6 +4,7 @@
 /// layer, a stack of layers or any model with visit_parameters(f(name, Parameter&)).
 
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,17 @@ class ParameterState {
     detail::require(it->second.empty() || it->second[0].size() == size, "moe::optim: parameter ", name,
                     " changed size since the optimizer last saw it");
     return it->second;
+  }
+
+  /// Calls f(name + "." + suffixes[b], std::span<T>) for each buffer b of every parameter of `model`, in the
+  /// model's visit order, creating the buffers a parameter has not had yet (so state can be loaded into a
+  /// fresh optimizer).
+  template <class Model, class F>
+  void visit(Model& model, std::span<const char* const> suffixes, F&& f) {
+    model.visit_parameters([&](const std::string& name, const Parameter<T>& p) {
+      auto& buffers = of(name, p);
+      for (std::size_t b = 0; b < buffers.size(); ++b) f(name + "." + suffixes[b], std::span<T>(buffers[b]));
+    });
   }
 
  private:

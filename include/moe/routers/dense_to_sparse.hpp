@@ -120,7 +120,9 @@ class DenseToSparseGate {
   template <class F>
   void visit_parameters(F&& f) {
     gate_.visit(f);
-  }
+  }  /// No state besides the parameters.
+  template <class F>
+  void visit_state(F&&) {}
 
   /// Routes in.x (n_tokens, d_model): ids (n_tokens, top_k), active experts by descending G then -1; weights
   /// (n_tokens, top_k).

@@ -78,7 +78,9 @@ class ExpertChoiceRouter {
   template <class F>
   void visit_parameters(F&& f) {
     gate_.visit(f);
-  }
+  }  /// No state besides the parameters.
+  template <class F>
+  void visit_state(F&&) {}
 
   /// Routes in.x (n_tokens, d_model): ids (n_tokens, n_experts) with ids[t, e] = e or -1, weights S[t, e] or 0.
   /// A token without a finite logit ranks below every other token.

@@ -90,7 +90,9 @@ class NullExpertRouter {
   template <class F>
   void visit_parameters(F&& f) {
     gate_.visit(f);
-  }
+  }  /// No state besides the parameters.
+  template <class F>
+  void visit_state(F&&) {}
 
   /// True experts each token runs: the slots with an id >= 0 of `ids` (n_tokens, top_k).
   void true_experts_per_token(std::span<const Index> ids, std::span<Index> counts) const {

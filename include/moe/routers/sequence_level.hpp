@@ -124,7 +124,8 @@ class SequenceLevel : public RouterWrapper<R> {
   }
   // What the inner router reads: the means, as a batch without sequences, of the same forward.
   static RouteInput<T> pooled_input(const RouteInput<T>& in, ConstMatrixView<T> pooled) {
-    return {.x = pooled, .training = in.training, .zero_computation = in.zero_computation};
+    return {
+        .x = pooled, .training = in.training, .zero_computation = in.zero_computation, .global_batch = in.global_batch};
   }
 
   void pool(ConstMatrixView<T> x, const Index* sequence_of_token, Index n_sequences, const Scratch& s) const {

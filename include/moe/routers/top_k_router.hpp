@@ -119,6 +119,12 @@ class TopKRouter {
   void visit_parameters(F&& f) {
     gate_.visit(f);
   }
+  /// Calls f(name, std::span<T>) for the selection bias ("bias", with options.selection_bias): state that
+  /// learns by update_bias, not by gradient.
+  template <class F>
+  void visit_state(F&& f) {
+    if (options_.selection_bias) f(std::string_view("bias"), std::span<T>(bias_));
+  }
 
   /// The aux-loss-free balancing step (DeepSeek-V3, Megatron `get_updated_expert_bias`):
   /// b_i += rate · sign(mean_j c_j - c_i), so an overloaded expert becomes less likely to be chosen.

@@ -70,7 +70,7 @@ class WithLosses : public RouterWrapper<R> {
     return s;
   }
 
-  /// The I-th loss policy (e.g. to reset() a GlobalBatchLoss).
+  /// The I-th loss policy (e.g. to change a coefficient).
   template <std::size_t I>
   auto& loss() {
     return std::get<I>(losses_);
@@ -107,7 +107,7 @@ class WithLosses : public RouterWrapper<R> {
       std::fill_n(dz, n_tokens * W, T(0));
     }
     const losses::BalanceBatch<T> batch{
-        n_tokens, W, k, z, p, cols, in.zero_computation, in.training, in.sequence_of_token};
+        n_tokens, W, k, z, p, cols, in.zero_computation, in.training, in.sequence_of_token, in.global_batch};
     out.n_losses = 0;
     std::apply(
         [&](const auto&... loss) {

@@ -38,6 +38,11 @@ class RouterWrapper {
   void visit_parameters(F&& f) {
     inner_.visit_parameters(std::forward<F>(f));
   }
+  /// The wrapped router's state.
+  template <class F>
+  void visit_state(F&& f) {
+    inner_.visit_state(std::forward<F>(f));
+  }
 
  protected:
   R inner_;
