@@ -169,6 +169,17 @@ moe::MixtralMoE mixtral() {
   return layer;
 }
 
+// A layer whose router carries a micro-batch and a global-batch balance loss.
+auto with_global_batch_loss() {
+  using namespace moe;
+  using Router = routers::WithLosses<routers::TopKRouter<float>, losses::SwitchLoss, losses::GlobalBatchLoss>;
+  MoELayer<Router, experts::SwiGLU<float>> layer(
+      Router(routers::TopKRouter<float>(k_cfg), losses::SwitchLoss{}, losses::GlobalBatchLoss(1e-2)),
+      experts::SwiGLU<float>(k_cfg));
+  layer.init(14);
+  return layer;
+}
+
 // Everything gradients are kept for, as one vector per parameter in visit order.
 template <class Layer>
 std::vector<std::vector<float>> gradients(Layer& layer) {
@@ -223,7 +234,6 @@ TEST_CASE("T1: heterogeneous banks, a capacity-limited router and bf16/int8 weig
         4, 50);
   }
   SECTION("capacity-limited router, and a router with loss policies (a global-batch loss included)") {
-    using Router = routers::WithLosses<routers::TopKRouter<float>, losses::SwitchLoss, losses::GlobalBatchLoss>;
     using Capped = routers::CapacityLimited<routers::TopKRouter<float>>;
     forwards_match_serial(
         [] {
@@ -234,14 +244,7 @@ TEST_CASE("T1: heterogeneous banks, a capacity-limited router and bf16/int8 weig
           return layer;
         },
         4, 50);
-    const auto lossy = [] {
-      MoELayer<Router, experts::SwiGLU<float>> layer(
-          Router(routers::TopKRouter<float>(k_cfg), losses::SwitchLoss{}, losses::GlobalBatchLoss(1e-2)),
-          experts::SwiGLU<float>(k_cfg));
-      layer.init(14);
-      return layer;
-    };
-    forwards_match_serial(lossy, 4, 50);
+    forwards_match_serial(with_global_batch_loss, 4, 50);
   }
   SECTION("bf16 and int8 weight storage (packing converts)") {
     const auto with = [&]<class Storage>(Storage) {
@@ -324,16 +327,7 @@ TEST_CASE(
     "T2: concurrent training forwards on one layer with a global-batch loss: each context holds its own "
     "counts, nothing shared is written (ThreadSanitizer stage)",
     "[concurrency]") {
-  using namespace moe;
-  using Router = routers::WithLosses<routers::TopKRouter<float>, losses::SwitchLoss, losses::GlobalBatchLoss>;
-  const auto make = [] {
-    MoELayer<Router, experts::SwiGLU<float>> layer(
-        Router(routers::TopKRouter<float>(k_cfg), losses::SwitchLoss{}, losses::GlobalBatchLoss(1e-2)),
-        experts::SwiGLU<float>(k_cfg));
-    layer.init(14);
-    return layer;
-  };
-  concurrent_training_matches_serial(make);
+  concurrent_training_matches_serial(with_global_batch_loss);
 }
 
 TEST_CASE("T2: 8 threads x 10 training steps, each on its own replica of the layer, give the serial gradients",
