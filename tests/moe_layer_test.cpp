@@ -678,3 +678,19 @@ TEST_CASE("visit_state gives every state buffer by name: the selection bias and 
   lora.visit_state([&](const std::string& name, auto) { names.push_back(name); });
   REQUIRE(names == std::vector<std::string>{"bank0.w1", "bank0.w3", "bank0.w2"});
 }
+
+TEST_CASE("Class template argument deduction: MoELayer layer(router, banks...) names the policies once", "[layer]") {
+  const MoEConfig cfg{.d_model = 6, .d_ff = 8, .n_experts = 4, .top_k = 2};
+  // Braces: with parentheses, `MoELayer layer(Router(cfg), Bank(cfg));` would declare a function.
+  moe::MoELayer layer{moe::routers::TopKSoftmax<float>(cfg), moe::experts::SwiGLU<float>(cfg)};
+  static_assert(
+      std::is_same_v<decltype(layer), moe::MoELayer<moe::routers::TopKSoftmax<float>, moe::experts::SwiGLU<float>>>);
+  moe::MoELayer two(moe::routers::TopKSoftmax<float>({.d_model = 6, .d_ff = 8, .n_experts = 6, .top_k = 2}),
+                    moe::experts::SwiGLU<float>(cfg), moe::experts::ZeroExperts<float>(2, 6));
+  REQUIRE(two.n_experts() == 6);
+  layer.init(1);
+  moe::Rng rng(2);
+  const RowMatrix<float> x = moe::test::normal_matrix<float>(rng, 3, 6);
+  RowMatrix<float> y(3, 6);
+  REQUIRE(layer.forward(x, y).n_tokens == 3);
+}

@@ -1,0 +1,2 @@
+#pragma once
+// Fixture: the routers module header forgets routers/router.hpp (one violation).
