@@ -21,7 +21,7 @@ seconds=${1:-60}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${MOE_FUZZ_BUILD_DIR:-$root/build/fuzz}
 jobs=${MOE_FUZZ_JOBS:-2}
-targets=(fuzz_router fuzz_dispatch fuzz_simd_diff)
+targets=(fuzz_router fuzz_dispatch fuzz_simd_diff fuzz_safetensors)
 
 for tool in clang clang++ cmake; do
   command -v "$tool" >/dev/null || { echo "fuzz.sh: $tool not found (scripts/install_deps.sh installs it)" >&2; exit 1; }
@@ -37,7 +37,7 @@ OMP_NUM_THREADS=1 ctest --test-dir "$build" --output-on-failure -R '^fuzz_'
 echo "== built and replayed in $((SECONDS - start)) s"
 
 # The targets run side by side, one in-process worker each, at most $parallel at once (default: one per core),
-# so 3 targets on 2 cores take 2 × <seconds>.
+# so 4 targets on 2 cores take 2 × <seconds>.
 parallel=${MOE_FUZZ_PARALLEL:-$(nproc)}
 fuzz_one() {  # fuzz_one <target>: exit status of the run; output in $build/<target>.log
   local t=$1

@@ -2,7 +2,7 @@
 # Every dependency is a Debian bookworm package (see README "Dependencies"). A script may set
 # moe_extra_packages before sourcing (demo.sh adds python3-matplotlib for its plot). clang and libclang-rt-14-dev
 # (libFuzzer) are for scripts/fuzz.sh.
-moe_packages=(cmake g++ make libeigen3-dev libxsimd-dev xtl-dev catch2 libbenchmark-dev clang libclang-rt-14-dev "${moe_extra_packages[@]}")
+moe_packages=(cmake g++ make libeigen3-dev libxsimd-dev xtl-dev nlohmann-json3-dev catch2 libbenchmark-dev clang libclang-rt-14-dev "${moe_extra_packages[@]}")
 
 moe_missing=()
 for p in "${moe_packages[@]}"; do
