@@ -3,6 +3,7 @@
 // moe::Error naming the file and the field. The model is untouched after every failed load, and a failed
 // save leaves the file it would have replaced as it was.
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -72,7 +73,7 @@ moe::IoError io_error_of(F&& f) {
 
 }  // namespace
 
-TEST_CASE("load_parameters: OS failures are moe::IoError with the path and the errno", "[bad_input][io]") {
+TEST_CASE("load_checkpoint: OS failures are moe::IoError with the path and the errno", "[bad_input][io]") {
   const fs::path dir = scratch_dir();
   auto model = make(1);
   const auto before = flatten(model);
@@ -80,15 +81,15 @@ TEST_CASE("load_parameters: OS failures are moe::IoError with the path and the e
   SECTION("a directory") {
     const std::string path = (dir / "a_directory").string();
     fs::create_directory(path);
-    const moe::IoError e = io_error_of([&] { moe::io::load_parameters(model, path); });
+    const moe::IoError e = io_error_of([&] { moe::io::load_checkpoint(model, path); });
     INFO(e.what());
     CHECK(e.code() == std::errc::is_a_directory);
     CHECK(e.path() == path);
-    CHECK_THAT(e.what(), Contains(path) && Contains("load_parameters"));
+    CHECK_THAT(e.what(), Contains(path) && Contains("load_checkpoint"));
   }
   SECTION("a file that does not exist") {
     const std::string path = (dir / "missing.ckpt").string();
-    const moe::IoError e = io_error_of([&] { moe::io::load_parameters(model, path); });
+    const moe::IoError e = io_error_of([&] { moe::io::load_checkpoint(model, path); });
     INFO(e.what());
     CHECK(e.code() == std::errc::no_such_file_or_directory);
     CHECK(e.path() == path);
@@ -98,7 +99,7 @@ TEST_CASE("load_parameters: OS failures are moe::IoError with the path and the e
     const fs::path file = dir / "plain";
     write_all(file, {'x'});
     const std::string path = (file / "x.ckpt").string();
-    const moe::IoError e = io_error_of([&] { moe::io::load_parameters(model, path); });
+    const moe::IoError e = io_error_of([&] { moe::io::load_checkpoint(model, path); });
     INFO(e.what());
     CHECK(e.code() == std::errc::not_a_directory);
     CHECK_THAT(e.what(), Contains(path));
@@ -107,24 +108,24 @@ TEST_CASE("load_parameters: OS failures are moe::IoError with the path and the e
   fs::remove_all(dir);
 }
 
-TEST_CASE("save_parameters: OS failures are moe::IoError; the previous file survives", "[bad_input][io]") {
+TEST_CASE("save_checkpoint: OS failures are moe::IoError; the previous file survives", "[bad_input][io]") {
   const fs::path dir = scratch_dir();
   auto model = make(1);
 
   SECTION("into a directory that does not exist") {
     const std::string path = (dir / "no_such_dir" / "m.ckpt").string();
-    const moe::IoError e = io_error_of([&] { moe::io::save_parameters(model, path); });
+    const moe::IoError e = io_error_of([&] { moe::io::save_checkpoint(model, path); });
     INFO(e.what());
     CHECK(e.code() == std::errc::no_such_file_or_directory);
     CHECK(e.path() == path);
-    CHECK_THAT(e.what(), Contains(path) && Contains("save_parameters") && Contains("open"));
+    CHECK_THAT(e.what(), Contains(path) && Contains("save_checkpoint") && Contains("open"));
     CHECK(!fs::exists(dir / "no_such_dir"));
   }
   SECTION("onto a directory: nothing replaced, no temporary left behind") {
     const fs::path target = dir / "taken";
     fs::create_directory(target);
     write_all(target / "inside", {'k', 'e', 'e', 'p'});
-    const moe::IoError e = io_error_of([&] { moe::io::save_parameters(model, target.string()); });
+    const moe::IoError e = io_error_of([&] { moe::io::save_checkpoint(model, target.string()); });
     INFO(e.what());
     CHECK(e.code() == std::errc::is_a_directory);
     CHECK(e.path() == target.string());
@@ -138,11 +139,11 @@ TEST_CASE("save_parameters: OS failures are moe::IoError; the previous file surv
   fs::remove_all(dir);
 }
 
-TEST_CASE("load_parameters: bad content is moe::Error naming the file and the field", "[bad_input][io]") {
+TEST_CASE("load_checkpoint: bad content is moe::Error naming the file and the field", "[bad_input][io]") {
   const fs::path dir = scratch_dir();
   const std::string good = (dir / "good.ckpt").string(), bad = (dir / "bad.ckpt").string();
   auto saved = make(1);
-  moe::io::save_parameters(saved, good);
+  moe::io::save_checkpoint(saved, good);
   const auto bytes = read_all(good);
   auto model = make(2);
   const auto before = flatten(model);
@@ -152,7 +153,7 @@ TEST_CASE("load_parameters: bad content is moe::Error naming the file and the fi
     write_all(bad, content);
     INFO("expected a moe::Error about " << field);
     try {
-      moe::io::load_parameters(model, bad);
+      moe::io::load_checkpoint(model, bad);
       FAIL("nothing was thrown");
     } catch (const moe::IoError& e) {
       FAIL("content error reported as moe::IoError: " << e.what());
@@ -161,32 +162,35 @@ TEST_CASE("load_parameters: bad content is moe::Error naming the file and the fi
     }
     CHECK(flatten(model) == before);
   };
-  expect_error({}, "truncated");
-  expect_error(std::vector<char>(bytes.begin(), bytes.begin() + 30), "truncated");
-  expect_error(std::vector<char>(bytes.begin(), bytes.end() - 1), "truncated");
-  auto magic = bytes;
-  magic[3] = '?';
-  expect_error(magic, "bad magic");
+  expect_error({}, "fewer than the 8 of the header length");
+  expect_error(std::vector<char>(bytes.begin(), bytes.begin() + 30), "runs past the end of the file");
+  expect_error(std::vector<char>(bytes.begin(), bytes.end() - 1), "cut short");
+  auto length = bytes;
+  length[3] = '?';
+  expect_error(length, "header length");
   auto longer = bytes;
   longer.push_back('\0');
   expect_error(longer, "trailing bytes");
   auto renamed = bytes;
-  renamed[8 + 4 + 4 + 7] ^= 1;  // a letter of the first name, "router.gate"
-  expect_error(renamed, "router.gate");
+  const std::string name = "\"router.gate\"";
+  const auto at = std::search(renamed.begin(), renamed.end(), name.begin(), name.end());
+  REQUIRE(at != renamed.end());
+  at[2] ^= 1;  // a letter of "router.gate" in the header: the file parses, the model's tensor is missing
+  expect_error(renamed, "no tensor \"router.gate\"");
 
   // Another shape and another scalar type: the field is the tensor's name.
   moe::MixtralMoE wider({.d_model = 6, .d_ff = 7, .n_experts = 3, .top_k = 2});
-  moe::io::save_parameters(wider, bad);
+  moe::io::save_checkpoint(wider, bad);
   try {
-    moe::io::load_parameters(model, bad);
+    moe::io::load_checkpoint(model, bad);
     FAIL("nothing was thrown");
   } catch (const moe::Error& e) {
     CHECK_THAT(e.what(), Contains(bad) && Contains("bank0.w1 is (21, 6) in the file, (15, 6) in the model"));
   }
   moe::MixtralMoEType<double> as_double({.d_model = 6, .d_ff = 5, .n_experts = 3, .top_k = 2});
-  moe::io::save_parameters(as_double, bad);
+  moe::io::save_checkpoint(as_double, bad);
   try {
-    moe::io::load_parameters(model, bad);
+    moe::io::load_checkpoint(model, bad);
     FAIL("nothing was thrown");
   } catch (const moe::Error& e) {
     CHECK_THAT(e.what(), Contains(bad) && Contains("router.gate has 8-byte elements in the file, 4"));
@@ -194,7 +198,7 @@ TEST_CASE("load_parameters: bad content is moe::Error naming the file and the fi
   CHECK(flatten(model) == before);
 
   // And the good file still loads.
-  moe::io::load_parameters(model, good);
+  moe::io::load_checkpoint(model, good);
   CHECK(flatten(model) == flatten(saved));
   fs::remove_all(dir);
 }

@@ -90,10 +90,10 @@ TEST_CASE("MoELayer::backward after a weight write throws moe::Error naming the 
     const std::string path =
         (std::filesystem::temp_directory_path() / "moe_bad_input_stale_backward_test.ckpt").string();
     layer.forward(x, y, ctx);
-    moe::io::save_parameters(layer, path);
+    moe::io::save_checkpoint(layer, path);
     REQUIRE_NOTHROW(layer.backward(dy, dx, ctx));
     fill_gradients(layer);
-    moe::io::load_parameters(layer, path);
+    moe::io::load_checkpoint(layer, path);
     REQUIRE_THROWS_WITH(layer.backward(dy, dx, ctx), Contains("router.gate"));
     CHECK(gradients_untouched(layer));
     std::filesystem::remove(path);

@@ -1,38 +1,32 @@
 #pragma once
 /// @file io/checkpoint.hpp
-/// @brief Saving and loading every parameter a model visits, in a small documented binary format (the
-/// safetensors format comes later). All integers little-endian:
+/// @brief Checkpoints in safetensors (io/safetensors.hpp): what a model needs to resume, in a file other tools
+/// read.
 ///
-///   "MOECKPT1"                      8 bytes magic (the 1 is the format version)
-///   u32 count                       number of tensors
-///   count times:
-///     u32 name_length, name bytes   the visitor name, e.g. "bank0.w1"
-///     u8  element_size              4 (float) or 8 (double)
-///     i64 rows, i64 cols
-///     rows * cols elements          row-major, IEEE-754
+///  - every parameter (visit_parameters) as a (rows, cols) tensor named as visited ("router.gate", "bank0.w1"),
+///    in the model's Scalar (F32 or F64);
+///  - every state buffer (visit_state: a selection bias, a frozen LoRA base) as a 1-D tensor under its name;
+///  - with an optimizer, its state (visit_state(model, f): moments, "step") under "optimizer.<name>", counters as
+///    I64;
+///  - `__metadata__`: {"format": "moe", "moe_checkpoint": "2"} and the caller's entries.
 ///
-/// load_parameters() requires the same names, order, shapes and element type as the model, and reads and
-/// checks the whole file before writing anything: after any error the model is unchanged.
+/// load_checkpoint() requires exactly the model's tensors: the same names (no missing, no extra one), shapes
+/// and element types. It reads and checks the whole file into fresh buffers before writing anything, so after
+/// any error the model (and the optimizer) are unchanged; it returns the file's metadata.
 ///
-/// Errors, and nothing else (no std::ios_base::failure):
-///  - moe::IoError (a std::system_error): an operating-system call failed: open, read, write or rename.
-///    code() is the errno (std::errc::no_such_file_or_directory, is_a_directory, permission_denied,
-///    no_space_on_device, ...), path() the path given, what() the function, the operation, the path and the
-///    OS reason.
-///  - moe::Error: the file was read but its content is not a checkpoint of this model (bad magic, another
-///    tensor count, name, element type or shape, truncated, trailing bytes); what() names the file and the
-///    field.
-/// save_parameters() writes `path + ".tmp"` and renames it over `path`: a failed save leaves an existing file
-/// at `path` as it was and removes the temporary.
+/// Errors: moe::IoError (a std::system_error) when an operating-system call fails (open, map, write, fsync,
+/// rename; code() is the errno, path() the file); moe::Error when the file is not safetensors
+/// (io::SafetensorsError, naming the rule) or not a checkpoint of this model (naming the file and the tensor).
+/// save_checkpoint() writes atomically (a temporary in the same folder, fsync, rename): a failed save leaves
+/// an existing file at `path` as it was. (The earlier home-made binary format, "MOECKPT1", is gone.)
 
-#include <bit>
-#include <cerrno>
+#include <algorithm>
+#include <concepts>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <filesystem>
+#include <map>
+#include <span>
 #include <string>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -40,164 +34,157 @@
 #include "../config.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
+#include "safetensors.hpp"
 
 namespace moe::io {
 
+/// Metadata of a checkpoint (safetensors `__metadata__`).
+using Metadata = std::map<std::string, std::string>;
+
 namespace detail {
 
-static_assert(std::endian::native == std::endian::little, "moe::io: the checkpoint format is little-endian");
-inline constexpr char k_magic[8] = {'M', 'O', 'E', 'C', 'K', 'P', 'T', '1'};
-
-/// Throws moe::IoError for a failed OS call; `err` is its errno (0: none given, reported as io_error).
-[[noreturn]] inline void throw_io(int err, const std::string& path, const std::string& what) {
-  throw IoError(err != 0 ? std::error_code(err, std::generic_category()) : std::make_error_code(std::errc::io_error),
-                path, what);
-}
-
-/// A C stream closed when it goes out of scope (save closes it itself, to see the error of the last flush).
-struct File {
-  std::FILE* f;
-  explicit File(std::FILE* file) : f(file) {}
-  File(const File&) = delete;
-  File& operator=(const File&) = delete;
-  ~File() {
-    if (f != nullptr) std::fclose(f);
-  }
+/// A model whose state a checkpoint holds besides its parameters (MoELayer and Stack of trainable policies).
+template <class Model>
+concept HasState = requires(Model& m) {
+  m.visit_state([](const std::string&, auto) {});
 };
 
-/// Bytes of the checkpoint of `model`: what load_parameters() reads at most (plus one, to see trailing bytes).
-template <class Model>
-std::size_t file_bytes(Model& model) {
-  std::size_t n = sizeof(k_magic) + sizeof(std::uint32_t);
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>)
+    return DType::F32;
+  else if constexpr (std::is_same_v<T, double>)
+    return DType::F64;
+  else
+    return DType::I64;
+}
+
+// One tensor of a checkpoint: where its values live in the model (or the optimizer).
+struct Slot {
+  std::string name;
+  DType dtype;
+  std::vector<std::int64_t> shape;
+  std::span<std::byte> bytes;  // the live buffer
+};
+
+// Every tensor of the checkpoint of `model` (and `optimizer`, unless it is nullptr), in visit order. The
+// parameters are read through const access (their version() does not advance); load writes through p.data().
+template <class Model, class Optimizer>
+std::vector<Slot> slots(Model& model, Optimizer* optimizer, bool for_writing) {
+  std::vector<Slot> out;
   model.visit_parameters([&](const std::string& name, auto& p) {
     using T = std::remove_cvref_t<decltype(*std::as_const(p).data())>;
-    n += sizeof(std::uint32_t) + name.size() + sizeof(std::uint8_t) + 2 * sizeof(std::int64_t) +
-         sizeof(T) * static_cast<std::size_t>(p.rows() * p.cols());
+    T* values = for_writing ? p.data() : const_cast<T*>(std::as_const(p).data());
+    out.push_back({name,
+                   dtype_of<T>(),
+                   {p.rows(), p.cols()},
+                   std::as_writable_bytes(std::span<T>(values, static_cast<std::size_t>(p.rows() * p.cols())))});
   });
-  return n;
+  const auto state = [&](const std::string& prefix) {
+    return [&out, prefix](const std::string& name, auto values) {
+      using T = typename decltype(values)::value_type;
+      out.push_back(
+          {prefix + name, dtype_of<T>(), {static_cast<std::int64_t>(values.size())}, std::as_writable_bytes(values)});
+    };
+  };
+  if constexpr (HasState<Model>) model.visit_state(state(""));
+  if constexpr (!std::is_same_v<Optimizer, std::nullptr_t>)
+    if (optimizer != nullptr) optimizer->visit_state(model, state("optimizer."));
+  return out;
 }
 
-/// Up to `limit` bytes of the file at `path` (fewer when it is shorter). Throws moe::IoError.
-inline std::vector<char> read_at_most(const std::string& path, std::size_t limit) {
-  const std::string who = "moe::io::load_parameters: ";
-  std::error_code ignored;
-  if (std::filesystem::is_directory(path, ignored))
-    throw IoError(std::make_error_code(std::errc::is_a_directory), path, who + "cannot open " + path + " for reading");
-  File file{std::fopen(path.c_str(), "rb")};
-  if (file.f == nullptr) throw_io(errno, path, who + "cannot open " + path + " for reading");
-  std::vector<char> bytes(limit);
-  errno = 0;
-  const std::size_t n = std::fread(bytes.data(), 1, limit, file.f);
-  if (n < limit && std::ferror(file.f) != 0) throw_io(errno, path, who + "cannot read " + path);
-  bytes.resize(n);
-  return bytes;
+// Rethrows an OS failure of the safetensors layer as one of `who` (the function the caller called).
+[[noreturn]] inline void rethrow_as(const char* who, const IoError& e) {
+  std::string what = e.what();
+  const std::string reason = ": " + e.code().message();
+  if (what.size() >= reason.size() && what.compare(what.size() - reason.size(), reason.size(), reason) == 0)
+    what.resize(what.size() - reason.size());
+  const auto colon = what.find(": ");
+  throw IoError(e.code(), e.path(), std::string(who) + (colon == std::string::npos ? what : what.substr(colon)));
 }
 
-/// Reads from an in-memory file, checking every length against what is left (moe::Error when it is short).
-class Reader {
- public:
-  Reader(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {}
-  template <class U>
-  U get(const char* what) {
-    U v;
-    std::memcpy(&v, bytes_.data() + skip(sizeof(U), what), sizeof(U));
-    return v;
+template <class Model, class Optimizer>
+void save(Model& model, Optimizer* optimizer, const std::filesystem::path& path, const Metadata& metadata) {
+  std::vector<TensorToWrite> tensors;
+  for (const Slot& s : slots(model, optimizer, false)) tensors.push_back({s.name, s.dtype, s.shape, s.bytes});
+  Metadata m = metadata;
+  m["format"] = "moe";
+  m["moe_checkpoint"] = "2";
+  try {
+    save_safetensors(path, tensors, m);
+  } catch (const IoError& e) {
+    rethrow_as("moe::io::save_checkpoint", e);
   }
-  /// Moves past n bytes; returns where they start.
-  std::size_t skip(std::size_t n, const char* what) {
-    moe::detail::require(n <= bytes_.size() - pos_, "moe::io::load_parameters: ", path_, " is truncated (reading ",
-                         what, " at byte ", pos_, ")");
-    pos_ += n;
-    return pos_ - n;
-  }
-  const char* at(std::size_t offset) const { return bytes_.data() + offset; }
-  bool at_end() const { return pos_ == bytes_.size(); }
+}
 
- private:
-  const std::vector<char>& bytes_;
-  const std::string& path_;
-  std::size_t pos_ = 0;
-};
+template <class Model, class Optimizer>
+Metadata load(Model& model, Optimizer* optimizer, const std::filesystem::path& path) {
+  const Safetensors file = [&] {
+    try {
+      return Safetensors::open(path);
+    } catch (const IoError& e) {
+      rethrow_as("moe::io::load_checkpoint", e);
+    }
+  }();
+  const std::string who = "moe::io::load_checkpoint: " + path.string();
+  std::vector<Slot> expected = slots(model, optimizer, false);
+  moe::detail::require(file.tensors().size() == expected.size(), who, " holds ", file.tensors().size(),
+                       " tensors, the model has ", expected.size());
+  // Check every tensor and copy it into fresh storage; only then write the model.
+  std::vector<std::vector<std::byte>> fresh;
+  for (const Slot& s : expected) {
+    const TensorView* t = file.find(s.name);
+    moe::detail::require(t != nullptr, who, " has no tensor \"", s.name, "\" (the model's names are visit_parameters'",
+                         " and visit_state's)");
+    moe::detail::require(dtype_size(t->dtype) == dtype_size(s.dtype), who, ": ", s.name, " has ", dtype_size(t->dtype),
+                         "-byte elements in the file, ", dtype_size(s.dtype), " in the model");
+    moe::detail::require(t->dtype == s.dtype, who, ": ", s.name, " is ", dtype_name(t->dtype), " in the file, ",
+                         dtype_name(s.dtype), " in the model");
+    if (t->shape != s.shape) {
+      const auto text = [](const std::vector<std::int64_t>& shape) {
+        std::string out = "(";
+        for (std::size_t k = 0; k < shape.size(); ++k) {
+          if (k > 0) out += ", ";
+          out += std::to_string(shape[k]);
+        }
+        return out + ")";
+      };
+      throw Error(who + ": " + s.name + " is " + text(t->shape) + " in the file, " + text(s.shape) + " in the model");
+    }
+    fresh.emplace_back(t->data.begin(), t->data.end());
+  }
+  std::size_t i = 0;
+  for (const Slot& s : slots(model, optimizer, true)) {
+    std::copy(fresh[i].begin(), fresh[i].end(), s.bytes.begin());
+    ++i;
+  }
+  return file.metadata();
+}
 
 }  // namespace detail
 
-/// Writes every parameter of `model` (visit order) to `path`, through `path + ".tmp"` renamed over it.
-/// Reads the parameters through const access: their version() does not advance. Throws moe::IoError (see the
-/// file comment); after a failure an existing file at `path` is unchanged.
+/// Writes every parameter and state buffer of `model` to `path` (see the file comment), with `metadata`.
 template <class Model>
-void save_parameters(Model& model, const std::string& path) {
-  const std::string who = "moe::io::save_parameters: ", tmp = path + ".tmp";
-  std::uint32_t count = 0;
-  model.visit_parameters([&](const std::string&, auto&) { ++count; });
-  detail::File file{std::fopen(tmp.c_str(), "wb")};
-  if (file.f == nullptr) detail::throw_io(errno, path, who + "cannot open " + tmp + " for writing");
-  try {
-    const auto put = [&](const void* p, std::size_t n) {
-      if (std::fwrite(p, 1, n, file.f) != n) detail::throw_io(errno, path, who + "cannot write " + tmp);
-    };
-    const auto put_value = [&](auto v) { put(&v, sizeof(v)); };
-    put(detail::k_magic, sizeof(detail::k_magic));
-    put_value(count);
-    model.visit_parameters([&](const std::string& name, auto& p) {
-      const auto* values = std::as_const(p).data();
-      using T = std::remove_cvref_t<decltype(*values)>;
-      put_value(static_cast<std::uint32_t>(name.size()));
-      put(name.data(), name.size());
-      put_value(static_cast<std::uint8_t>(sizeof(T)));
-      put_value(static_cast<std::int64_t>(p.rows()));
-      put_value(static_cast<std::int64_t>(p.cols()));
-      put(values, sizeof(T) * static_cast<std::size_t>(p.rows() * p.cols()));
-    });
-    const int closed = std::fclose(std::exchange(file.f, nullptr));  // flushes: a full disk shows here
-    if (closed != 0) detail::throw_io(errno, path, who + "cannot write " + tmp + " (closing it)");
-    if (std::rename(tmp.c_str(), path.c_str()) != 0)
-      detail::throw_io(errno, path, who + "cannot rename " + tmp + " to " + path);
-  } catch (...) {
-    if (file.f != nullptr) std::fclose(std::exchange(file.f, nullptr));
-    std::remove(tmp.c_str());
-    throw;
-  }
+void save_checkpoint(Model& model, const std::filesystem::path& path, const Metadata& metadata = {}) {
+  detail::save(model, static_cast<std::nullptr_t*>(nullptr), path, metadata);
+}
+/// As above, and the optimizer's state ("optimizer.<name>"): everything a training run needs to resume.
+template <class Model, class Optimizer>
+requires(!std::convertible_to<Optimizer&, const std::filesystem::path&>) void save_checkpoint(
+    Model& model, Optimizer& optimizer, const std::filesystem::path& path, const Metadata& metadata = {}) {
+  detail::save(model, &optimizer, path, metadata);
 }
 
-/// Reads `path` into the parameters of `model`; see the file comment for what must match and what is thrown.
-/// Reads at most the bytes a checkpoint of this model has (plus one), so a huge wrong file costs no more.
+/// Reads `path` into `model`; returns the file's metadata. See the file comment for what must match.
 template <class Model>
-void load_parameters(Model& model, const std::string& path) {
-  const std::vector<char> bytes = detail::read_at_most(path, detail::file_bytes(model) + 1);
-  detail::Reader r(bytes, path);
-  const char* who = "moe::io::load_parameters: ";
-  moe::detail::require(std::memcmp(r.at(r.skip(sizeof(detail::k_magic), "the magic")), detail::k_magic,
-                                   sizeof(detail::k_magic)) == 0,
-                       who, path, " is not a moe checkpoint (bad magic)");
-  const auto count = r.get<std::uint32_t>("the tensor count");
-  std::uint32_t expected = 0;
-  model.visit_parameters([&](const std::string&, auto&) { ++expected; });
-  moe::detail::require(count == expected, who, path, " holds ", count, " tensors, the model has ", expected);
-
-  // First pass: check every header and find every tensor's bytes; second pass: copy them into the model.
-  std::vector<std::size_t> offsets;
-  offsets.reserve(count);
-  model.visit_parameters([&](const std::string& name, auto& p) {
-    using T = std::remove_cvref_t<decltype(*std::as_const(p).data())>;
-    const auto len = r.get<std::uint32_t>("a name length");
-    moe::detail::require(len == name.size(), who, path, " has a tensor name of ", len, " bytes where the model has \"",
-                         name, "\"");
-    const std::string got(r.at(r.skip(len, "a name")), len);
-    moe::detail::require(got == name, who, path, " has tensor \"", got, "\" where the model has \"", name, "\"");
-    const auto size = r.get<std::uint8_t>("an element size");
-    const auto rows = r.get<std::int64_t>("rows"), cols = r.get<std::int64_t>("cols");
-    moe::detail::require(size == sizeof(T), who, path, ": ", name, " has ", int(size), "-byte elements in the file, ",
-                         sizeof(T), " in the model");
-    moe::detail::require(rows == p.rows() && cols == p.cols(), who, path, ": ", name, " is (", rows, ", ", cols,
-                         ") in the file, (", p.rows(), ", ", p.cols(), ") in the model");
-    offsets.push_back(r.skip(sizeof(T) * static_cast<std::size_t>(rows * cols), name.c_str()));
-  });
-  moe::detail::require(r.at_end(), who, path, " has trailing bytes after the last tensor");
-  std::size_t i = 0;
-  model.visit_parameters([&](const std::string&, auto& p) {
-    using T = std::remove_cvref_t<decltype(*std::as_const(p).data())>;
-    std::memcpy(static_cast<void*>(p.data()), r.at(offsets[i++]), sizeof(T) * static_cast<std::size_t>(p.rows() * p.cols()));
-  });
+Metadata load_checkpoint(Model& model, const std::filesystem::path& path) {
+  return detail::load(model, static_cast<std::nullptr_t*>(nullptr), path);
+}
+/// As above, and the optimizer's state.
+template <class Model, class Optimizer>
+requires(!std::convertible_to<Optimizer&, const std::filesystem::path&>) Metadata
+    load_checkpoint(Model& model, Optimizer& optimizer, const std::filesystem::path& path) {
+  return detail::load(model, &optimizer, path);
 }
 
 }  // namespace moe::io

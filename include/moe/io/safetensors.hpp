@@ -655,7 +655,7 @@ inline void save_safetensors(const std::filesystem::path& path, std::span<const 
                   std::string("moe::io::save_safetensors: cannot ") + op + " " + path.string());
   };
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail("create a temporary next to", errno);
+  if (fd < 0) fail("open a temporary next to", errno);
   std::size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
