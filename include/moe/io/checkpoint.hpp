@@ -11,7 +11,7 @@
 ///  - `__metadata__`: {"format": "moe", "moe_checkpoint": "2"} and the caller's entries.
 ///
 /// load_checkpoint() requires exactly the model's tensors: the same names (no missing, no extra one), shapes
-/// and element types. It reads and checks the whole file into fresh buffers before writing anything, so after
+/// and element types. It checks the whole file (mapped read-only) before writing anything, so after
 /// any error the model (and the optimizer) are unchanged; it returns the file's metadata.
 ///
 /// Errors: moe::IoError (a std::system_error) when an operating-system call fails (open, map, write, fsync,
@@ -93,16 +93,6 @@ std::vector<Slot> slots(Model& model, Optimizer* optimizer, bool for_writing) {
   return out;
 }
 
-// Rethrows an OS failure of the safetensors layer as one of `who` (the function the caller called).
-[[noreturn]] inline void rethrow_as(const char* who, const IoError& e) {
-  std::string what = e.what();
-  const std::string reason = ": " + e.code().message();
-  if (what.size() >= reason.size() && what.compare(what.size() - reason.size(), reason.size(), reason) == 0)
-    what.resize(what.size() - reason.size());
-  const auto colon = what.find(": ");
-  throw IoError(e.code(), e.path(), std::string(who) + (colon == std::string::npos ? what : what.substr(colon)));
-}
-
 template <class Model, class Optimizer>
 void save(Model& model, Optimizer* optimizer, const std::filesystem::path& path, const Metadata& metadata) {
   std::vector<TensorToWrite> tensors;
@@ -110,28 +100,19 @@ void save(Model& model, Optimizer* optimizer, const std::filesystem::path& path,
   Metadata m = metadata;
   m["format"] = "moe";
   m["moe_checkpoint"] = "2";
-  try {
-    save_safetensors(path, tensors, m);
-  } catch (const IoError& e) {
-    rethrow_as("moe::io::save_checkpoint", e);
-  }
+  save_safetensors(path, tensors, m, "moe::io::save_checkpoint");
 }
 
 template <class Model, class Optimizer>
 Metadata load(Model& model, Optimizer* optimizer, const std::filesystem::path& path) {
-  const Safetensors file = [&] {
-    try {
-      return Safetensors::open(path);
-    } catch (const IoError& e) {
-      rethrow_as("moe::io::load_checkpoint", e);
-    }
-  }();
+  // The mapping is read-only and stays open: every tensor is checked against it, then copied from it.
+  const Safetensors file = Safetensors::open(path, {}, "moe::io::load_checkpoint");
   const std::string who = "moe::io::load_checkpoint: " + path.string();
   std::vector<Slot> expected = slots(model, optimizer, false);
   moe::detail::require(file.tensors().size() == expected.size(), who, " holds ", file.tensors().size(),
                        " tensors, the model has ", expected.size());
-  // Check every tensor and copy it into fresh storage; only then write the model.
-  std::vector<std::vector<std::byte>> fresh;
+  // Check every tensor first; only then write the model (all or nothing).
+  std::vector<const TensorView*> source;
   for (const Slot& s : expected) {
     const TensorView* t = file.find(s.name);
     moe::detail::require(t != nullptr, who, " has no tensor \"", s.name, "\" (the model's names are visit_parameters'",
@@ -151,11 +132,11 @@ Metadata load(Model& model, Optimizer* optimizer, const std::filesystem::path& p
       };
       throw Error(who + ": " + s.name + " is " + text(t->shape) + " in the file, " + text(s.shape) + " in the model");
     }
-    fresh.emplace_back(t->data.begin(), t->data.end());
+    source.push_back(t);
   }
   std::size_t i = 0;
-  for (const Slot& s : slots(model, optimizer, true)) {
-    std::copy(fresh[i].begin(), fresh[i].end(), s.bytes.begin());
+  for (const Slot& s : slots(model, optimizer, true)) {  // through the writing accessors: versions advance
+    std::copy(source[i]->data.begin(), source[i]->data.end(), s.bytes.begin());
     ++i;
   }
   return file.metadata();

@@ -206,7 +206,8 @@ inline bool valid_utf8(const unsigned char* p, std::size_t n) {
 // A read-only mapping of a whole file (POSIX mmap); empty files map to nothing.
 class Mapping {
  public:
-  explicit Mapping(const std::filesystem::path& path) {
+  // `who` names the caller's function in errors.
+  Mapping(const std::filesystem::path& path, const char* who) : who_(who) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) fail(path, "open");
     struct stat st {};
@@ -239,10 +240,11 @@ class Mapping {
   std::span<const std::byte> bytes() const { return {static_cast<const std::byte*>(data_), size_}; }
 
  private:
-  [[noreturn]] static void fail(const std::filesystem::path& path, const char* op, int e = errno) {
+  [[noreturn]] void fail(const std::filesystem::path& path, const char* op, int e = errno) const {
     throw IoError(std::error_code(e, std::generic_category()), path.string(),
-                  std::string("moe::io::Safetensors::open: cannot ") + op + " " + path.string());
+                  std::string(who_) + ": cannot " + op + " " + path.string());
   }
+  const char* who_;
   void* data_ = nullptr;
   std::size_t size_ = 0;
 };
@@ -265,9 +267,11 @@ class Safetensors {
   }
 
   /// Maps `path` read-only (POSIX mmap) and parses it; the mapping lives as long as the result (and its copies).
-  /// Throws moe::IoError when the file cannot be opened or mapped.
-  static Safetensors open(const std::filesystem::path& path, const SafetensorsLimits& limits = {}) {
-    auto mapping = std::make_shared<const detail::Mapping>(path);
+  /// Throws moe::IoError when the file cannot be opened or mapped; its message starts with `who` (the function
+  /// the caller called).
+  static Safetensors open(const std::filesystem::path& path, const SafetensorsLimits& limits = {},
+                          const char* who = "moe::io::Safetensors::open") {
+    auto mapping = std::make_shared<const detail::Mapping>(path, who);
     Safetensors f = parse(mapping->bytes(), path.string(), limits);
     f.mapping_ = std::move(mapping);
     return f;
@@ -643,16 +647,17 @@ inline std::vector<std::byte> serialize_safetensors(std::span<const TensorToWrit
 
 /// Writes serialize_safetensors(tensors, metadata) to `path` atomically: a temporary in the same folder, fsync,
 /// rename over `path`, fsync of the folder. Throws moe::IoError (an OS call failed; the temporary is removed and
-/// an existing file at `path` is unchanged) or moe::Error (see serialize_safetensors).
+/// an existing file at `path` is unchanged; its message starts with `who`) or moe::Error (see serialize_safetensors).
 inline void save_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
-                             const std::map<std::string, std::string>& metadata = {}) {
+                             const std::map<std::string, std::string>& metadata = {},
+                             const char* who = "moe::io::save_safetensors") {
   const std::vector<std::byte> bytes = serialize_safetensors(tensors, metadata);
   std::filesystem::path tmp = path;
   tmp += ".tmp." + std::to_string(::getpid());
   const auto fail = [&](const char* op, int e) {
     ::unlink(tmp.c_str());
     throw IoError(std::error_code(e, std::generic_category()), path.string(),
-                  std::string("moe::io::save_safetensors: cannot ") + op + " " + path.string());
+                  std::string(who) + ": cannot " + op + " " + path.string());
   };
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("open a temporary next to", errno);
