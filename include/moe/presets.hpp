@@ -4,8 +4,10 @@
 /// name is the float layer.
 
 #include "experts/ffn.hpp"
+#include "experts/shared.hpp"
 #include "experts/zero_computation.hpp"
 #include "moe_layer.hpp"
+#include "routers/top_k_router.hpp"
 #include "routers/top_k_softmax.hpp"
 
 namespace moe {
@@ -28,5 +30,56 @@ template <class T>
 using MoEPlusPlusType = MoELayer<routers::TopKSoftmax<T>, experts::SwiGLU<T>, experts::ConstantExperts<T>,
                                  experts::CopyExperts<T>, experts::ZeroExperts<T>>;
 using MoEPlusPlus = MoEPlusPlusType<float>;
+
+/// Routed SwiGLU experts under any TopKRouter preset: the MoE block of Mixtral, Qwen3-MoE, OLMoE and
+/// DeepSeek-V2/V3 without their shared experts. Build with a preset:
+///   SwiGLUMoEType<float> layer{routers::TopKRouter<float>(cfg, routers::presets::qwen3_moe()),
+///   experts::SwiGLU<float>(cfg)};
+template <class T>
+using SwiGLUMoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>>;
+
+/// The shared experts of DeepSeekMoE: added as they are.
+template <class T>
+using DeepSeekMoEShared = experts::Shared<experts::SwiGLU<T>>;
+/// DeepSeekMoE (arXiv 2401.06066; DeepSeek-V2/V3): fine-grained routed SwiGLU experts plus always-on shared
+/// SwiGLU experts whose output is added unweighted. DeepSeek's checkpoints hold the n_shared shared experts as
+/// one MLP of width n_shared × moe_intermediate_size, which is the same function: make_deepseek_moe builds that.
+template <class T>
+using DeepSeekMoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>, DeepSeekMoEShared<T>>;
+using DeepSeekMoE = DeepSeekMoEType<float>;
+
+/// The shared expert of Qwen2-MoE: scaled per token by sigmoid(w_sg · x).
+template <class T>
+using Qwen2MoEShared = experts::Shared<experts::SwiGLU<T>, experts::SigmoidSharedGate>;
+/// Qwen1.5/Qwen2-MoE: routed SwiGLU experts plus one shared SwiGLU expert (width
+/// shared_expert_intermediate_size) gated by sigmoid(w_sg · x).
+template <class T>
+using Qwen2MoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>, Qwen2MoEShared<T>>;
+using Qwen2MoE = Qwen2MoEType<float>;
+
+/// The experts of Switch Transformers (arXiv 2101.03961): y = W_o ReLU(W_i x), no gate projection.
+template <class T>
+using SwitchExperts = experts::FFN<T, kernels::ReLU, false>;
+/// A Switch/GShard-style layer: top-1 (routers::presets::switch_transformer) over ReLU FFN experts.
+template <class T>
+using SwitchMoEType = MoELayer<routers::TopKRouter<T>, SwitchExperts<T>>;
+
+/// A DeepSeekMoE layer: `routed` gives d_model, the routed experts' d_ff, n_experts and top_k; `shared_d_ff` the
+/// width of the merged shared MLP (n_shared × d_ff); `router` the routing (default DeepSeek-V3's; give the
+/// group knobs that fit n_experts). Weights start at 0: call init() or load them.
+template <class T = float>
+DeepSeekMoEType<T> make_deepseek_moe(const MoEConfig& routed, Index shared_d_ff,
+                                     const routers::TopKOptions& router = routers::presets::deepseek_v3()) {
+  return {routers::TopKRouter<T>(routed, router), experts::SwiGLU<T>(routed),
+          DeepSeekMoEShared<T>(MoEConfig{.d_model = routed.d_model, .d_ff = shared_d_ff, .n_experts = 1, .top_k = 1})};
+}
+
+/// A Qwen2-MoE layer: `routed` as above, `shared_d_ff` the shared expert's width; Qwen2-MoE's routing by default.
+template <class T = float>
+Qwen2MoEType<T> make_qwen2_moe(const MoEConfig& routed, Index shared_d_ff,
+                               const routers::TopKOptions& router = routers::presets::qwen2_moe()) {
+  return {routers::TopKRouter<T>(routed, router), experts::SwiGLU<T>(routed),
+          Qwen2MoEShared<T>(MoEConfig{.d_model = routed.d_model, .d_ff = shared_d_ff, .n_experts = 1, .top_k = 1})};
+}
 
 }  // namespace moe

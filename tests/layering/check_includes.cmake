@@ -10,6 +10,7 @@
 #   losses     losses/* and losses.hpp;  routers  routers/*, routers.hpp;  experts  experts/*, experts.hpp
 #   layer      moe_layer.hpp, stack.hpp, routing_stats.hpp, training_loop.hpp
 #   optim, io, reference: their folders;  composition: moe.hpp, presets.hpp (may include anything)
+#   models     models/*: whole models and other tools' formats, built from the composition (presets) and io
 cmake_minimum_required(VERSION 3.20)
 if(NOT DEFINED ROOT OR NOT DEFINED EXPECT)
   message(FATAL_ERROR "usage: cmake -DROOT=<include/moe> -DEXPECT=<violations> -P check_includes.cmake")
@@ -17,7 +18,7 @@ endif()
 get_filename_component(ROOT "${ROOT}" ABSOLUTE)
 
 function(module_of rel out)
-  if(rel MATCHES "^(kernels|routers|experts|losses|optim|io|reference)/")
+  if(rel MATCHES "^(kernels|routers|experts|losses|optim|io|reference|models)/")
     set(m "${CMAKE_MATCH_1}")
   elseif(rel MATCHES "^(kernels|routers|experts|losses)\\.hpp$")
     set(m "${CMAKE_MATCH_1}")
@@ -46,6 +47,7 @@ set(allowed_layer base contracts kernels)
 set(allowed_optim base)
 set(allowed_io base)
 set(allowed_reference base)
+set(allowed_models base contracts kernels losses routers experts layer optim io composition)
 
 file(GLOB_RECURSE headers RELATIVE "${ROOT}" "${ROOT}/*.hpp")
 set(violations 0)

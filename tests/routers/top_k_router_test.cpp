@@ -120,6 +120,24 @@ TEST_CASE("TopKRouter presets reproduce the published numerics (hand tables)", "
     const auto p = softmax(z8);
     check_weights(r, 0, {p[5], p[2], p[3], p[7]});
   }
+  SECTION("Qwen3-MoE: top-k of softmax, renormalised; OLMoE and DeepSeek-V2-Lite: not renormalised, no groups") {
+    const auto q = moe::test::route(identity_router(8, 3, presets::qwen3_moe()), x8);
+    REQUIRE(ids_of(q, 0) == std::vector<Index>{5, 2, 3});
+    const auto p = softmax(z8);
+    const double sum = p[5] + p[2] + p[3];
+    check_weights(q, 0, {p[5] / sum, p[2] / sum, p[3] / sum});
+    for (const auto& options : {presets::olmoe(), presets::deepseek_v2_lite()}) {
+      const auto r = moe::test::route(identity_router(8, 3, options), x8);
+      REQUIRE(ids_of(r, 0) == std::vector<Index>{5, 2, 3});
+      check_weights(r, 0, {p[5], p[2], p[3]});
+    }
+  }
+  SECTION("gpt-oss: top-k of the logits, weights = softmax over the chosen logits") {
+    const auto r = moe::test::route(identity_router(8, 4, presets::gpt_oss()), x8);
+    REQUIRE(ids_of(r, 0) == std::vector<Index>{5, 2, 3, 7});
+    const double sum = std::exp(3.0) + std::exp(2.0) + std::exp(1.5) + std::exp(1.0);
+    check_weights(r, 0, {std::exp(3.0) / sum, std::exp(2.0) / sum, std::exp(1.5) / sum, std::exp(1.0) / sum});
+  }
   SECTION("DeepSeek-V2: groups by max, keep 3 of 8, top-6, p x 16") {
     const std::vector<double> z = {0.1, 2.0, 1.5, 1.4, 0.3, 0.2, 1.8, -1, 0.0, 0.5, 1.9, 1.7, -0.5, 0.4, 1.0, 1.2};
     RowMatrix<double> x(1, 16);

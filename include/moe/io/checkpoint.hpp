@@ -121,17 +121,9 @@ Metadata load(Model& model, Optimizer* optimizer, const std::filesystem::path& p
                          "-byte elements in the file, ", dtype_size(s.dtype), " in the model");
     moe::detail::require(t->dtype == s.dtype, who, ": ", s.name, " is ", dtype_name(t->dtype), " in the file, ",
                          dtype_name(s.dtype), " in the model");
-    if (t->shape != s.shape) {
-      const auto text = [](const std::vector<std::int64_t>& shape) {
-        std::string out = "(";
-        for (std::size_t k = 0; k < shape.size(); ++k) {
-          if (k > 0) out += ", ";
-          out += std::to_string(shape[k]);
-        }
-        return out + ")";
-      };
-      throw Error(who + ": " + s.name + " is " + text(t->shape) + " in the file, " + text(s.shape) + " in the model");
-    }
+    if (t->shape != s.shape)
+      throw Error(who + ": " + s.name + " is " + detail::shape_string(t->shape) + " in the file, " +
+                  detail::shape_string(s.shape) + " in the model");
     source.push_back(t);
   }
   std::size_t i = 0;

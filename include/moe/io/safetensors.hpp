@@ -145,6 +145,16 @@ struct TensorView {
 
 namespace detail {
 
+/// "(2, 3)": a shape for error messages.
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string out = "(";
+  for (std::size_t k = 0; k < shape.size(); ++k) {
+    if (k > 0) out += ", ";
+    out += std::to_string(shape[k]);
+  }
+  return out + ")";
+}
+
 inline float f16_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   const std::uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;

@@ -1,7 +1,7 @@
 #pragma once
 /// @file routers/top_k_router.hpp
 /// @brief TopKRouter: token-choice top-k gating with independent knobs (PAPERS.md A.1), and the presets
-/// of Switch, Mixtral, Qwen2-MoE, DeepSeek-V2 and DeepSeek-V3 built from them.
+/// of Switch, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V2(-Lite) and DeepSeek-V3 built from them.
 ///
 /// Per token: z = W_g x̃ / τ (x̃ = x, or x with multiplicative jitter in training); scores s = f(z) (softmax,
 /// sigmoid or sqrt-softplus; raw z when the softmax comes after top-k); selection keys = s (+ the
@@ -452,6 +452,29 @@ inline TopKOptions mixtral() { return {}; }
 
 /// Qwen1.5/Qwen2-MoE: softmax, top-4 of 60, not renormalised (norm_topk_prob = false).
 inline TopKOptions qwen2_moe() { return {.renormalize = false}; }
+
+/// Qwen3-MoE (HF Qwen3-30B-A3B config): softmax, top-8 of 128, renormalised (norm_topk_prob = true).
+inline TopKOptions qwen3_moe() {
+  return {};
+}
+
+/// OLMoE (arXiv 2409.02060; HF OLMoE-1B-7B config): softmax, top-8 of 64, not renormalised.
+inline TopKOptions olmoe() {
+  return {.renormalize = false};
+}
+
+/// gpt-oss (OpenAI 2025; HF GptOssTopKRouter): top-4 of the logits, weights = softmax over the chosen logits.
+/// gpt-oss's router linear also has a bias, which TopKRouter's gate does not: with that bias zero this is its
+/// routing exactly.
+inline TopKOptions gpt_oss() {
+  return {.softmax_after_top_k = true};
+}
+
+/// DeepSeek-V2-Lite (HF config): softmax over 64 experts, plain top-6 (topk_method greedy, no groups), not
+/// renormalised, routed_scaling_factor 1.
+inline TopKOptions deepseek_v2_lite() {
+  return {.renormalize = false};
+}
 
 /// DeepSeek-V2 (arXiv 2405.04434; HF config): softmax over 160 experts, group_limited_greedy (8 groups scored
 /// by their max, keep 3), top-6, not renormalised, weights × 16.
