@@ -154,6 +154,7 @@ class MoELayer {
  public:
   using Scalar = typename R::Scalar;
   using RouterType = R;
+  static constexpr std::size_t n_banks = sizeof...(Banks);  ///< expert banks (routed and shared)
 
   /// Builds the router and the bank from one config (single-bank layers). Throws moe::Error naming the
   /// bad field of an invalid config.

@@ -31,12 +31,17 @@ using MoEPlusPlusType = MoELayer<routers::TopKSoftmax<T>, experts::SwiGLU<T>, ex
                                  experts::CopyExperts<T>, experts::ZeroExperts<T>>;
 using MoEPlusPlus = MoEPlusPlusType<float>;
 
+/// The routed SwiGLU experts of the presets below, in weight storage `Storage` (kernels::NativeWeights,
+/// BF16Weights, Int8Weights, or PackedOnly<...> of them for inference).
+template <class T, class Storage = kernels::NativeWeights>
+using RoutedSwiGLU = experts::FFN<T, kernels::SiLU, true, kernels::default_arch, Storage>;
+
 /// Routed SwiGLU experts under any TopKRouter preset: the MoE block of Mixtral, Qwen3-MoE, OLMoE and
 /// DeepSeek-V2/V3 without their shared experts. Build with a preset:
 ///   SwiGLUMoEType<float> layer{routers::TopKRouter<float>(cfg, routers::presets::qwen3_moe()),
-///   experts::SwiGLU<float>(cfg)};
-template <class T>
-using SwiGLUMoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>>;
+///                              experts::SwiGLU<float>(cfg)};
+template <class T, class Storage = kernels::NativeWeights>
+using SwiGLUMoEType = MoELayer<routers::TopKRouter<T>, RoutedSwiGLU<T, Storage>>;
 
 /// The shared experts of DeepSeekMoE: added as they are.
 template <class T>
@@ -44,8 +49,8 @@ using DeepSeekMoEShared = experts::Shared<experts::SwiGLU<T>>;
 /// DeepSeekMoE (arXiv 2401.06066; DeepSeek-V2/V3): fine-grained routed SwiGLU experts plus always-on shared
 /// SwiGLU experts whose output is added unweighted. DeepSeek's checkpoints hold the n_shared shared experts as
 /// one MLP of width n_shared × moe_intermediate_size, which is the same function: make_deepseek_moe builds that.
-template <class T>
-using DeepSeekMoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>, DeepSeekMoEShared<T>>;
+template <class T, class Storage = kernels::NativeWeights>
+using DeepSeekMoEType = MoELayer<routers::TopKRouter<T>, RoutedSwiGLU<T, Storage>, DeepSeekMoEShared<T>>;
 using DeepSeekMoE = DeepSeekMoEType<float>;
 
 /// The shared expert of Qwen2-MoE: scaled per token by sigmoid(w_sg · x).
@@ -53,16 +58,16 @@ template <class T>
 using Qwen2MoEShared = experts::Shared<experts::SwiGLU<T>, experts::SigmoidSharedGate>;
 /// Qwen1.5/Qwen2-MoE: routed SwiGLU experts plus one shared SwiGLU expert (width
 /// shared_expert_intermediate_size) gated by sigmoid(w_sg · x).
-template <class T>
-using Qwen2MoEType = MoELayer<routers::TopKRouter<T>, experts::SwiGLU<T>, Qwen2MoEShared<T>>;
+template <class T, class Storage = kernels::NativeWeights>
+using Qwen2MoEType = MoELayer<routers::TopKRouter<T>, RoutedSwiGLU<T, Storage>, Qwen2MoEShared<T>>;
 using Qwen2MoE = Qwen2MoEType<float>;
 
 /// The experts of Switch Transformers (arXiv 2101.03961): y = W_o ReLU(W_i x), no gate projection.
-template <class T>
-using SwitchExperts = experts::FFN<T, kernels::ReLU, false>;
+template <class T, class Storage = kernels::NativeWeights>
+using SwitchExperts = experts::FFN<T, kernels::ReLU, false, kernels::default_arch, Storage>;
 /// A Switch/GShard-style layer: top-1 (routers::presets::switch_transformer) over ReLU FFN experts.
-template <class T>
-using SwitchMoEType = MoELayer<routers::TopKRouter<T>, SwitchExperts<T>>;
+template <class T, class Storage = kernels::NativeWeights>
+using SwitchMoEType = MoELayer<routers::TopKRouter<T>, SwitchExperts<T, Storage>>;
 
 /// A DeepSeekMoE layer: `routed` gives d_model, the routed experts' d_ff, n_experts and top_k; `shared_d_ff` the
 /// width of the merged shared MLP (n_shared × d_ff); `router` the routing (default DeepSeek-V3's; give the

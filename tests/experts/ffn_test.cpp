@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <catch2/catch.hpp>
+#include <moe/concepts.hpp>
 #include <moe/experts/ffn.hpp>
 
 #include "support/banks.hpp"
@@ -227,4 +228,60 @@ TEST_CASE("FFN forward_tokens gives forward()'s bits on the gathered rows, for e
   check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
   check(moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::Int8Weights>(cfg));
   check(moe::experts::FFN<float, moe::kernels::ReLU, false, moe::kernels::scalar, moe::kernels::BF16Weights>(cfg));
+}
+
+namespace {
+
+// A PackedOnly bank packed expert by expert from a trainable bank's weights.
+template <class Storage, class Act, bool Gated>
+void check_packed_only(const moe::MoEConfig& cfg, const std::vector<Index>& counts) {
+  using Trainable = moe::experts::FFN<float, Act, Gated, moe::kernels::default_arch, Storage>;
+  using Packed = moe::experts::FFN<float, Act, Gated, moe::kernels::default_arch, moe::kernels::PackedOnly<Storage>>;
+  STATIC_REQUIRE(Trainable::trainable);
+  STATIC_REQUIRE(!Packed::trainable);
+  STATIC_REQUIRE(moe::ExpertBank<Packed>);
+  STATIC_REQUIRE(!moe::TrainableBank<Packed>);
+  Trainable a(cfg);
+  moe::Rng rng(5);
+  a.init(rng);
+  const Trainable& ca = a;
+  Packed b(cfg);
+  for (Index e = 0; e < cfg.n_experts; ++e) {
+    if constexpr (Gated) {
+      b.pack_expert_hidden(e, ca.w1(e), ca.w3(e));
+    } else {
+      b.pack_expert_hidden(e, ca.w1(e));
+    }
+    b.pack_expert_out(e, ca.w2(e));
+  }
+  const auto offsets = moe::test::offsets_from(counts);
+  moe::Rng x_rng(9);
+  const auto xs = moe::test::normal_matrix<float>(x_rng, offsets.back(), cfg.d_model);
+  INFO(Storage::name() << " gated=" << Gated << " d=" << cfg.d_model << " ff=" << cfg.d_ff);
+  CHECK(moe::test::bank_forward(a, xs, offsets) == moe::test::bank_forward(b, xs, offsets));
+}
+
+}  // namespace
+
+TEST_CASE("A PackedOnly bank packed expert by expert runs bitwise like the trainable bank", "[expert]") {
+  using moe::kernels::SiLU;
+  const moe::MoEConfig odd{.d_model = 33, .d_ff = 31, .n_experts = 3, .top_k = 1};
+  check_packed_only<moe::kernels::NativeWeights, SiLU, true>(odd, {5, 0, 9});
+  check_packed_only<moe::kernels::BF16Weights, SiLU, true>(odd, {5, 0, 9});
+  check_packed_only<moe::kernels::Int8Weights, SiLU, true>(odd, {5, 0, 9});
+  check_packed_only<moe::kernels::Int8Weights, moe::kernels::ReLU, false>(odd, {1, 4, 2});
+  check_packed_only<moe::kernels::BF16Weights, SiLU, true>({.d_model = 130, .d_ff = 257, .n_experts = 2, .top_k = 1},
+                                                           {30, 13});
+}
+
+TEST_CASE("A PackedOnly bank rejects a wrong expert or shape, and biases", "[expert][bad_input]") {
+  using Packed = moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch,
+                                   moe::kernels::PackedOnly<moe::kernels::BF16Weights>>;
+  const moe::MoEConfig cfg{.d_model = 8, .d_ff = 6, .n_experts = 2, .top_k = 1};
+  Packed bank(cfg);
+  RowMatrix<float> w(6, 8), wrong(8, 6);
+  REQUIRE_THROWS_WITH(bank.pack_expert_hidden(2, w, w), Catch::Matchers::Contains("expert 2 of 2"));
+  REQUIRE_THROWS_WITH(bank.pack_expert_hidden(0, w, wrong), Catch::Matchers::Contains("w3 is (8, 6), expected (6, 8)"));
+  REQUIRE_THROWS_WITH(bank.pack_expert_out(0, w), Catch::Matchers::Contains("w2 is (6, 8), expected (8, 6)"));
+  REQUIRE_THROWS_WITH(Packed(cfg, {.bias = true}), Catch::Matchers::Contains("PackedOnly storage takes no biases"));
 }

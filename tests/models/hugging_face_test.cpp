@@ -58,8 +58,8 @@ struct Run {
 };
 
 // The block's forward on the fixture's input, in T.
-template <class T>
-Run run(const models::HFMoELayer<T>& loaded, const Expected& e) {
+template <class T, class Storage>
+Run run(const models::HFMoELayer<T, Storage>& loaded, const Expected& e) {
   moe::RowMatrix<T> x(e.n_tokens, e.d_model), y(e.n_tokens, e.d_model);
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(e.x[static_cast<std::size_t>(i)]);
   moe::Workspace ws;
@@ -123,6 +123,19 @@ TEST_CASE("Each Hugging Face MoE block loads and matches PyTorch: ids exactly, o
     CHECK(error32 <= 1e-5);
     // The fixture is not trivial: the output is far from zero, so the errors above could have been large.
     CHECK(max_abs_diff(e.y_f64, std::vector<double>(e.y_f64.size(), 0.0)) > 0.1);
+  }
+}
+
+TEST_CASE("PackedOnly storage loads every fixture with bitwise the outputs of the trainable layer", "[models][hf]") {
+  for (const std::string& name : fixtures) {
+    INFO("fixture " << name);
+    const Expected e = expected(name);
+    const Run native = run(models::load_hf_moe_layer<float>(data_dir / name, e.layer), e);
+    const Run packed = run(models::load_hf_moe_layer<float, moe::kernels::PackedOnly<moe::kernels::NativeWeights>>(
+                               data_dir / name, e.layer),
+                           e);
+    CHECK(native.ids == packed.ids);
+    CHECK(native.y == packed.y);
   }
 }
 

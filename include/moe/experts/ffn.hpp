@@ -49,7 +49,9 @@ struct FFNOptions {
 /// @tparam Arch    instruction set of the kernels
 /// @tparam Storage weight storage policy of the forward kernels: kernels::NativeWeights (T),
 ///                 kernels::BF16Weights or kernels::Int8Weights (T = float). For a per-expert choice, put
-///                 experts with different storage in different banks of one MoELayer.
+///                 experts with different storage in different banks of one MoELayer. kernels::PackedOnly<S>:
+///                 inference only, the weights live in S's panels alone (filled by pack_expert; no w1/w3/w2,
+///                 init, parameters or backward), so a bf16 bank takes half the memory of f32 weights.
 ///
 /// The canonical weights (w1/w3/w2, type T) are what users and gradients read and write; the forward pass
 /// runs on panels packed from them. Every non-const access to the weights (the w1/w3/w2 accessors, init(),
@@ -69,6 +71,8 @@ class FFN {
   using Activation = Act;
   using StoragePolicy = Storage;
   static constexpr bool gated = Gated;
+  /// False with kernels::PackedOnly storage: no canonical weights, parameters or backward.
+  static constexpr bool trainable = !kernels::is_packed_only<Storage>;
 
   /// @param cfg  shape (validated: throws moe::Error naming the bad field, or the fields whose product sizes a
   ///             buffer beyond PTRDIFF_MAX bytes); weights start at 0, call init()
@@ -77,9 +81,9 @@ class FFN {
       : d_model_(checked(cfg, opts).d_model),
         d_ff_(cfg.d_ff),
         n_experts_(cfg.n_experts),
-        w1_(n_experts_ * d_ff_, d_model_),
-        w3_(Gated ? n_experts_ * d_ff_ : 0, d_model_),
-        w2_(n_experts_ * d_model_, d_ff_),
+        w1_(trainable ? n_experts_ * d_ff_ : 0, d_model_),
+        w3_(Gated && trainable ? n_experts_ * d_ff_ : 0, d_model_),
+        w2_(trainable ? n_experts_ * d_model_ : 0, d_ff_),
         opts_(opts),
         b1_(opts.bias ? n_experts_ : 0, d_ff_),
         b3_(opts.bias && Gated ? n_experts_ : 0, d_ff_),
@@ -93,22 +97,20 @@ class FFN {
   Index n_experts() const { return n_experts_; }  ///< experts in the bank
 
   /// gate_proj of expert e, (d_ff, d_model). The non-const overloads count as writes (see above).
-  MatrixView<T> w1(Index e) {
+  MatrixView<T> w1(Index e) requires trainable { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  ConstMatrixView<T> w1(Index e) const requires trainable {
     return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
   }
-  ConstMatrixView<T> w1(Index e) const { return {w1_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
   /// up_proj of expert e, (d_ff, d_model); gated banks only.
-  MatrixView<T> w3(Index e) requires Gated {
-    return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
-  }
-  ConstMatrixView<T> w3(Index e) const requires Gated {
+  MatrixView<T> w3(Index e) requires(Gated&& trainable) { return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_}; }
+  ConstMatrixView<T> w3(Index e) const requires(Gated&& trainable) {
     return {w3_.data() + e * d_ff_ * d_model_, d_ff_, d_model_};
   }
   /// down_proj of expert e, (d_model, d_ff).
-  MatrixView<T> w2(Index e) {
+  MatrixView<T> w2(Index e) requires trainable { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
+  ConstMatrixView<T> w2(Index e) const requires trainable {
     return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_};
   }
-  ConstMatrixView<T> w2(Index e) const { return {w2_.data() + e * d_model_ * d_ff_, d_model_, d_ff_}; }
 
   /// True when the bank has biases (FFNOptions::bias).
   bool has_bias() const { return opts_.bias; }
@@ -121,7 +123,7 @@ class FFN {
 
   /// The init policy of FFNOptions (default nn.Linear's U(-1/sqrt(in), 1/sqrt(in))) for each projection;
   /// biases U(-1/sqrt(in), 1/sqrt(in)) under that default, zero under any other policy (as HF does).
-  void init(Rng& rng) {
+  void init(Rng& rng) requires trainable {
     initialize(rng, opts_.init, w1_, d_model_);
     initialize(rng, opts_.init, w3_, d_model_);
     initialize(rng, opts_.init, w2_, d_ff_);
@@ -135,7 +137,7 @@ class FFN {
   /// "w2" (n_experts * d_model, d_ff): every expert's matrix stacked, expert 0 first; with biases also
   /// "b1" (n_experts, d_ff), "b3" (gated only) and "b2" (n_experts, d_model).
   template <class F>
-  void visit_parameters(F&& f) {
+  void visit_parameters(F&& f) requires trainable {
     f(std::string_view("w1"), w1_);
     if constexpr (Gated) f(std::string_view("w3"), w3_);
     f(std::string_view("w2"), w2_);
@@ -143,21 +145,36 @@ class FFN {
     f(std::string_view("b1"), b1_);
     if constexpr (Gated) f(std::string_view("b3"), b3_);
     f(std::string_view("b2"), b2_);
-  }  /// No state besides the parameters.
+  }
+  /// No state besides the parameters.
   template <class F>
-  void visit_state(F&&) {}
+  void visit_state(F&&) requires trainable {}
 
   /// Marks the packed panels stale: the next forward re-packs them (each expert when it next gets rows).
-  void repack_on_next_forward() { pack_state_.forced.fetch_add(1, std::memory_order_acq_rel); }
+  void repack_on_next_forward() requires trainable { pack_state_.forced.fetch_add(1, std::memory_order_acq_rel); }
+
+  /// PackedOnly storage: packs expert e's gate_proj w1 and (gated) up_proj w3, each (d_ff, d_model), into the
+  /// panels (w3 is ignored by a plain bank). Not concurrent with a forward. Throws moe::Error on a bad shape.
+  void pack_expert_hidden(Index e, ConstMatrixView<T> w1, ConstMatrixView<T> w3 = {}) requires(!trainable) {
+    check_expert(e, w1, d_ff_, d_model_, "w1");
+    if constexpr (Gated) check_expert(e, w3, d_ff_, d_model_, "w3");
+    const std::array<ConstMatrixView<T>, 2> sources{w1, Gated ? w3 : w1};
+    hidden_panels_.pack(e, sources.data());
+  }
+  /// PackedOnly storage: packs expert e's down_proj w2, (d_model, d_ff).
+  void pack_expert_out(Index e, ConstMatrixView<T> w2) requires(!trainable) {
+    check_expert(e, w2, d_model_, d_ff_, "w2");
+    out_panels_.pack(e, &w2);
+  }
 
   /// True when expert e's packed panels hold its current canonical weights (a full comparison; for tests).
   /// Experts are packed when a forward (or backward) first gives them rows after a weight update.
-  bool panels_current(Index e) const {
+  bool panels_current(Index e) const requires trainable {
     const ConstMatrixView<T> down = w2(e);
     return !stale(e) && hidden_panels_.matches(e, hidden_sources(e).data()) && out_panels_.matches(e, &down);
   }
   /// True when every expert's panels are current.
-  bool panels_current() const {
+  bool panels_current() const requires trainable {
     for (Index e = 0; e < n_experts_; ++e)
       if (!panels_current(e)) return false;
     return true;
@@ -187,7 +204,7 @@ class FFN {
   /// the canonical weights: with bf16/int8 storage the forward's rounding is not differentiated
   /// (straight-through).
   void backward(ConstMatrixView<T> xs, const Index* offsets, ConstMatrixView<T> dys, MatrixView<T> dxs,
-                Arena& arena) {
+                Arena& arena) requires trainable {
     const Index n_rows = xs.rows();
     T* gate = arena.take<T>(n_rows * d_ff_);              // (rows, d_ff) W1 x, then dL/d(W1 x)
     T* up = arena.take<T>(Gated ? n_rows * d_ff_ : 0);   // (rows, d_ff) W3 x, then dL/d(W3 x)
@@ -352,7 +369,10 @@ class FFN {
     return w1_.version() + w3_.version() + w2_.version() + pack_state_.forced.load(std::memory_order_acquire);
   }
   bool stale(Index e) const {
-    return pack_state_.packed[static_cast<std::size_t>(e)].load(std::memory_order_acquire) != pack_target();
+    if constexpr (!trainable)
+      return false;  // packed by pack_expert_*, never from canonical weights
+    else
+      return pack_state_.packed[static_cast<std::size_t>(e)].load(std::memory_order_acquire) != pack_target();
   }
 
   // f(e, r0, n, p0, p1) for every work item (expert e with rows [r0, r0 + n), panels [p0, p1)), taken
@@ -382,21 +402,29 @@ class FFN {
   // path is one atomic load per expert). Experts without rows wait: after a weight update a decode step
   // re-packs only the experts it routes to.
   void ensure_packed(const Index* offsets) const {
-    auto needs = [&](Index e) { return offsets[e + 1] > offsets[e] && stale(e); };
-    Index n_stale = 0;
-    for (Index e = 0; e < n_experts_; ++e) n_stale += needs(e) ? 1 : 0;
-    if (n_stale == 0) return;
-    std::lock_guard<std::mutex> guard(pack_state_.lock);
-    const std::uint64_t target = pack_target();
-    MOE_OMP(omp parallel for schedule(dynamic)
-                if(double(n_stale) * double(d_ff_) * double(d_model_) >= detail::k_parallel_min_work))
-    for (Index e = 0; e < n_experts_; ++e) {
-      if (!needs(e)) continue;
-      hidden_panels_.pack(e, hidden_sources(e).data());
-      const ConstMatrixView<T> down = w2(e);
-      out_panels_.pack(e, &down);
-      pack_state_.packed[static_cast<std::size_t>(e)].store(target, std::memory_order_release);
+    if constexpr (trainable) {  // PackedOnly panels come from pack_expert_*
+      auto needs = [&](Index e) { return offsets[e + 1] > offsets[e] && stale(e); };
+      Index n_stale = 0;
+      for (Index e = 0; e < n_experts_; ++e) n_stale += needs(e) ? 1 : 0;
+      if (n_stale == 0) return;
+      std::lock_guard<std::mutex> guard(pack_state_.lock);
+      const std::uint64_t target = pack_target();
+      MOE_OMP(omp parallel for schedule(dynamic)
+                  if(double(n_stale) * double(d_ff_) * double(d_model_) >= detail::k_parallel_min_work))
+      for (Index e = 0; e < n_experts_; ++e) {
+        if (!needs(e)) continue;
+        hidden_panels_.pack(e, hidden_sources(e).data());
+        const ConstMatrixView<T> down = w2(e);
+        out_panels_.pack(e, &down);
+        pack_state_.packed[static_cast<std::size_t>(e)].store(target, std::memory_order_release);
+      }
     }
+  }
+
+  void check_expert(Index e, ConstMatrixView<T> w, Index rows, Index cols, const char* what) const {
+    moe::detail::require(e >= 0 && e < n_experts_, "moe::experts::FFN::pack_expert: expert ", e, " of ", n_experts_);
+    moe::detail::require(w.rows() == rows && w.cols() == cols, "moe::experts::FFN::pack_expert: ", what, " is (",
+                         w.rows(), ", ", w.cols(), "), expected (", rows, ", ", cols, ")");
   }
 
   MatrixView<T> bias_row(Parameter<T>& b, Index e) {
@@ -441,6 +469,7 @@ class FFN {
   static const MoEConfig& checked(const MoEConfig& cfg, const FFNOptions& opts) {
     constexpr const char* who = "moe::experts::FFN";
     cfg.validate();
+    moe::detail::require(trainable || !opts.bias, who, ": PackedOnly storage takes no biases (opts.bias)");
     validated_init<T>(opts.init, who, "opts.init");
     moe::detail::checked_size<T>(who, "n_experts * d_ff * d_model", {cfg.n_experts, cfg.d_ff, cfg.d_model});
     kernels::PackedWeights<Kernel>::elements(

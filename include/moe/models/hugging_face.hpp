@@ -286,24 +286,38 @@ inline HFConfig read_hf_config(const std::filesystem::path& path) {
   return c;
 }
 
-/// The layer type of an architecture's MoE block, for scalar T (one of the four presets).
-template <class T>
-using HFMoELayer = std::variant<SwiGLUMoEType<T>, Qwen2MoEType<T>, DeepSeekMoEType<T>, SwitchMoEType<T>>;
+/// The layer type of an architecture's MoE block, for scalar T (one of the four presets), its routed experts in
+/// weight storage `Storage` (kernels::PackedOnly<kernels::BF16Weights>: a bf16 checkpoint at its own size).
+template <class T, class Storage = kernels::NativeWeights>
+using HFMoELayer = std::variant<SwiGLUMoEType<T, Storage>, Qwen2MoEType<T, Storage>, DeepSeekMoEType<T, Storage>,
+                                SwitchMoEType<T, Storage>>;
 
 /// Builds the (zero-weight) layer a config describes.
-template <class T>
-HFMoELayer<T> make_hf_moe_layer(const HFConfig& c) {
+template <class T, class Storage = kernels::NativeWeights>
+HFMoELayer<T, Storage> make_hf_moe_layer(const HFConfig& c) {
   const routers::TopKRouter<T> router(c.routed, c.router);
   const HFArchitecture& a = *c.architecture;
   const MoEConfig shared{.d_model = c.routed.d_model, .d_ff = c.shared_d_ff, .n_experts = 1, .top_k = 1};
-  if (!a.shared_gate.empty()) return Qwen2MoEType<T>(router, experts::SwiGLU<T>(c.routed), Qwen2MoEShared<T>(shared));
-  if (!a.shared.empty()) return DeepSeekMoEType<T>(router, experts::SwiGLU<T>(c.routed), DeepSeekMoEShared<T>(shared));
-  if (a.projections[1].empty()) return SwitchMoEType<T>(router, SwitchExperts<T>(c.routed));
-  return SwiGLUMoEType<T>(router, experts::SwiGLU<T>(c.routed));
+  using Routed = RoutedSwiGLU<T, Storage>;
+  if (!a.shared_gate.empty()) return Qwen2MoEType<T, Storage>(router, Routed(c.routed), Qwen2MoEShared<T>(shared));
+  if (!a.shared.empty()) return DeepSeekMoEType<T, Storage>(router, Routed(c.routed), DeepSeekMoEShared<T>(shared));
+  if (a.projections[1].empty()) return SwitchMoEType<T, Storage>(router, SwitchExperts<T, Storage>(c.routed));
+  return SwiGLUMoEType<T, Storage>(router, Routed(c.routed));
+}
+
+/// The Hugging Face names of routed expert `e`'s w1, w3 (empty when not gated) and w2 in layer `index`.
+inline std::array<std::string, 3> hf_expert_names(const HFConfig& c, Index index, Index e) {
+  const HFArchitecture& a = *c.architecture;
+  const std::string prefix = detail::substitute(a.block, "{L}", index) + detail::substitute(a.expert, "{E}", e);
+  std::array<std::string, 3> names;
+  for (std::size_t i = 0; i < 3; ++i)
+    if (!a.projections[i].empty()) names[i] = prefix + std::string(a.projections[i]);
+  return names;
 }
 
 /// Calls f(hf_name, span of the layer's storage, shape) for every tensor of layer `index`'s MoE block, in the
 /// layout of `c`'s architecture: the one name map both loading and saving use. Layer may be const (saving).
+/// The routed experts of a PackedOnly bank have no storage to view: their spans are empty.
 template <class Layer, class F>
 void visit_hf_tensors(Layer& layer, const HFConfig& c, Index index, F&& f) {
   const HFArchitecture& a = *c.architecture;
@@ -315,19 +329,28 @@ void visit_hf_tensors(Layer& layer, const HFConfig& c, Index index, F&& f) {
   matrix(block + std::string(a.gate), layer.router().gate());
   if (!a.selection_bias.empty())
     f(block + std::string(a.selection_bias), layer.router().bias(), std::vector<std::int64_t>{c.routed.n_experts});
-  const auto mlp = [&](const std::string& prefix, auto& bank, Index e) {
-    matrix(prefix + std::string(a.projections[0]), bank.w1(e));
-    if constexpr (std::remove_cvref_t<decltype(bank)>::gated)
-      matrix(prefix + std::string(a.projections[1]), bank.w3(e));
-    matrix(prefix + std::string(a.projections[2]), bank.w2(e));
+  const auto mlp = [&](const std::array<std::string, 3>& names, auto& bank, Index e) {
+    using Bank = std::remove_cvref_t<decltype(bank)>;
+    if constexpr (Bank::trainable) {
+      matrix(names[0], bank.w1(e));
+      if constexpr (Bank::gated) matrix(names[1], bank.w3(e));
+      matrix(names[2], bank.w2(e));
+    } else {
+      const Index ff = bank.d_ff(), d = bank.d_model();
+      for (std::size_t i = 0; i < 3; ++i)
+        if (!names[i].empty())
+          f(names[i], std::span<typename Bank::Scalar>(),
+            i < 2 ? std::vector<std::int64_t>{ff, d} : std::vector<std::int64_t>{d, ff});
+    }
   };
   auto& routed = layer.template bank<0>();
-  for (Index e = 0; e < c.routed.n_experts; ++e) mlp(block + detail::substitute(a.expert, "{E}", e), routed, e);
-  using L = std::remove_cvref_t<Layer>;
-  if constexpr (std::is_same_v<L, Qwen2MoEType<typename L::Scalar>> ||
-                std::is_same_v<L, DeepSeekMoEType<typename L::Scalar>>) {
+  for (Index e = 0; e < c.routed.n_experts; ++e) mlp(hf_expert_names(c, index, e), routed, e);
+  if constexpr (std::remove_cvref_t<Layer>::n_banks == 2) {
     auto& shared = layer.template bank<1>();
-    mlp(block + std::string(a.shared), shared.inner(), 0);
+    const std::string prefix = block + std::string(a.shared);
+    mlp({prefix + std::string(a.projections[0]), prefix + std::string(a.projections[1]),
+         prefix + std::string(a.projections[2])},
+        shared.inner(), 0);
     if constexpr (std::remove_cvref_t<decltype(shared)>::gated)
       matrix(block + std::string(a.shared_gate), shared.gate());
   }
@@ -380,16 +403,17 @@ class HFCheckpoint {
 /// or double; stored F32, F16, BF16 or F64 values are converted). Every tensor's presence, shape and dtype is
 /// checked before any is read; values must be finite. Throws (see the file comment) naming the file and the
 /// key or tensor; the layer is built fresh, so nothing half-loaded escapes.
-template <class T>
-HFMoELayer<T> load_hf_moe_layer(const std::filesystem::path& dir, Index index) {
+/// With Storage = kernels::PackedOnly<S> the routed experts are packed one at a time from the mapped file (through
+/// a temporary of one expert's w1 and w3 in T): the heap holds the packed bank, not a T copy of it.
+template <class T, class Storage = kernels::NativeWeights>
+HFMoELayer<T, Storage> load_hf_moe_layer(const std::filesystem::path& dir, Index index) {
   const HFConfig c = read_hf_config(dir);
   if (!c.is_moe_layer(index))
     throw Error("moe::models::load_hf_moe_layer: layer " + std::to_string(index) + " of " + c.source.string() +
                 " is not a MoE block (the model has " + std::to_string(c.n_layers) +
-                " layers; see first_k_dense_replace, " +
-                "decoder_sparse_step, mlp_only_layers or encoder_sparse_step)");
+                " layers; see first_k_dense_replace, decoder_sparse_step, mlp_only_layers or encoder_sparse_step)");
   HFCheckpoint files(dir);
-  HFMoELayer<T> out = make_hf_moe_layer<T>(c);
+  HFMoELayer<T, Storage> out = make_hf_moe_layer<T, Storage>(c);
   std::visit(
       [&](auto& layer) {
         for (const bool read : {false, true})
@@ -405,10 +429,27 @@ HFMoELayer<T> load_hf_moe_layer(const std::filesystem::path& dir, Index index) {
                         file.source() + ": tensor \"" + name + "\" is " + std::string(io::dtype_name(t.dtype)) + " " +
                             io::detail::shape_string(t.shape) + "; the config implies a floating-point " +
                             io::detail::shape_string(shape));
-                } else {
+                } else if (!span.empty()) {
                   file.read(name, span, /*check_finite=*/true);
                 }
               });
+        auto& routed = layer.template bank<0>();
+        if constexpr (!std::remove_cvref_t<decltype(routed)>::trainable) {
+          const Index ff = c.routed.d_ff, d = c.routed.d_model;
+          std::vector<T> w1(static_cast<std::size_t>(ff * d)), w3(routed.gated ? w1.size() : 0);
+          const auto read = [&](const std::string& name, std::vector<T>& to) {
+            files.file_of(name).read(name, std::span(to), /*check_finite=*/true);
+          };
+          for (Index e = 0; e < c.routed.n_experts; ++e) {
+            const auto names = hf_expert_names(c, index, e);
+            read(names[0], w1);
+            if (routed.gated) read(names[1], w3);
+            routed.pack_expert_hidden(e, ConstMatrixView<T>(w1.data(), ff, d),
+                                      routed.gated ? ConstMatrixView<T>(w3.data(), ff, d) : ConstMatrixView<T>());
+            read(names[2], w1);  // w2 (d_model, d_ff) has w1's size
+            routed.pack_expert_out(e, ConstMatrixView<T>(w1.data(), d, ff));
+          }
+        }
       },
       out);
   return out;

@@ -325,6 +325,23 @@ struct NativeWeights {
   using kernel = NativePanels<T, Arch>;
 };
 
+/// Weight storage policy wrapper: the weights live only in Storage's packed panels, with no canonical copy in
+/// the bank's T. Such a bank is for inference: it has no parameters, gradients or backward, and is filled
+/// expert by expert (experts::FFN::pack_expert), e.g. straight from a bf16 checkpoint, so loading needs no
+/// f32 copy of the bank.
+template <class Storage>
+struct PackedOnly {
+  static constexpr const char* name() { return Storage::name(); }
+  template <class T, class Arch>
+  using kernel = typename Storage::template kernel<T, Arch>;
+};
+
+/// True for PackedOnly<S> storage.
+template <class Storage>
+inline constexpr bool is_packed_only = false;
+template <class Storage>
+inline constexpr bool is_packed_only<PackedOnly<Storage>> = true;
+
 }  // namespace moe::kernels
 
 MOE_KERNEL_DIAGNOSTICS_POP
