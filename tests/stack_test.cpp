@@ -22,7 +22,7 @@ namespace losses = moe::losses;
 namespace {
 
 template <class T>
-using PlusRouter = routers::WithLosses<routers::GatingResidual<routers::TopKRouter<T>>, losses::SwitchLoss>;
+using PlusRouter = routers::WithLosses<routers::GatingResidual<routers::TopKRouter<T>>, losses::MoEPlusPlusLoss>;
 template <class T>
 using PlusLayer = moe::MoELayer<PlusRouter<T>, experts::SwiGLU<T>, experts::ConstantExperts<T>,
                                 experts::CopyExperts<T>, experts::ZeroExperts<T>>;
@@ -33,11 +33,12 @@ template <class T>
 moe::Stack<PlusLayer<T>> moepp_stack(Index d, std::uint64_t seed) {
   std::vector<PlusLayer<T>> layers;
   for (int l = 0; l < 3; ++l)
-    layers.emplace_back(PlusRouter<T>(routers::GatingResidual(routers::TopKRouter<T>(
-                                          {.d_model = d, .d_ff = 4, .n_experts = 6, .top_k = 2}, {.renormalize = false})),
-                                      losses::SwitchLoss{.coeff = 0.5, .zero_computation_weight = 0.5}),
-                        experts::SwiGLU<T>({.d_model = d, .d_ff = 4, .n_experts = 3}), experts::ConstantExperts<T>(1, d),
-                        experts::CopyExperts<T>(1, d), experts::ZeroExperts<T>(1, d));
+    layers.emplace_back(
+        PlusRouter<T>(routers::GatingResidual(routers::TopKRouter<T>(
+                          {.d_model = d, .d_ff = 4, .n_experts = 6, .top_k = 2}, {.renormalize = false})),
+                      losses::MoEPlusPlusLoss{.coeff = 0.5, .tau = 0.5}),
+        experts::SwiGLU<T>({.d_model = d, .d_ff = 4, .n_experts = 3}), experts::ConstantExperts<T>(1, d),
+        experts::CopyExperts<T>(1, d), experts::ZeroExperts<T>(1, d));
   moe::Stack<PlusLayer<T>> stack(std::move(layers));
   stack.init(seed);
   return stack;
@@ -177,7 +178,7 @@ TEST_CASE("Stack rejects bad configurations and foreign contexts", "[stack][erro
         std::vector<PlusLayer<double>> v;
         v.emplace_back(PlusRouter<double>(routers::GatingResidual(routers::TopKRouter<double>(
                                               {.d_model = 4, .d_ff = 4, .n_experts = 4, .top_k = 1})),
-                                          losses::SwitchLoss{}),
+                                          losses::MoEPlusPlusLoss{}),
                        experts::SwiGLU<double>({.d_model = 4, .d_ff = 4, .n_experts = 1, .top_k = 1}),
                        experts::ConstantExperts<double>(1, 4), experts::CopyExperts<double>(1, 4),
                        experts::ZeroExperts<double>(1, 4));

@@ -7,10 +7,13 @@
 ///
 /// Setup: a 3-layer moe::Stack, each layer 8 SwiGLU + 2 constant + 1 copy + 1 zero experts (MoE++'s order),
 /// top-2 over the 12 with unrenormalised softmax weights (Eq. 1), trained on the domain mixture
-/// (examples/common/domains.hpp: 4 domains, half the tokens easy) with SwitchLoss{coeff 1e-2, τ},
-/// τ ∈ {0.1, 0.25, 0.5, 0.75, 1.0}, once with gating residuals (WithLosses<GatingResidual<TopKRouter>>) and
-/// once without (WithLosses<TopKRouter>: the same router with no residual at all), plus a vanilla 8-FFN
-/// top-2 stack for the loss and the timing baseline.
+/// (examples/common/domains.hpp: 4 domains, half the tokens easy) with the paper's heterogeneous balance loss
+/// (Eq. 7, losses::MoEPlusPlusLoss{β = 0.01, τ}: f per token, no factor of the expert count) and heterogeneous
+/// capacity (Eq. 8, CapacityLimited{γ = 1.1, heterogeneous_tau = τ}: an FFN expert takes τ times a
+/// zero-computation expert's share; overflow slots are dropped), τ ∈ {0.1, 0.25, 0.5, 0.75, 1.0}, once with
+/// gating residuals (CapacityLimited<WithLosses<GatingResidual<TopKRouter>>>) and once without (the same
+/// router with no residual at all), plus a vanilla 8-FFN top-2 stack (the same loss and capacity with τ = 1)
+/// for the loss and the timing baseline.
 /// Throughput: the expert forward (PAPERS.md A.2: "expert forward throughput") of one MoE++ layer against
 /// one vanilla layer at d = 256, d_ff = 512, 2048 tokens, min over repetitions. Both replay the routing
 /// their trained d = 32 stack chose for the 2048 evaluation tokens (a replay router, so the comparison is
@@ -18,7 +21,9 @@
 ///
 /// Criterion (PAPERS.md D.3), on the gating-residual arm at the paper's default τ = 0.75 where one τ is meant:
 ///   - mean FFN experts per token < 2;
-///   - throughput gain (vanilla time / MoE++ time) within 15% of 2 / mean FFN experts per token;
+///   - throughput gain (vanilla time / MoE++ time) within 15% of the vanilla layer's FFN experts per token (2 less its
+///   capacity drops) over
+///     the MoE++ layer's;
 ///   - the zero-computation share (mean over layers) falls monotonically as τ rises;
 ///   - gating residuals lower the variance of the routing scores across layers: for each evaluation token
 ///     and expert, the variance over the 3 layers of its softmax score, averaged over tokens, experts and
@@ -28,7 +33,8 @@
 ///   --quick  τ ∈ {0.1, 1.0}, 30 steps, timing at d = 64 (the ctest smoke test)
 /// Writes moe_plus_plus_loss.csv, moe_plus_plus_shares.csv and moe_plus_plus_throughput.csv into DIR
 /// (scripts/plot.py DIR plots them); prints a table per τ and ends with
-///   RESULT moe_plus_plus PASS|FAIL ffn_per_token=... gain=... predicted_gain=... monotone=... xvar_res=... xvar_plain=...
+///   RESULT moe_plus_plus PASS|FAIL ffn_per_token=... gain=... predicted_gain=... monotone=... xvar_res=...
+///   xvar_plain=...
 
 #include <algorithm>
 #include <chrono>
@@ -57,8 +63,9 @@ namespace experts = moe::experts;
 constexpr Index k_ffn = 8, k_experts = 12, k_top_k = 2;  // 8 FFN + 2 constant + 1 copy + 1 zero
 constexpr std::size_t k_layers = 3;
 
-using ResidualRouter = routers::WithLosses<routers::GatingResidual<routers::TopKRouter<T>>, moe::losses::SwitchLoss>;
-using PlainRouter = routers::WithLosses<routers::TopKRouter<T>, moe::losses::SwitchLoss>;
+using ResidualRouter = routers::CapacityLimited<
+    routers::WithLosses<routers::GatingResidual<routers::TopKRouter<T>>, moe::losses::MoEPlusPlusLoss>>;
+using PlainRouter = routers::CapacityLimited<routers::WithLosses<routers::TopKRouter<T>, moe::losses::MoEPlusPlusLoss>>;
 template <class R>
 using PlusLayer = moe::MoELayer<R, experts::SwiGLU<T>, experts::ConstantExperts<T>, experts::CopyExperts<T>,
                                 experts::ZeroExperts<T>>;
@@ -100,15 +107,16 @@ constexpr Index k_seq_len = 32;
 
 moe::MoEConfig shape(Index d, Index ff, Index n) { return {.d_model = d, .d_ff = ff, .n_experts = n, .top_k = k_top_k}; }
 
-moe::losses::SwitchLoss loss_with(double tau) { return {.coeff = 1e-2, .zero_computation_weight = tau}; }
-
+// The paper's loss (Eq. 7, β = 0.01) and heterogeneous capacity (Eq. 8, γ = 1.1), both with the arm's τ.
 template <class R>
 R make_router(const Sizes& s, Index n_experts, double tau) {
   routers::TopKRouter<T> top_k(shape(s.d, s.ff, n_experts), {.renormalize = false});
+  const moe::losses::MoEPlusPlusLoss loss{.coeff = 1e-2, .tau = tau};
+  const routers::CapacityOptions capacity{.capacity_factor = 1.1, .heterogeneous_tau = tau};
   if constexpr (std::is_same_v<R, ResidualRouter>) {
-    return R(routers::GatingResidual(std::move(top_k)), loss_with(tau));
+    return R(routers::WithLosses(routers::GatingResidual(std::move(top_k)), loss), capacity);
   } else {
-    return R(std::move(top_k), loss_with(tau));
+    return R(routers::WithLosses(std::move(top_k), loss), capacity);
   }
 }
 
@@ -173,7 +181,7 @@ std::vector<moe::RowMatrix<double>> routing_scores(moe::Stack<Layer>& stack, con
       if (l > 0) links.previous_logits = moe::ConstMatrixView<T>(previous);
       links.logits = moe::MatrixView<T>(z);
     } else {
-      const auto& router = std::as_const(stack.layer(l)).router().inner();
+      const auto& router = std::as_const(stack.layer(l)).router().inner().inner();
       for (Index t = 0; t < n; ++t)
         for (Index e = 0; e < E; ++e) {
           T acc = 0;
@@ -361,29 +369,31 @@ int main(int argc, char** argv) {
     for (std::size_t l = 0; l < k_layers; ++l) {
       const double f = res.back().layers[l].ffn_per_token;
       const double g = t.vanilla_seconds[l] / t.plus_seconds[l];
-      time_csv << tau << ',' << l << ',' << f << ',' << n / t.plus_seconds[l] << ',' << n / t.vanilla_seconds[l]
-               << ',' << g << ',' << 2 / f << '\n';
+      time_csv << tau << ',' << l << ',' << f << ',' << n / t.plus_seconds[l] << ',' << n / t.vanilla_seconds[l] << ','
+               << g << ',' << base.layers[l].ffn_per_token / f << '\n';
       plus_total += t.plus_seconds[l];
       vanilla_total += t.vanilla_seconds[l];
     }
-    const double f = res.back().mean(&LayerRouting::ffn_per_token);
+    const double f = res.back().mean(&LayerRouting::ffn_per_token), vanilla_f = base.mean(&LayerRouting::ffn_per_token);
     gains.push_back(t.gain());
     time_csv << tau << ",all," << f << ',' << 3 * n / plus_total << ',' << 3 * n / vanilla_total << ',' << t.gain()
-             << ',' << 2 / f << '\n';
+             << ',' << vanilla_f / f << '\n';
     for (const auto* o : {&res.back(), &plain.back()}) {
       const bool r = o == &res.back();
       std::printf("%-8s %5.2f  %6.3f %6.3f %6.3f %6.3f  %8.3f  %9.2e  %9.2e  %9.4f", r ? "residual" : "plain", tau,
                   o->mean(&LayerRouting::zero), o->mean(&LayerRouting::copy), o->mean(&LayerRouting::constant),
                   o->mean_zero_computation(), o->mean(&LayerRouting::ffn_per_token), o->mean(&LayerRouting::score_var),
                   o->cross_layer_var, o->eval_loss);
-      if (r) std::printf("  %7.3f  %9.3f", t.gain(), 2 / f);
+      if (r) std::printf("  %7.3f  %9.3f", t.gain(), vanilla_f / f);
       std::printf("\n");
     }
   }
 
   const auto at = std::find(taus.begin(), taus.end(), default_tau) - taus.begin();
   const Outcome& main_arm = res[std::size_t(at)];
-  const double ffn = main_arm.mean(&LayerRouting::ffn_per_token), gain = gains[std::size_t(at)], predicted = 2 / ffn;
+  // The vanilla layer's FFN experts per token (below 2 where its capacity drops slots) over the MoE++ layer's.
+  const double ffn = main_arm.mean(&LayerRouting::ffn_per_token), gain = gains[std::size_t(at)],
+               predicted = base.mean(&LayerRouting::ffn_per_token) / ffn;
   bool monotone = true;
   for (std::size_t i = 1; i < res.size(); ++i)
     monotone &= res[i].mean_zero_computation() <= res[i - 1].mean_zero_computation();
@@ -398,9 +408,11 @@ int main(int argc, char** argv) {
     lower += res[i].cross_layer_var < plain[i].cross_layer_var ? 1 : 0;
   }
   const bool pass = ffn < 2 && std::abs(gain / predicted - 1) <= 0.15 && monotone && xvar_res < xvar_plain;
-  std::printf("tau %.2f with gating residuals: %.3f FFN experts per token, expert-forward gain %.3fx (2/FFN = %.3fx); "
-              "residuals lower the cross-layer score variance at %d of %zu tau\n",
-              default_tau, ffn, gain, predicted, lower, res.size());
+  std::printf(
+      "tau %.2f with gating residuals: %.3f FFN experts per token, expert-forward gain %.3fx (vanilla FFN / FFN = "
+      "%.3fx); "
+      "residuals lower the cross-layer score variance at %d of %zu tau\n",
+      default_tau, ffn, gain, predicted, lower, res.size());
   std::printf("wrote %s/moe_plus_plus_{loss,shares,throughput}.csv\n", cli.out.c_str());
   moe::examples::report("moe_plus_plus", pass,
                         {{"ffn_per_token", ffn},

@@ -6,10 +6,12 @@
 
 #include "concepts.hpp"
 #include "config.hpp"
+#include "dense_layer.hpp"
 #include "error.hpp"
 #include "experts.hpp"
 #include "kernels.hpp"
 #include "losses.hpp"
+#include "model.hpp"
 #include "moe_config.hpp"
 #include "moe_layer.hpp"
 #include "optim/adamw.hpp"

@@ -39,6 +39,53 @@ inline std::string stale_backward_message(const char* who, const std::string& na
          "optimizer step goes after backward); read weights between forward and backward through a const "
          "reference (std::as_const)";
 }
+
+/// The name (as layer.visit_parameters gives it) of the first parameter, in visit order, whose version() differs
+/// from `versions` (recorded by a training forward), or "": for_each_parameter(g) calls g(const Parameter&) in
+/// that order without allocating; only a found name allocates.
+template <class Layer, class ForEach>
+std::string first_modified_parameter(const Layer& layer, const std::vector<std::uint64_t>& versions,
+                                     ForEach&& for_each_parameter) {
+  constexpr std::size_t none = static_cast<std::size_t>(-1);
+  std::size_t i = 0, changed = none;
+  for_each_parameter([&](const auto& p) {
+    if (changed == none && (i >= versions.size() || p.version() != versions[i])) changed = i;
+    ++i;
+  });
+  if (changed == none) return {};
+  std::string name;
+  i = 0;
+  const_cast<Layer&>(layer).visit_parameters([&](const std::string& n, const auto&) {  // names only: no write
+    if (i++ == changed) name = n;
+  });
+  return name;
+}
+
+/// Throws moe::Error naming `what`(t, j) and its value at the first NaN or ±inf of m. v · 0 is 0 for finite v and
+/// NaN otherwise, so one vectorisable sum per row finds a bad row; only then is the row searched.
+template <class T>
+void require_finite_rows(ConstMatrixView<T> m, const char* what) {
+  for (Index t = 0; t < m.rows(); ++t) {
+    const T* row = m.row(t);
+    T acc = 0;
+    for (Index j = 0; j < m.cols(); ++j) acc += row[j] * T(0);
+    if (acc == T(0)) continue;
+    for (Index j = 0; j < m.cols(); ++j)
+      require(std::isfinite(row[j]), what, "(", t, ", ", j, ") = ", row[j], "; the layer rejects NaN and ±inf");
+  }
+}
+
+/// The workspace of n_tokens must fit in PTRDIFF_MAX bytes. Every buffer a layer carves grows at most linearly
+/// with n_tokens (its size is a product of n_tokens and the layer's shape, or less), so n_tokens times the peak of
+/// one token, doubled for alignment and fixed-size pieces, bounds each of them and each Index product that sizes
+/// one: checked here (moe::Error naming `who`), before any of those products is formed.
+template <class OneToken>
+void check_token_bound(const char* who, Index n_tokens, OneToken&& one_token_bytes) {
+  require(n_tokens >= 0, who, ": n_tokens = ", n_tokens, " must be >= 0");
+  if (n_tokens <= 1) return;
+  checked_size<std::byte>(who, "the workspace bound 2 * n_tokens * (bytes of one token)",
+                          {2, n_tokens, static_cast<Index>(one_token_bytes())});
+}
 }  // namespace detail
 
 /// What a forward pass chose. Views into the Workspace it ran with: valid until that Workspace's next use.
@@ -303,7 +350,7 @@ class MoELayer {
                                   d_router_input.data() != nullptr),
                     "moe::MoELayer::backward: the forward had a router_input: give d_router_input (", dy.rows(), ", ",
                     d_model(), ")");
-    check_finite(dy, "moe::MoELayer::backward: dy");
+    detail::require_finite_rows(dy, "moe::MoELayer::backward: dy");
     if (dy.rows() == 0) return;
     if (const std::string name = modified_parameter(ctx); !name.empty())
       throw Error(detail::stale_backward_message("moe::MoELayer::backward", name));
@@ -330,19 +377,7 @@ class MoELayer {
   std::string modified_parameter(const TrainingContext<Scalar>& ctx) const {
     detail::require(ctx.layer_ == this, "moe::MoELayer::modified_parameter: the TrainingContext was not recorded "
                                         "by a training forward of this layer");
-    constexpr std::size_t none = static_cast<std::size_t>(-1);
-    std::size_t i = 0, changed = none;
-    for_each_parameter([&](const auto& p) {
-      if (changed == none && (i >= ctx.versions_.size() || p.version() != ctx.versions_[i])) changed = i;
-      ++i;
-    });
-    if (changed == none) return {};
-    std::string name;
-    i = 0;
-    const_cast<MoELayer&>(*this).visit_parameters([&](const std::string& n, const auto&) {
-      if (i++ == changed) name = n;
-    });
-    return name;
+    return detail::first_modified_parameter(*this, ctx.versions_, [&](auto&& g) { for_each_parameter(g); });
   }
 
   /// Calls f(name, Parameter&) for every parameter: "router.<name>", then "bank<i>.<name>".
@@ -390,12 +425,12 @@ class MoELayer {
                     ") but d_model = ", d_model());
     detail::require(y.rows() == x.rows() && y.cols() == d_model(), "moe::MoELayer::forward: y is (", y.rows(),
                     ", ", y.cols(), "), expected (", x.rows(), ", ", d_model(), ")");
-    check_finite(x, "moe::MoELayer::forward: x");
+    detail::require_finite_rows(x, "moe::MoELayer::forward: x");
     const auto check_view = [&](ConstMatrixView<Scalar> v, Index cols, const char* what) {
       if (v.data() == nullptr) return;
       detail::require(v.rows() == x.rows() && v.cols() == cols, what, " is (", v.rows(), ", ", v.cols(),
                       "), expected (", x.rows(), ", ", cols, ")");
-      check_finite(v, what);
+      detail::require_finite_rows(v, what);
     };
     check_view(links.router_input, d_model(), "moe::MoELayer::forward: links.router_input");
     check_view(links.previous_logits, n_experts(), "moe::MoELayer::forward: links.previous_logits");
@@ -421,19 +456,6 @@ class MoELayer {
     for_each_parameter([&](const auto& p) { ctx.versions_.push_back(p.version()); });
   }
 
-  static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
-    for (Index t = 0; t < m.rows(); ++t) {
-      const Scalar* row = m.row(t);
-      // v * 0 is 0 for finite v and NaN for NaN or ±inf: one vectorisable sum per row finds a bad row,
-      // and only then is the row searched for the element to name.
-      Scalar acc = 0;
-      for (Index j = 0; j < m.cols(); ++j) acc += row[j] * Scalar(0);
-      if (acc == Scalar(0)) continue;
-      for (Index j = 0; j < m.cols(); ++j)
-        detail::require(std::isfinite(row[j]), what, "(", t, ", ", j, ") = ", row[j], "; the layer rejects NaN and ±inf");
-    }
-  }
-
   static void check_sequences(std::span<const Index> starts, Index n_tokens) {
     if (starts.empty()) return;
     detail::require(starts[0] == 0, "moe::MoELayer::forward: sequence_starts[0] = ", starts[0], ", expected 0");
@@ -442,21 +464,9 @@ class MoELayer {
                       i, "] = ", starts[i], " must be above the previous start and below n_tokens = ", n_tokens);
   }
 
-  // The workspace of n_tokens must fit in PTRDIFF_MAX bytes. Every buffer a stage carves grows at most linearly
-  // with n_tokens (its size is a product of n_tokens and the layer's shape, or less), so n_tokens times the peak
-  // of one token, doubled for alignment and fixed-size pieces, bounds each of them and each Index product that
-  // sizes one: checked here, before any of those products is formed.
-  template <class OneToken>
-  static void check_tokens(Index n_tokens, OneToken&& one_token_bytes) {
-    detail::require(n_tokens >= 0, "moe::MoELayer: n_tokens = ", n_tokens, " must be >= 0");
-    if (n_tokens <= 1) return;
-    detail::checked_size<std::byte>("moe::MoELayer", "the workspace bound 2 * n_tokens * (bytes of one token)",
-                                    {2, n_tokens, static_cast<Index>(one_token_bytes())});
-  }
-
   // Bytes of scratch of a backward over n_tokens (checked like forward_bytes).
   std::size_t backward_bytes(Index n_tokens) {
-    check_tokens(n_tokens, [&] { return backward_bytes(1); });
+    detail::check_token_bound("moe::MoELayer", n_tokens, [&] { return backward_bytes(1); });
     Arena measure;
     run_backward(Record{}, RouteOutputOf<R>{}, ConstMatrixView<Scalar>::shape_only(n_tokens, d_model()),
                  MatrixView<Scalar>::shape_only(n_tokens, d_model()), {}, measure);
@@ -465,7 +475,7 @@ class MoELayer {
 
   // Bytes of scratch of a forward over n_tokens with the given links (only whether each is present matters).
   std::size_t forward_bytes(Index n_tokens, bool training, const LayerLinks<Scalar>& links) const {
-    check_tokens(n_tokens, [&] { return forward_bytes(1, training, links); });
+    detail::check_token_bound("moe::MoELayer", n_tokens, [&] { return forward_bytes(1, training, links); });
     Arena measure;
     const auto shape = ConstMatrixView<Scalar>::shape_only(n_tokens, d_model());
     // Shape-only views (no data) stand for the links that are present: run() sizes their copies.

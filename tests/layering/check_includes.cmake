@@ -8,7 +8,7 @@
 #   contracts  concepts.hpp, route_io.hpp, routing_plan.hpp: what policies and the layer exchange
 #   kernels    kernels/* and kernels.hpp
 #   losses     losses/* and losses.hpp;  routers  routers/*, routers.hpp;  experts  experts/*, experts.hpp
-#   layer      moe_layer.hpp, stack.hpp, routing_stats.hpp, training_loop.hpp
+#   layer      moe_layer.hpp, stack.hpp, dense_layer.hpp, model.hpp, routing_stats.hpp, training_loop.hpp
 #   optim, io, reference: their folders;  composition: moe.hpp, presets.hpp (may include anything)
 #   models     models/*: whole models and other tools' formats, built from the composition (presets) and io
 cmake_minimum_required(VERSION 3.20)
@@ -26,7 +26,7 @@ function(module_of rel out)
     set(m base)
   elseif(rel MATCHES "^(concepts|routing_plan|route_io)\\.hpp$")
     set(m contracts)
-  elseif(rel MATCHES "^(moe_layer|stack|routing_stats|training_loop)\\.hpp$")
+  elseif(rel MATCHES "^(moe_layer|stack|dense_layer|model|routing_stats|training_loop)\\.hpp$")
     set(m layer)
   elseif(rel MATCHES "^(moe|presets)\\.hpp$")
     set(m composition)

@@ -1,5 +1,5 @@
 // losses::SwitchLoss: the closed forms of issue 5 (uniform routing gives exactly coeff, one expert with P = 1
-// gives coeff · E, the value moves with the routing), MoE++'s τ weighting, and a gradient through p only.
+// gives coeff · E, the value moves with the routing) and a gradient through p only.
 
 #include <cmath>
 #include <utility>
@@ -75,16 +75,6 @@ TEST_CASE("SwitchLoss: the value follows the routing, and its gradient is coeff 
   const double after = moe::test::evaluate(SwitchLoss{.coeff = 0.1}, b, dp, dz);
   CHECK(after == Approx(reference().first).epsilon(1e-13));
   CHECK(std::abs(after - before) > 1e-3);
-}
-
-TEST_CASE("SwitchLoss: MoE++ τ weights the zero-computation columns", "[loss]") {
-  OwnedBatch b = uniform(8, 4, 1);
-  b.zero_computation = {0, 0, 1, 1};
-  std::vector<double> dp, dz;
-  // Σ η_c f_c P_c = (1 + 1 + τ + τ) / 16 and the factor 4 · coeff.
-  CHECK(moe::test::evaluate(SwitchLoss{.coeff = 1.0, .zero_computation_weight = 0.25}, b, dp, dz) ==
-        Approx(4.0 * 2.5 / 16.0).epsilon(1e-14));
-  CHECK(dp[2] == Approx(dp[0] * 0.25).epsilon(1e-14));
 }
 
 TEST_CASE("SwitchLoss: unused slots (-1) are not counted, an empty batch gives 0, bad coefficients throw", "[loss]") {

@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 #include <moe/experts/ffn.hpp>
+#include <moe/experts/zero_computation.hpp>
 #include <moe/moe_layer.hpp>
 #include <moe/routers/capacity.hpp>
 #include <moe/routers/top_k_router.hpp>
@@ -134,6 +135,40 @@ TEST_CASE("CapacityLimited in a layer: a token whose slots are all dropped gets 
     REQUIRE(result.expert_ids[static_cast<std::size_t>(t)] == (t < C ? 2 : -1));
     if (t >= C) REQUIRE((y.row(t).array() == 0.0f).all());
     else REQUIRE((y.row(t).array() != 0.0f).any());
+  }
+}
+
+TEST_CASE("CapacityLimited with MoE++'s heterogeneous capacity (Eq. 8): FFN experts take τ times the share",
+          "[router][layer][moepp]") {
+  // E = 4: 2 FFN experts, then a copy and a zero expert (zero-computation). T = 10 tokens, k = 2, γ = 1.1, τ = 0.75:
+  // τ·N_FFN + N_ZC = 3.5, C_FFN = ceil(20 / 3.5 · 1.1 · 0.75) = ceil(4.71) = 5, C_ZC = ceil(20 / 3.5 · 1.1) = 7
+  // (Σ C = 24 ≥ γ·T·k = 22); with τ = 1 every expert gets ceil(20 / 4 · 1.1) = 6.
+  const Index d = 6, E = 4, k = 2, n_tokens = 10;
+  using Layer = moe::MoELayer<CapacityLimited<TopKRouter<float>>, moe::experts::SwiGLU<float>,
+                              moe::experts::CopyExperts<float>, moe::experts::ZeroExperts<float>>;
+  for (const double tau : {0.75, 1.0}) {
+    INFO("tau " << tau);
+    TopKRouter<float> inner(shape(d, E, k));
+    for (Index j = 0; j < d; ++j) {  // every token picks expert 0 (FFN) first, then expert 2 (copy)
+      inner.gate()(0, j) = 5;
+      inner.gate()(2, j) = 3;
+    }
+    Layer layer(CapacityLimited<TopKRouter<float>>(
+                    inner, {.capacity_factor = 1.1, .drop_policy = DropPolicy::position, .heterogeneous_tau = tau}),
+                moe::experts::SwiGLU<float>(shape(d, 2, k)), moe::experts::CopyExperts<float>(1, d),
+                moe::experts::ZeroExperts<float>(1, d));
+    const Index c_ffn = tau < 1 ? 5 : 6, c_zc = tau < 1 ? 7 : 6;
+    CHECK(layer.router().capacity(n_tokens, false, 2) == c_ffn);
+    CHECK(layer.router().capacity(n_tokens, true, 2) == c_zc);
+    const RowMatrix<float> x = RowMatrix<float>::Ones(n_tokens, d);
+    RowMatrix<float> y(n_tokens, d);
+    const auto result = layer.forward(x, y);
+    for (Index t = 0; t < n_tokens; ++t) {
+      INFO("token " << t);
+      CHECK(result.expert_ids[static_cast<std::size_t>(t * k)] == (t < c_ffn ? 0 : -1));
+      CHECK(result.expert_ids[static_cast<std::size_t>(t * k + 1)] == (t < c_zc ? 2 : -1));
+    }
+    CHECK(result.dropped_slots == (n_tokens - c_ffn) + (n_tokens - c_zc));
   }
 }
 

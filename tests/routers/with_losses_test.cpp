@@ -224,17 +224,20 @@ TEST_CASE("WithLosses: sigmoid scores + sequence-wise loss over a packed batch",
         }) > 1e-3);
 }
 
-TEST_CASE("WithLosses: AdaMoE null experts are balanced as ordinary columns (n + m)", "[losses][grad][null]") {
+namespace {
+
+// A layer of 3 true + 3 null experts, top-3, under `loss`: its aux loss against reference(p, chosen) (p over the 6
+// columns: the 3 gate rows, then the 3 null_gate rows; each token's top-3 columns), and its whole-layer gradients.
+template <class Loss, class Reference>
+void check_null_expert_loss(Loss loss, Reference&& reference) {
   const MoEConfig cfg{.d_model = 6, .d_ff = 4, .n_experts = 3, .top_k = 3};
-  using Router = routers::WithLosses<routers::NullExpertRouter<double>, losses::SwitchLoss>;
+  using Router = routers::WithLosses<routers::NullExpertRouter<double>, Loss>;
   moe::MoELayer<Router, experts::SwiGLU<double>> layer(
-      Router(routers::NullExpertRouter<double>(cfg, {.n_null_experts = 3}), losses::SwitchLoss{.coeff = 0.2}),
-      experts::SwiGLU<double>(cfg));
+      Router(routers::NullExpertRouter<double>(cfg, {.n_null_experts = 3}), loss), experts::SwiGLU<double>(cfg));
   layer.init(13);
   RowMatrix<double> x = tokens(12, 6, 7), y(12, 6);
-  const RowMatrix<double> r = tokens(12, 6, 8);
-  // Reference over 6 columns: the 3 gate rows then the 3 null_gate rows; each token's top-3 of p. Read
-  // before the training forward: the router's accessors are non-const, and backward refuses weights
+  RowMatrix<double> r = tokens(12, 6, 8);
+  // Read before the training forward: the router's accessors are non-const, and backward refuses weights
   // accessed through them after the forward.
   RowMatrix<double> gate(6, 6);
   gate.topRows(3) = moe::detail::eigen(layer.router().inner().gate());
@@ -243,18 +246,47 @@ TEST_CASE("WithLosses: AdaMoE null experts are balanced as ordinary columns (n +
   const auto res = layer.forward(x, y, ctx);
   const auto p = probabilities(x, gate);
   std::vector<std::vector<std::size_t>> chosen;
-  Index null_slots = 0;
+  std::vector<Index> null_slots(3, 0);
   for (const auto& pt : p) {
     chosen.push_back(top_columns(pt, 4));
     REQUIRE(std::log(pt[chosen.back()[2]]) - std::log(pt[chosen.back()[3]]) >= 1e-3);
     chosen.back().resize(3);
-    for (std::size_t c : chosen.back()) null_slots += c >= 3;
+    for (std::size_t c : chosen.back())
+      if (c >= 3) ++null_slots[c - 3];
   }
-  REQUIRE(null_slots > 0);  // the check covers null columns
-  const double ref = switch_reference(p, chosen, 0.2);
-  CHECK(res.aux_loss == Approx(ref).epsilon(1e-12));
-
+  REQUIRE(null_slots[0] + null_slots[1] + null_slots[2] > 0);  // the check covers null columns,
+  REQUIRE(null_slots[0] != null_slots[2]);                     // unevenly: averaging their frequencies matters
+  CHECK(res.aux_loss == Approx(reference(p, chosen)).epsilon(1e-12));
   CHECK(check_layer_gradients(layer, ctx, x, r) > 1e-3);
+}
+
+// AdaMoE's Eq. 6: f per token (Σ f = 3), the null columns' f replaced by their mean unless balance_nulls,
+// l = coeff · 6 · Σ f̃ P.
+double adamoe_reference(const std::vector<std::vector<double>>& p, const std::vector<std::vector<std::size_t>>& chosen,
+                        double coeff, bool balance_nulls) {
+  std::vector<double> f(6, 0.0), P(6, 0.0);
+  for (std::size_t t = 0; t < p.size(); ++t) {
+    for (std::size_t c : chosen[t]) f[c] += 1.0 / double(p.size());
+    for (std::size_t c = 0; c < 6; ++c) P[c] += p[t][c] / double(p.size());
+  }
+  if (!balance_nulls) f[3] = f[4] = f[5] = (f[3] + f[4] + f[5]) / 3.0;
+  double value = 0;
+  for (std::size_t c = 0; c < 6; ++c) value += coeff * 6.0 * f[c] * P[c];
+  return value;
+}
+
+}  // namespace
+
+TEST_CASE("WithLosses over AdaMoE null experts: SwitchLoss balances each null, AdaMoELoss is the paper's Eq. 6",
+          "[losses][grad][null]") {
+  check_null_expert_loss(losses::SwitchLoss{.coeff = 0.2},
+                         [](const auto& p, const auto& chosen) { return switch_reference(p, chosen, 0.2); });
+  for (const bool balance_nulls : {false, true}) {
+    INFO("balance_nulls " << balance_nulls);
+    check_null_expert_loss(
+        losses::AdaMoELoss{.coeff = 0.2, .balance_nulls = balance_nulls},
+        [&](const auto& p, const auto& chosen) { return adamoe_reference(p, chosen, 0.2, balance_nulls); });
+  }
 }
 
 TEST_CASE("WithLosses under a capacity limit: losses on the choice before dropping, drops reported", "[losses][grad]") {
@@ -282,33 +314,40 @@ TEST_CASE("WithLosses under a capacity limit: losses on the choice before droppi
   CHECK(check_layer_gradients(layer, ctx, x, r) > 1e-3);
 }
 
-TEST_CASE("WithLosses in an MoE++ layer weights zero-computation experts by τ", "[losses][moepp]") {
+TEST_CASE("WithLosses in an MoE++ layer: MoEPlusPlusLoss is Eq. 7, τ on zero-computation experts, no factor E",
+          "[losses][moepp][grad]") {
   const Index d = 6;
-  using Router = routers::WithLosses<routers::TopKRouter<double>, losses::SwitchLoss>;
+  using Router = routers::WithLosses<routers::TopKRouter<double>, losses::MoEPlusPlusLoss>;
   const auto make = [&](double tau) {
-    return moe::MoELayer<Router, experts::SwiGLU<double>, experts::ConstantExperts<double>, experts::CopyExperts<double>,
-                         experts::ZeroExperts<double>>(
-        Router(routers::TopKRouter<double>({.d_model = d, .d_ff = 4, .n_experts = 6, .top_k = 2}, {.renormalize = false}),
-               losses::SwitchLoss{.coeff = 1.0, .zero_computation_weight = tau}),
+    return moe::MoELayer<Router, experts::SwiGLU<double>, experts::ConstantExperts<double>,
+                         experts::CopyExperts<double>, experts::ZeroExperts<double>>(
+        Router(
+            routers::TopKRouter<double>({.d_model = d, .d_ff = 4, .n_experts = 6, .top_k = 2}, {.renormalize = false}),
+            losses::MoEPlusPlusLoss{.coeff = 1.0, .tau = tau}),
         experts::SwiGLU<double>({.d_model = d, .d_ff = 4, .n_experts = 3}), experts::ConstantExperts<double>(1, d),
         experts::CopyExperts<double>(1, d), experts::ZeroExperts<double>(1, d));
   };
   auto full = make(1.0), weighted = make(0.25);
   full.init(21);
   weighted.init(21);
-  const RowMatrix<double> x = tokens(30, d, 11);
+  RowMatrix<double> x = tokens(30, d, 11), r = tokens(30, d, 12);
   RowMatrix<double> y(30, d);
   const auto a = full.forward(x, y), b = weighted.forward(x, y);
-  // Reference: Σ_e η_e f_e P_e with η = 0.25 on experts 3, 4, 5.
+  // Reference: Σ_e η_e f_e P_e with η = 0.25 on experts 3, 4, 5 and f per token (Σ f = 2): the Switch form's
+  // value (coeff · 6 · Σ η f P with Σ f = 1) times 2 / 6.
   const auto p = probabilities(x, full.router().inner().gate());
   const auto chosen = chosen_ids(a);
   Index zero_computation_slots = 0;
   for (const auto& c : chosen)
     for (std::size_t e : c) zero_computation_slots += e >= 3;
   REQUIRE(zero_computation_slots > 0);
-  const double plain = switch_reference(p, chosen, 1.0), tau = switch_reference(p, chosen, 1.0, {1, 1, 1, 0.25, 0.25, 0.25});
+  const double plain = switch_reference(p, chosen, 1.0) * 2.0 / 6.0,
+               tau = switch_reference(p, chosen, 1.0, {1, 1, 1, 0.25, 0.25, 0.25}) * 2.0 / 6.0;
   CHECK(a.aux_loss == Approx(plain).epsilon(1e-12));
   CHECK(b.aux_loss == Approx(tau).epsilon(1e-12));
+  moe::TrainingContext<double> ctx;
+  weighted.forward(x, y, ctx);
+  CHECK(check_layer_gradients(weighted, ctx, x, r) > 1e-3);
 }
 
 TEST_CASE("WithLosses + GlobalBatchLoss: training forwards accumulate, backward and inference do not", "[losses][global]") {

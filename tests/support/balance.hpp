@@ -20,6 +20,7 @@ struct OwnedBatch {
   std::vector<Index> sequence_of_token;        // empty: one sequence
   bool training = true;
   moe::GlobalBatchCounts* global_batch = nullptr;  // the global-batch counts a forward reads and advances
+  Index n_null = 0;                                // AdaMoE null columns, the last ones
 
   /// p = softmax of each row of z.
   void softmax_from_logits() {
@@ -42,7 +43,8 @@ struct OwnedBatch {
             zero_computation,
             training,
             sequence_of_token.empty() ? nullptr : sequence_of_token.data(),
-            global_batch};
+            global_batch,
+            n_null};
   }
 };
 

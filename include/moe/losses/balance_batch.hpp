@@ -37,6 +37,7 @@ struct BalanceBatch {
   bool training = false;               ///< a training forward (stateful losses advance)
   const Index* sequence_of_token = nullptr;  ///< (n_tokens) sequence of each token; nullptr: one sequence
   GlobalBatchCounts* global_batch = nullptr;  ///< the caller's global-batch counts, or nullptr: none
+  Index n_null = 0;                           ///< AdaMoE's null experts: the last n_null columns (0: none)
 };
 
 /// counts[c] += slots of tokens [t0, t1) choosing column c (in token order: the sum is exact in double).
@@ -44,6 +45,22 @@ template <class T>
 void count_columns(const BalanceBatch<T>& b, Index t0, Index t1, double* counts) {
   for (Index i = t0 * b.slots; i < t1 * b.slots; ++i)
     if (b.cols[i] >= 0) counts[b.cols[i]] += 1.0;
+}
+
+/// The scratch every Switch-form loss starts from, 2 · width doubles from `arena`: `counts` holding each column's
+/// slots over the whole batch (count_columns) and `scratch` for switch_form. Both nullptr while the arena measures
+/// or for an empty batch, where a loss is 0.
+struct ColumnCounts {
+  double* counts = nullptr;
+  double* scratch = nullptr;
+};
+template <class T>
+ColumnCounts column_counts(const BalanceBatch<T>& b, Arena& arena) {
+  ColumnCounts c{arena.take<double>(b.width), arena.take<double>(b.width)};
+  if (arena.measuring() || b.n_tokens == 0) return {};
+  std::fill_n(c.counts, b.width, 0.0);
+  count_columns(b, 0, b.n_tokens, c.counts);
+  return c;
 }
 
 /// mean[c] = mean over tokens [t0, t1) of p[t, c], summed in token order (deterministic).

@@ -42,13 +42,10 @@ class GlobalBatchLoss {
   /// allocation after); other forwards only read them.
   template <class T>
   double forward(const BalanceBatch<T>& b, T* dp, T* /*dz*/, Arena& arena) const {
-    double* f = arena.take<double>(b.width);
-    double* scratch = arena.take<double>(b.width);
-    if (arena.measuring() || b.n_tokens == 0) return 0;
+    const auto [f, scratch] = column_counts(b, arena);
+    if (f == nullptr) return 0;
     GlobalBatchCounts* g = b.global_batch;
     const bool sized = g != nullptr && g->counts.size() == static_cast<std::size_t>(b.width);
-    std::fill_n(f, b.width, 0.0);
-    count_columns(b, 0, b.n_tokens, f);
     if (b.training && g != nullptr) {
       if (!sized) g->counts.assign(static_cast<std::size_t>(b.width), 0.0);
       if (!g->recomputing) {

@@ -5,11 +5,17 @@
 ///
 /// Each expert takes at most C = min(T, ceil(T·k / E · capacity_factor)) slots of a batch of T tokens (the
 /// product evaluated in that order, in double, as Megatron does; an expert never gets more than T slots, so
-/// the bound T drops nothing more but keeps C an Index: a huge factor means no limit). Over capacity, the
-/// policy keeps the slots with the largest weights (`probability`; ties: lower token) or the first in token
-/// order (`position`). A dropped slot gets id -1 and weight 0: the layer skips it, so it contributes nothing
-/// (the token keeps its other experts and, through the residual around the layer, its input). The kept
-/// weights are not renormalised (Megatron). Dropping couples the tokens of a batch: it is not causal.
+/// the bound T drops nothing more but keeps C an Index: a huge factor means no limit). With MoE++'s
+/// heterogeneous capacity (CapacityOptions::heterogeneous_tau = τ < 1, arXiv 2410.07348 Eq. 8) the E experts
+/// split into N_FFN FFN and N_ZC zero-computation experts (RouteInput::zero_computation) and
+/// C_FFN = ceil(T·k / (τ·N_FFN + N_ZC) · capacity_factor · τ), C_ZC = ceil(T·k / (τ·N_FFN + N_ZC) · capacity_factor):
+/// an FFN expert takes τ times a zero-computation expert's share and the capacities still sum to
+/// capacity_factor · T·k. (The paper writes T; we read it as the batch's T·k assignments, as for every capacity
+/// here: with T tokens the capacities would sum to γ·T, dropping about half of the assignments at K = 2.) Over
+/// capacity, the policy keeps the slots with the largest weights (`probability`; ties: lower token) or the first in
+/// token order (`position`). A dropped slot gets id -1 and weight 0: the layer skips it, so it contributes nothing (the
+/// token keeps its other experts and, through the residual around the layer, its input). The kept weights are not
+/// renormalised (Megatron). Dropping couples the tokens of a batch: it is not causal.
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +41,9 @@ enum class DropPolicy {
 struct CapacityOptions {
   double capacity_factor = 1.0;  ///< C = min(T, ceil(T·k / E · capacity_factor)); finite, > 0 (huge: no limit)
   DropPolicy drop_policy = DropPolicy::probability;  ///< which slots stay
+  /// MoE++ Eq. 8 τ: an FFN expert's capacity is τ times a zero-computation expert's (see the file comment;
+  /// MoE++: 0.75 with capacity_factor γ = 1.1). 1: every expert alike. In (0, 1].
+  double heterogeneous_tau = 1.0;
 };
 
 /// A token-choice router whose experts have a capacity.
@@ -58,6 +67,8 @@ class CapacityLimited : public RouterWrapper<R> {
   CapacityLimited(R router, const CapacityOptions& options) : Base(std::move(router)), options_(options) {
     moe::detail::require_in(options.capacity_factor, moe::detail::k_positive, "moe::routers::CapacityLimited",
                             "options.capacity_factor");
+    moe::detail::require_in(options.heterogeneous_tau, {.lo = 0.0, .hi = 1.0, .open_lo = true},
+                            "moe::routers::CapacityLimited", "options.heterogeneous_tau");
   }
 
   /// The inner router's saved block, then the ids it chose, before dropping, for backward.
@@ -73,11 +84,17 @@ class CapacityLimited : public RouterWrapper<R> {
   }
   const CapacityOptions& options() const { return options_; }  ///< the knobs
 
-  /// Slots each expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
+  /// Slots an expert may take in a batch of n_tokens: min(n_tokens, ceil(n_tokens·k / E · capacity_factor)),
   /// bounded in double before the conversion, so any valid factor gives an Index in [1, n_tokens] (n_tokens > 0).
-  Index capacity(Index n_tokens) const {
-    const double c = std::ceil(static_cast<double>(n_tokens) * static_cast<double>(top_k()) /
-                               static_cast<double>(n_experts()) * options_.capacity_factor);
+  /// With heterogeneous_tau < 1 and n_zero_computation of the E experts zero-computation: E becomes
+  /// τ·N_FFN + N_ZC and an FFN expert's (zero_computation false) capacity is τ times that.
+  Index capacity(Index n_tokens, bool zero_computation = false, Index n_zero_computation = 0) const {
+    const double tau = options_.heterogeneous_tau;
+    const double share = tau == 1.0 ? static_cast<double>(n_experts())
+                                    : tau * static_cast<double>(n_experts() - n_zero_computation) +
+                                          static_cast<double>(n_zero_computation);
+    const double c = std::ceil(static_cast<double>(n_tokens) * static_cast<double>(top_k()) / share *
+                               options_.capacity_factor * (zero_computation ? 1.0 : tau));
     return static_cast<Index>(std::min(c, static_cast<double>(n_tokens)));
   }
 
@@ -100,11 +117,17 @@ class CapacityLimited : public RouterWrapper<R> {
 
     std::copy_n(ids, n_tokens * k, out.saved.chosen);
     plan.build(ids);
-    const Index cap = capacity(n_tokens);
+    const auto zero_computation = [&](Index e) {
+      return static_cast<std::size_t>(e) < in.zero_computation.size() &&
+             in.zero_computation[static_cast<std::size_t>(e)];
+    };
+    Index n_zero_computation = 0;
+    for (Index e = 0; e < E; ++e) n_zero_computation += zero_computation(e) ? 1 : 0;
     Index dropped = 0;
     MOE_OMP(omp parallel for schedule(static) reduction(+ : dropped) if(double(n_tokens) * double(k) >= moe::detail::k_parallel_min_work))
     for (Index e = 0; e < E; ++e) {
       const Index first = plan.offsets[e], n = plan.offsets[e + 1] - first;
+      const Index cap = capacity(n_tokens, zero_computation(e), n_zero_computation);
       if (n <= cap) continue;
       // Slot of each of the expert's rows: its token's slot holding e (a token picks an expert once).
       const auto slot_of = [&](Index row) {

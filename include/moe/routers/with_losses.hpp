@@ -107,7 +107,8 @@ class WithLosses : public RouterWrapper<R> {
       std::fill_n(dz, n_tokens * W, T(0));
     }
     const losses::BalanceBatch<T> batch{
-        n_tokens, W, k, z, p, cols, in.zero_computation, in.training, in.sequence_of_token, in.global_batch};
+        n_tokens,       W, k, z, p, cols, in.zero_computation, in.training, in.sequence_of_token, in.global_batch,
+        W - n_experts()};  // columns past the experts are null experts
     out.n_losses = 0;
     std::apply(
         [&](const auto&... loss) {
