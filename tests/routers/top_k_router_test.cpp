@@ -132,11 +132,17 @@ TEST_CASE("TopKRouter presets reproduce the published numerics (hand tables)", "
       check_weights(r, 0, {p[5], p[2], p[3]});
     }
   }
-  SECTION("gpt-oss: top-k of the logits, weights = softmax over the chosen logits") {
-    const auto r = moe::test::route(identity_router(8, 4, presets::gpt_oss()), x8);
-    REQUIRE(ids_of(r, 0) == std::vector<Index>{5, 2, 3, 7});
-    const double sum = std::exp(3.0) + std::exp(2.0) + std::exp(1.5) + std::exp(1.0);
-    check_weights(r, 0, {std::exp(3.0) / sum, std::exp(2.0) / sum, std::exp(1.5) / sum, std::exp(1.0) / sum});
+  SECTION("gpt-oss: top-k of the logits W x + b, weights = softmax over the chosen logits") {
+    auto router = identity_router(8, 4, presets::gpt_oss());
+    REQUIRE(router.gate_bias().cols() == 8);
+    // Without the bias z = x: experts 5, 2, 3, 7. The bias lifts expert 4 (0 -> 2.5) above all but 5 and
+    // lowers expert 2 (2 -> 0.5) out of the top-4: z = (0.5, -1, 0.5, 1.5, 2.5, 3, -2, 1).
+    router.gate_bias()(0, 4) = 2.5;
+    router.gate_bias()(0, 2) = -1.5;
+    const auto r = moe::test::route(router, x8);
+    REQUIRE(ids_of(r, 0) == std::vector<Index>{5, 4, 3, 7});
+    const double sum = std::exp(3.0) + std::exp(2.5) + std::exp(1.5) + std::exp(1.0);
+    check_weights(r, 0, {std::exp(3.0) / sum, std::exp(2.5) / sum, std::exp(1.5) / sum, std::exp(1.0) / sum});
   }
   SECTION("DeepSeek-V2: groups by max, keep 3 of 8, top-6, p x 16") {
     const std::vector<double> z = {0.1, 2.0, 1.5, 1.4, 0.3, 0.2, 1.8, -1, 0.0, 0.5, 1.9, 1.7, -0.5, 0.4, 1.0, 1.2};
@@ -429,10 +435,18 @@ TEST_CASE("TopKRouter::route_backward matches central finite differences in doub
       {"softmax renormalised k=3", 3, {}},
       {"softmax raw (Qwen2)", 3, presets::qwen2_moe()},
       {"softmax after top-k", 3, {.softmax_after_top_k = true}},
-      {"sigmoid + bias + groups x 2.5 (V3 form)", 3,
-       {.score = ScoreFunction::sigmoid, .selection_bias = true, .n_groups = 4, .top_k_groups = 2, .group_score_top = 2,
+      {"gpt-oss: gate bias, softmax after top-k", 3, presets::gpt_oss()},
+      {"gate bias, sigmoid renormalised", 2, {.score = ScoreFunction::sigmoid, .gate_bias = true}},
+      {"sigmoid + bias + groups x 2.5 (V3 form)",
+       3,
+       {.score = ScoreFunction::sigmoid,
+        .selection_bias = true,
+        .n_groups = 4,
+        .top_k_groups = 2,
+        .group_score_top = 2,
         .routed_scaling_factor = 2.5}},
-      {"softmax raw + groups by max x 16 (V2 form)", 3,
+      {"softmax raw + groups by max x 16 (V2 form)",
+       3,
        {.renormalize = false, .n_groups = 4, .top_k_groups = 2, .group_score_top = 1, .routed_scaling_factor = 16}},
       {"sqrt-softplus renormalised", 2, {.score = ScoreFunction::sqrt_softplus}},
       {"sqrt-softplus raw", 2, {.score = ScoreFunction::sqrt_softplus, .renormalize = false}},

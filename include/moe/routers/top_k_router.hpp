@@ -3,9 +3,9 @@
 /// @brief TopKRouter: token-choice top-k gating with independent knobs (PAPERS.md A.1), and the presets
 /// of Switch, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V2(-Lite) and DeepSeek-V3 built from them.
 ///
-/// Per token: z = W_g x̃ / τ (x̃ = x, or x with multiplicative jitter in training); scores s = f(z) (softmax,
-/// sigmoid or sqrt-softplus; raw z when the softmax comes after top-k); selection keys = s (+ the
-/// selection-only bias b) (+ Gumbel noise on z in training); optionally group-limited (keep the top
+/// Per token: z = (W_g x̃ + b_g) / τ (b_g only with options.gate_bias; x̃ = x, or x with multiplicative jitter in
+/// training); scores s = f(z) (softmax, sigmoid or sqrt-softplus; raw z when the softmax comes after top-k); selection
+/// keys = s (+ the selection-only bias b) (+ Gumbel noise on z in training); optionally group-limited (keep the top
 /// `top_k_groups` of `n_groups` groups, each scored by the sum of its top `group_score_top` keys); top-k of
 /// the keys (ties: lower id); weights = s of the chosen experts, optionally divided by their sum, or the
 /// softmax over the chosen logits; times the routed scaling factor.
@@ -50,6 +50,7 @@ struct TopKOptions {
   double temperature = 1.0;            ///< z = W_g x / temperature; finite, >= 1 / max(T)
   double jitter = 0.0;        ///< training: x̃ = x · U(1 - jitter, 1 + jitter) elementwise (Switch: 0.01); in [0, 1)
   bool gumbel_noise = false;  ///< training: choose with Gumbel noise on the logits (weights stay clean)
+  bool gate_bias = false;     ///< z = W_g x + b_g: the gate is an nn.Linear with bias (gpt-oss); b_g is a parameter
   std::uint64_t seed = 0;     ///< noise seed; noise is a hash of (seed, step, token, index)
 };
 
@@ -75,7 +76,7 @@ class TopKRouter {
         n_experts_(shape.n_experts),
         top_k_(shape.top_k),
         options_(validated(shape, options)),
-        gate_(d_model_, {{"gate", n_experts_}}),
+        gate_(d_model_, {{"gate", n_experts_}}, options.gate_bias),
         bias_(options.selection_bias ? static_cast<std::size_t>(n_experts_) : 0, T(0)) {}
 
   Index d_model() const { return d_model_; }         ///< token width
@@ -100,6 +101,10 @@ class TopKRouter {
   MatrixView<T> gate() { return gate_.block(0).value(); }
   ConstMatrixView<T> gate() const { return gate_.block(0).value(); }
 
+  /// The gate's bias b_g, (1, n_experts) (options.gate_bias; HF gpt-oss `router.bias`); (0, n_experts) without.
+  MatrixView<T> gate_bias() { return gate_.bias().value(); }
+  ConstMatrixView<T> gate_bias() const { return gate_.bias().value(); }
+
   /// The selection-only bias b (n_experts; empty unless options.selection_bias): HF `e_score_correction_bias`.
   std::span<T> bias() { return bias_; }
   std::span<const T> bias() const { return bias_; }
@@ -114,7 +119,8 @@ class TopKRouter {
   /// Fills W_g from U(-1/sqrt(d_model), 1/sqrt(d_model)), the nn.Linear default.
   void init(Rng& rng) { gate_.init(rng); }
 
-  /// Calls f(name, Parameter&) for W_g ("gate"). The bias is not a parameter: it learns by update_bias.
+  /// Calls f(name, Parameter&) for W_g ("gate") and, with options.gate_bias, b_g ("gate_bias"). The selection
+  /// bias is not a parameter: it learns by update_bias.
   template <class F>
   void visit_parameters(F&& f) {
     gate_.visit(f);
@@ -463,11 +469,10 @@ inline TopKOptions olmoe() {
   return {.renormalize = false};
 }
 
-/// gpt-oss (OpenAI 2025; HF GptOssTopKRouter): top-4 of the logits, weights = softmax over the chosen logits.
-/// gpt-oss's router linear also has a bias, which TopKRouter's gate does not: with that bias zero this is its
-/// routing exactly.
+/// gpt-oss (OpenAI 2025; HF GptOssTopKRouter): logits z = W_g x + b_g (an nn.Linear with bias), top-4 of the
+/// logits, weights = softmax over the chosen logits.
 inline TopKOptions gpt_oss() {
-  return {.softmax_after_top_k = true};
+  return {.softmax_after_top_k = true, .gate_bias = true};
 }
 
 /// DeepSeek-V2-Lite (HF config): softmax over 64 experts, plain top-6 (topk_method greedy, no groups), not
