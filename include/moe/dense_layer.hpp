@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -37,6 +38,9 @@ class DenseContext {
  public:
   /// Tokens of the recorded forward (-1 before any).
   Index n_tokens() const { return n_tokens_; }
+  /// TrainingContext's global-batch counts, for a uniform surface: a dense layer has no balance loss, so they
+  /// stay empty.
+  GlobalBatchCounts& global_batch() { return global_batch_; }
 
  private:
   template <class Bank>
@@ -47,6 +51,7 @@ class DenseContext {
   std::vector<std::uint64_t> versions_;  // version() of every parameter at the forward, in visit order
   Index n_tokens_ = -1;
   const void* layer_ = nullptr;  // the layer that recorded it
+  GlobalBatchCounts global_batch_;
 };
 
 /// A dense (not routed) MLP block: every token goes through the bank, y = Bank(x). No router, no routing,
@@ -99,7 +104,10 @@ class DenseLayer {
   /// y = Bank(x), x and y (n_tokens, d_model). y may be x itself. Grows `ws` on the first call at a size; later
   /// calls at the same or a smaller n_tokens do not allocate. Throws moe::Error, before writing anything, when
   /// a shape is wrong or x holds NaN or ±inf. The result has n_tokens and nothing else (no routing, no loss).
-  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws) const {
+  /// `sequence_starts` is accepted for MoELayer's surface (a Model passes it to every layer) and unused: a dense
+  /// block treats every token alone.
+  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Workspace& ws,
+                                std::span<const Index> /*sequence_starts*/ = {}) const {
     check_input(x, y);
     if (x.rows() == 0) return {};
     ws.reserve(workspace_bytes(x.rows()));
@@ -112,7 +120,8 @@ class DenseLayer {
   ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) { return forward(x, y, ws_); }
 
   /// Training forward: as forward(), and records in `ctx` what backward() needs (x is copied).
-  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Context& ctx) const {
+  ForwardResult<Scalar> forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Context& ctx,
+                                std::span<const Index> /*sequence_starts*/ = {}) const {
     check_input(x, y);
     ctx.layer_ = this;
     ctx.n_tokens_ = x.rows();

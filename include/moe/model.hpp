@@ -37,20 +37,6 @@ class Model;
 
 namespace detail {
 
-/// What a layer's training forward records: L::Context when the layer names one (DenseLayer), else MoELayer's
-/// TrainingContext.
-template <class L>
-struct training_context_of {
-  using type = TrainingContext<typename L::Scalar>;
-};
-template <class L>
-requires requires {
-  typename L::Context;
-}
-struct training_context_of<L> {
-  using type = typename L::Context;
-};
-
 /// True when no type appears twice in Ts.
 template <class... Ts>
 inline constexpr bool all_distinct = true;
@@ -83,36 +69,23 @@ class ModelContext {
   Index n_tokens() const { return n_tokens_; }              ///< tokens of the recorded forward (-1 before any)
   /// h_l, the input of layer l (l = n_layers(): the model's output), (n_tokens, d_model).
   ConstMatrixView<T> hidden(std::size_t l) const { return h_.at(l); }
-  /// Layer l's global-batch counts (TrainingContext::global_batch; reset once per optimizer step). Throws
-  /// moe::Error when layer l has none (a dense layer) or the context has no layer l.
+  /// Layer l's global-batch counts (TrainingContext::global_batch; reset once per optimizer step; a dense layer's
+  /// stay empty). Throws moe::Error when the context has no layer l.
   GlobalBatchCounts& global_batch(std::size_t l) {
     detail::require(l < layers_.size(), "moe::ModelContext::global_batch: layer ", l, " of ", layers_.size(),
                     " recorded");
-    GlobalBatchCounts* counts = nullptr;
-    std::visit(
-        [&](auto& c) {
-          if constexpr (requires { c.global_batch(); }) counts = &c.global_batch();
-        },
-        layers_[l]);
-    detail::require(counts != nullptr, "moe::ModelContext::global_batch: layer ", l,
-                    " is not routed (a dense layer): it has no global-batch counts");
-    return *counts;
+    return std::visit([](auto& c) -> GlobalBatchCounts& { return c.global_batch(); }, layers_[l]);
   }
-  /// Resets the global-batch counts of every routed layer (once per optimizer step).
+  /// Resets the global-batch counts of every layer (once per optimizer step).
   void reset_global_batch() {
-    for (auto& layer : layers_)
-      std::visit(
-          [](auto& c) {
-            if constexpr (requires { c.global_batch(); }) c.global_batch().reset();
-          },
-          layer);
+    for (auto& layer : layers_) std::visit([](auto& c) { c.global_batch().reset(); }, layer);
   }
 
  private:
   template <class... Ls>
   friend class Model;
   // Alternative i is the context of Layers[i] (types may repeat: accessed by index only).
-  std::vector<std::variant<typename detail::training_context_of<Layers>::type...>> layers_;
+  std::vector<std::variant<typename Layers::Context...>> layers_;
   std::vector<ForwardResult<T>> results_;
   std::vector<RowMatrix<T>> h_;  // h_0 .. h_L
   RowMatrix<T> out_, dh_, dlayer_;
@@ -221,17 +194,7 @@ class Model {
       for (Index t = 0; t < n; ++t) std::copy_n(x.row(t), d, y.row(t));
     double aux = 0;
     for (const Layer& layer : layers_) {
-      std::visit(
-          [&](const auto& l) {
-            ForwardResult<T> r;
-            if constexpr (requires { l.forward(y, out, ws, sequence_starts); }) {
-              r = l.forward(y, out, ws, sequence_starts);
-            } else {
-              r = l.forward(y, out, ws);
-            }
-            aux += r.aux_loss;
-          },
-          layer);
+      std::visit([&](const auto& l) { aux += l.forward(y, out, ws, sequence_starts).aux_loss; }, layer);
       detail::require(ws.allocations() == allocations,
                       "moe::Model::forward: a layer grew the workspace beyond its workspace_bytes()");
       for (Index t = 0; t < n; ++t)
@@ -266,11 +229,7 @@ class Model {
         auto& c = context<decltype(index)::value>(ctx, l);
         const ConstMatrixView<T> h(ctx.h_[l]);
         const MatrixView<T> out = view(ctx.out_);
-        if constexpr (requires { layer.forward(h, out, c, sequence_starts); }) {
-          ctx.results_[l] = layer.forward(h, out, c, sequence_starts);
-        } else {
-          ctx.results_[l] = layer.forward(h, out, c);
-        }
+        ctx.results_[l] = layer.forward(h, out, c, sequence_starts);
       });
       aux += ctx.results_[l].aux_loss;
       ctx.h_[l + 1].noalias() = ctx.h_[l] + ctx.out_;
@@ -336,8 +295,7 @@ class Model {
     for (std::size_t l = 0; l < layers_.size(); ++l)
       std::visit(
           [&](auto& layer) {
-            if constexpr (requires { layer.visit_state([](const std::string&, auto) {}); })
-              layer.visit_state([&](const std::string& name, auto values) { f(prefix(l) + name, values); });
+            layer.visit_state([&](const std::string& name, auto values) { f(prefix(l) + name, values); });
           },
           layers_[l]);
   }

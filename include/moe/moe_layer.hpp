@@ -201,6 +201,7 @@ class MoELayer {
  public:
   using Scalar = typename R::Scalar;
   using RouterType = R;
+  using Context = TrainingContext<Scalar>;                  ///< what a training forward records
   static constexpr std::size_t n_banks = sizeof...(Banks);  ///< expert banks (routed and shared)
 
   /// Builds the router and the bank from one config (single-bank layers). Throws moe::Error naming the
