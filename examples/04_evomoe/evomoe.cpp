@@ -8,23 +8,29 @@
 /// each keeping a random 75% of the base expert's weights (random masking). Phase 2 (gate-sparsify) trains
 /// them under routers::DenseToSparseGate (γ = 0.001, τ exponential 1.0 -> 0.5 over the soft phase, combine
 /// weights from the Gumbel-softmax G: the official code's use_gumbel_gates), then switches to hard top-1 for
-/// the rest of the budget. The baseline is routers::TopKRouter with presets::switch_transformer (top-1 of 8)
-/// trained from scratch for the total step budget. Budget: 500 dense + 2000 soft + 500 hard steps of 256
-/// tokens, AdamW lr 1e-2 throughout; the loss compared is the MSE on 4096 held-out tokens in evaluation mode.
+/// the rest of the budget. Budget: 500 dense + 2000 soft + 500 hard steps of 256 tokens, AdamW lr 1e-2
+/// throughout; the loss compared is the MSE on 4096 held-out tokens in evaluation mode. Two baselines of the same
+/// active FLOPs at inference (one SwiGLU expert of d_ff 64 per token), trained from scratch for the whole budget,
+/// each at the best of three learning rates (1e-3, 3e-3, 1e-2, chosen on the held-out loss):
+///   - Switch top-1: routers::TopKRouter with presets::switch_transformer (top-1 of 8) + SwitchLoss 1e-2;
+///   - dense: one SwiGLU FFN of d_ff 64 (the phase-1 model, trained for the whole budget).
 ///
 /// Usage: evomoe [--quick] [--seed=S] [--out=DIR]
 ///   --quick  a shortened run (the ctest smoke test)
 /// Writes DIR/evomoe_active.csv (step,active_experts,tau: mean experts per token with G_i > γ, phase 2) and
 /// DIR/evomoe_loss.csv (model,step,loss: training MSE per step); scripts/plot.py DIR plots both.
 /// Ends with
-///   RESULT evomoe PASS|FAIL start_active=.. spearman=.. hard_active=.. loss=.. baseline_loss=..
+///   RESULT evomoe PASS|FAIL start_active=.. spearman=.. hard_active=.. loss=.. switch_loss=.. dense_loss=..
 /// PASS when start_active >= 7 (near E = 8), spearman < -0.9 (active count against step over the soft
-/// phase), hard_active == 1, and the held-out MSE of EvoMoE <= that of the top-1 baseline.
+/// phase) and the held-out MSE of EvoMoE <= that of both baselines. (hard_active, 1 by construction after the
+/// hard switch, is reported but not judged.)
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include <moe/moe.hpp>
@@ -38,10 +44,12 @@ using T = double;
 using Bank = moe::experts::SwiGLU<T>;
 using DtsLayer = moe::MoELayer<moe::routers::DenseToSparseGate<T>, Bank>;
 using TopKLayer = moe::MoELayer<moe::routers::TopKRouter<T>, Bank>;
+using SwitchLayer = moe::MoELayer<moe::routers::WithLosses<moe::routers::TopKRouter<T>, moe::losses::SwitchLoss>, Bank>;
 
 constexpr moe::Index k_d_model = 32, k_d_ff = 64, k_experts = 8, k_batch = 256;
 constexpr double k_mask_ratio = 0.25;  // share of the base expert's weights each spawned expert drops
-constexpr double k_lr = 1e-2;          // AdamW, every phase and the baseline
+constexpr double k_lr = 1e-2;          // AdamW, every phase of EvoMoE
+constexpr double k_baseline_lrs[] = {1e-3, 3e-3, 1e-2};  // each baseline's best of these (they bracket it)
 
 struct Budget {
   long dense_steps, soft_steps, hard_steps;
@@ -78,10 +86,20 @@ StepResult train_step(Layer& layer, moe::optim::AdamW<T>& adam, moe::TrainingCon
   return {loss, active};
 }
 
+// The router that owns the training noise and step: the layer's, or the one inside its WithLosses.
+template <class Layer>
+auto& noisy_router(Layer& layer) {
+  if constexpr (std::is_same_v<Layer, SwitchLayer>) {
+    return layer.router().inner();
+  } else {
+    return layer.router();
+  }
+}
+
 // Held-out MSE in evaluation mode (DTS gate and Switch router: top-1 of softmax(z), no noise).
 template <class Layer>
 double eval_mse(Layer& layer, const moe::examples::Regimes& test) {
-  layer.router().set_training(false);
+  noisy_router(layer).set_training(false);
   moe::RowMatrix<T> y(test.x.rows(), test.x.cols()), dy;
   layer.forward(test.x, y);
   return moe::examples::mse(y, test.target, dy);
@@ -198,35 +216,55 @@ int main(int argc, char** argv) {
                     return moe::StepReport{.loss = loss, .tokens = k_batch};
                   });
 
-  // Baseline: Switch top-1 from scratch, the whole budget.
-  TopKLayer switch_top1(moe::routers::TopKRouter<T>(shape(k_experts, 1), moe::routers::presets::switch_transformer()),
-                        Bank(shape(k_experts, 1)));
-  switch_top1.init(cli.seed + 4);
-  switch_top1.router().set_training(true);
-  moe::optim::AdamW<T> switch_adam({.lr = k_lr, .weight_decay = 0});
-  moe::train_loop({.steps = budget.total(), .seed = cli.seed + 6, .label = "switch top-1"}, [&](long step, moe::Rng& rng) {
-    switch_top1.router().set_step(static_cast<std::uint64_t>(step));
-    draw_batch(train, rng, x, target);
-    const double loss = train_step(switch_top1, switch_adam, ctx, x, target).loss;
-    loss_csv << "switch_top1," << step + 1 << ',' << loss << '\n';
-    return moe::StepReport{.loss = loss, .tokens = k_batch};
+  // Baselines from scratch for the whole budget, each at its best learning rate: Switch top-1 with its balance
+  // loss, and a dense SwiGLU FFN of the same active FLOPs.
+  const auto best_of_lrs = [&](const char* name, auto make) {
+    double best = 1e300;
+    for (const double lr : k_baseline_lrs) {
+      auto layer = make();
+      layer.init(cli.seed + 4);
+      noisy_router(layer).set_training(true);
+      moe::optim::AdamW<T> adam({.lr = lr, .weight_decay = 0});
+      const std::string label = std::string(name) + " lr " + std::to_string(lr).substr(0, 5);
+      moe::train_loop({.steps = budget.total(), .seed = cli.seed + 6, .label = label}, [&](long step, moe::Rng& rng) {
+        noisy_router(layer).set_step(static_cast<std::uint64_t>(step));
+        draw_batch(train, rng, x, target);
+        const double loss = train_step(layer, adam, ctx, x, target).loss;
+        if (lr == k_lr) loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
+        return moe::StepReport{.loss = loss, .tokens = k_batch};
+      });
+      const double held_out = eval_mse(layer, test);
+      std::printf("%s, lr %.0e: held-out MSE %.4f\n", name, lr, held_out);
+      best = std::min(best, held_out);
+    }
+    return best;
+  };
+  const double switch_loss = best_of_lrs("switch_top1", [&] {
+    return SwitchLayer(moe::routers::WithLosses(moe::routers::TopKRouter<T>(
+                                                    shape(k_experts, 1), moe::routers::presets::switch_transformer()),
+                                                moe::losses::SwitchLoss{.coeff = 1e-2}),
+                       Bank(shape(k_experts, 1)));
   });
+  const double dense_loss =
+      best_of_lrs("dense", [&] { return TopKLayer(moe::routers::TopKRouter<T>(shape(1, 1)), Bank(shape(1, 1))); });
 
-  const double evo_loss = eval_mse(evo, test), switch_loss = eval_mse(switch_top1, test);
+  const double evo_loss = eval_mse(evo, test);
   const double start_active = soft_active.front(), rho = spearman_against_step(soft_active);
   std::printf("mean active experts per token: %.2f at the first phase-2 step, %.2f at the last soft step, %.2f "
               "(max) after the hard switch\n",
               start_active, soft_active.back(), hard_active);
   std::printf("Spearman rho (active experts against step, soft phase): %.3f\n", rho);
-  std::printf("held-out MSE: EvoMoE %.4f, Switch top-1 %.4f (%ld steps each)\n", evo_loss, switch_loss,
-              budget.total());
+  std::printf("held-out MSE: EvoMoE %.4f, Switch top-1 %.4f, dense %.4f (best lr each; %ld steps each)\n", evo_loss,
+              switch_loss, dense_loss, budget.total());
   std::printf("wrote %s/evomoe_active.csv and %s/evomoe_loss.csv\n", cli.out.c_str(), cli.out.c_str());
-  const bool pass = start_active >= double(k_experts) - 1 && rho < -0.9 && hard_active == 1.0 && evo_loss <= switch_loss;
+  const bool pass =
+      start_active >= double(k_experts) - 1 && rho < -0.9 && evo_loss <= switch_loss && evo_loss <= dense_loss;
   moe::examples::report("evomoe", pass,
                         {{"start_active", start_active},
                          {"spearman", rho},
                          {"hard_active", hard_active},
                          {"loss", evo_loss},
-                         {"baseline_loss", switch_loss}});
+                         {"switch_loss", switch_loss},
+                         {"dense_loss", dense_loss}});
   return 0;
 }
