@@ -363,13 +363,17 @@ void check_top_k(const routers::TopKRouter<float>& r, const Routed& out, bool fi
 }
 
 // True when every logit x Wᵀ (+ extra, scaled by 1/temperature, x jittered by up to 2x) is certainly finite in
-// f32: x and W finite and Σ_j max_t |x_tj| |W_ej| (+ extra) far below FLT_MAX.
+// f32: x and W finite, the jittered x (up to 2x) finite too, and Σ_j max_t |x_tj| |W_ej| (+ extra) far below
+// FLT_MAX. (An x near FLT_MAX jitters to ±inf before any product: reproducer
+// tests/fuzz/corpus/fuzz_router/jitter_overflow_gating_residual.)
 bool logits_finite(const Matrix& x, moe::ConstMatrixView<float> w, double temperature, double extra = 0) {
   if (!moe::fuzz::all_finite(x.data(), static_cast<std::size_t>(x.size())) || !std::isfinite(extra)) return false;
   std::vector<double> col_max(static_cast<std::size_t>(x.cols()), 0.0);
   for (Index t = 0; t < x.rows(); ++t)
     for (Index j = 0; j < x.cols(); ++j)
       col_max[static_cast<std::size_t>(j)] = std::max(col_max[static_cast<std::size_t>(j)], std::abs(double(x(t, j))));
+  for (double m : col_max)
+    if (2.0 * m >= double(std::numeric_limits<float>::max())) return false;
   double worst = 0;
   for (Index e = 0; e < w.rows(); ++e) {
     double bound = extra;
