@@ -2,9 +2,7 @@
 // no heap allocation. Three counters watch the measured calls (not in sanitizer builds, whose runtimes
 // replace the same functions):
 // - global operator new, replaced by a counting one (support/counting_new.hpp);
-// - malloc, calloc, realloc, aligned_alloc, posix_memalign and memalign, interposed: this executable's
-//   definitions win over glibc's for every caller (libstdc++, libgomp, Eigen, glibc itself) and forward to
-//   glibc's __libc_* entry points (exported since glibc 2.2.5, still in 2.36), so free() stays glibc's.
+// - the malloc family, interposed for every caller (support/counting_malloc.hpp).
 //   Calls made by GCC's OpenMP runtime are counted apart: libgomp allocates (and frees) a team for every
 //   parallel region that runs on one thread (an `if` clause below the layer's work threshold, or a team of
 //   one), so each small forward costs a few memalign/free pairs inside libgomp. That is the runtime's, and
@@ -21,7 +19,6 @@ void moe_test_eigen_assert_failed(const char* condition);
 #define eigen_assert(x) (static_cast<bool>(x) ? void(0) : ::moe_test_eigen_assert_failed(#x))
 
 #include <atomic>
-#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -34,12 +31,11 @@ void moe_test_eigen_assert_failed(const char* condition);
 #include <catch2/catch.hpp>
 #include <moe/moe.hpp>
 
+#include "support/counting_malloc.hpp"
 #include "support/counting_new.hpp"
 #include "support/random.hpp"
 
 namespace {
-std::atomic<long> g_mallocs{0};      // the malloc family, called from anywhere but libgomp
-std::atomic<long> g_omp_mallocs{0};  // the malloc family, called from libgomp
 std::atomic<long> g_eigen_asserts{0};
 std::atomic<const char*> g_first_eigen_assert{nullptr};
 
@@ -76,8 +72,6 @@ bool from_libgomp(const void* return_address) {
   return false;
 }
 
-void count_malloc(const void* return_address) { ++(from_libgomp(return_address) ? g_omp_mallocs : g_mallocs); }
-
 // Allocations seen during a call. Equality ignores omp_mallocs (see the file comment).
 struct Counts {
   long news = 0;           ///< operator new
@@ -95,12 +89,15 @@ std::ostream& operator<<(std::ostream& os, const Counts& c) {
     os << ", first: " << first;
   return os << "}";
 }
-Counts counts() { return {moe::test::operator_new_calls.load(), g_mallocs.load(), g_eigen_asserts.load(), g_omp_mallocs.load()}; }
+Counts counts() {
+  return {moe::test::operator_new_calls.load(), moe::test::malloc_calls.load(), g_eigen_asserts.load(),
+          moe::test::set_aside_malloc_calls.load()};
+}
 
 // What f() allocated, with Eigen's guard on while it runs.
 template <class F>
 Counts allocations_in(F&& f) {
-  static const bool found = (find_libgomp(), true);
+  static const bool found = (find_libgomp(), moe::test::set_aside_caller.store(from_libgomp), true);
   (void)found;
   const Counts before = counts();
   Eigen::internal::set_is_malloc_allowed(false);
@@ -117,44 +114,6 @@ void moe_test_eigen_assert_failed(const char* condition) {
   const char* none = nullptr;
   g_first_eigen_assert.compare_exchange_strong(none, condition);
 }
-
-// noinline: __builtin_return_address(0) must be the caller's address.
-extern "C" {
-void* __libc_malloc(std::size_t n);
-void* __libc_calloc(std::size_t n, std::size_t size);
-void* __libc_realloc(void* p, std::size_t n);
-void* __libc_memalign(std::size_t align, std::size_t n);
-
-__attribute__((noinline)) void* malloc(std::size_t n) noexcept {
-  count_malloc(__builtin_return_address(0));
-  return __libc_malloc(n);
-}
-__attribute__((noinline)) void* calloc(std::size_t n, std::size_t size) noexcept {
-  count_malloc(__builtin_return_address(0));
-  return __libc_calloc(n, size);
-}
-__attribute__((noinline)) void* realloc(void* p, std::size_t n) noexcept {
-  count_malloc(__builtin_return_address(0));
-  return __libc_realloc(p, n);
-}
-__attribute__((noinline)) void* memalign(std::size_t align, std::size_t n) noexcept {
-  count_malloc(__builtin_return_address(0));
-  return __libc_memalign(align, n);
-}
-__attribute__((noinline)) void* aligned_alloc(std::size_t align, std::size_t n) noexcept {
-  count_malloc(__builtin_return_address(0));
-  return __libc_memalign(align, n);
-}
-__attribute__((noinline)) int posix_memalign(void** out, std::size_t align, std::size_t n) noexcept {
-  count_malloc(__builtin_return_address(0));
-  if (align < sizeof(void*) || (align & (align - 1)) != 0) return EINVAL;
-  void* p = __libc_memalign(align, n);
-  if (p == nullptr) return ENOMEM;
-  *out = p;
-  return 0;
-}
-}
-
 
 TEST_CASE("The allocation counters and Eigen's guard see what they should", "[alloc]") {
   // A heap Eigen matrix inside the guard trips it (so the guard is real), and its malloc is counted.

@@ -278,8 +278,7 @@ inline HFConfig read_hf_config(const std::filesystem::path& path) {
       c.router.routed_scaling_factor = 1.0;
   }
   try {
-    (void)c.routed.validated();
-    (void)routers::TopKRouter<double>(c.routed, c.router);
+    routers::TopKRouter<double>::validate(c.routed, c.router);  // checks c.routed too; allocates no gate
   } catch (const Error& e) {
     detail::config_error(file, std::string("describes no valid layer: ") + e.what());
   }

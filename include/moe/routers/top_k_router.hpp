@@ -79,6 +79,11 @@ class TopKRouter {
         gate_(d_model_, {{"gate", n_experts_}}, options.gate_bias),
         bias_(options.selection_bias ? static_cast<std::size_t>(n_experts_) : 0, T(0)) {}
 
+  /// Throws the moe::Error the constructor would throw for (shape, options), without allocating the gate.
+  static void validate(const MoEConfig& shape, const TopKOptions& options) {
+    (void)validated(shape.validated(), options);
+  }
+
   Index d_model() const { return d_model_; }         ///< token width
   Index n_experts() const { return n_experts_; }     ///< experts routed over
   Index top_k() const { return top_k_; }             ///< slots per token
