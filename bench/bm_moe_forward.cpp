@@ -2,7 +2,7 @@
 // same run (docs/benchmarks.md has a table and how to reproduce it).
 //
 // Cells, each for threads in {1, 2}:
-//   forward/<S1|S2>/<f32|bf16|int8>/T<n>/threads<k>  the layer (router + plan + banks + combine)
+//   forward/<S1|S2>/<f32|bf16|int8|int4>/T<n>/threads<k>  the layer (router + plan + banks + combine)
 //   ideal/<S1|S2>/f32/T<n>/threads<k>                 ideal routing: each used expert's rows through Eigen GEMM
 //   naive/<S1|S2>/f32/T<n>/threads1                   reference/naive_moe.hpp: per-token double loop
 //   limits/<fma_f32|dot_bf16|dot_int8|dram_read>/threads<k>   the machine's peaks, measured here
@@ -47,11 +47,17 @@ template <class Storage>
 using Layer = moe::MoELayer<moe::routers::TopKSoftmax<float>,
                             moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, Storage>>;
 
-/// Bytes one stored weight costs (the per-channel int8 scales are under 1 %).
+/// The 4-bit storage the bench runs: q4_0's format (groups of 32, f16 scales).
+using Int4 = moe::kernels::Int4Weights<32, moe::kernels::F16Scales>;
+
+/// Bytes one stored weight costs (the per-channel int8 scales are under 1 %; int4: a nibble plus the group's
+/// f16 scale, 0.5625).
 template <class Storage>
 constexpr double weight_bytes() {
   if constexpr (std::is_same_v<Storage, moe::kernels::BF16Weights>) return 2.0;
   else if constexpr (std::is_same_v<Storage, moe::kernels::Int8Weights>) return 1.0;
+  else if constexpr (std::is_same_v<Storage, Int4>)
+    return 0.5 + 2.0 / 32.0;
   else return 4.0;
 }
 
@@ -345,9 +351,10 @@ void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, i
   });
   set_counters(state, p.cfg, n_tokens);
   const Limits& l = limits(threads);
-  const double peak = std::is_same_v<Storage, moe::kernels::BF16Weights>   ? l.bf16_gflops
-                      : std::is_same_v<Storage, moe::kernels::Int8Weights> ? l.int8_gops
-                                                                           : l.fma_gflops;
+  const double peak = std::is_same_v<Storage, moe::kernels::BF16Weights> ? l.bf16_gflops
+                      : std::is_same_v<Storage, moe::kernels::Int8Weights> || std::is_same_v<Storage, Int4>
+                          ? l.int8_gops
+                          : l.fma_gflops;
   // Expert weight bytes the call streams (each touched expert's three matrices, read once).
   const double bytes = double(hit) * 3.0 * double(p.cfg.d_model) * double(p.cfg.d_ff) * weight_bytes<Storage>();
   state.counters["weights_GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -471,6 +478,7 @@ const bool registered = [] {
     register_forward<moe::kernels::NativeWeights>(p, "f32");
     register_forward<moe::kernels::BF16Weights>(p, "bf16");
     register_forward<moe::kernels::Int8Weights>(p, "int8");
+    register_forward<Int4>(p, "int4");
     for (Index t : moe::bench::k_token_counts) {
       const std::string cell = std::string(p.name) + "/f32/T" + std::to_string(t);
       for (int threads : {1, 2}) {

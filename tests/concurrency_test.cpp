@@ -260,6 +260,7 @@ TEST_CASE("T1: heterogeneous banks, a capacity-limited router and bf16/int8 weig
     };
     with(kernels::BF16Weights{});
     with(kernels::Int8Weights{});
+    with(kernels::Int4Weights<>{});
   }
 }
 

@@ -206,6 +206,7 @@ TEST_CASE("bf16 and int8 weight storage allocate nothing after warm-up either", 
   check(moe::kernels::NativeWeights{});
   check(moe::kernels::BF16Weights{});
   check(moe::kernels::Int8Weights{});
+  check(moe::kernels::Int4Weights<>{});
 }
 
 namespace {

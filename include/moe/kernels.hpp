@@ -6,6 +6,7 @@
 #include "kernels/arch.hpp"
 #include "kernels/simd/activation.hpp"
 #include "kernels/simd/bf16_gemm.hpp"
+#include "kernels/simd/int4_gemm.hpp"
 #include "kernels/simd/int8_gemm.hpp"
 #include "kernels/simd/matmul.hpp"
 #include "kernels/simd/matmul_nn.hpp"

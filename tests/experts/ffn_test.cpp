@@ -58,6 +58,23 @@ TEST_CASE("FFN banks with bf16 and int8 weight storage stay close to the f32 nai
       {.d_model = 33, .d_ff = 31, .n_experts = 2, .top_k = 1}, {5, 2}, 5e-4);
 }
 
+TEST_CASE("FFN banks with int4 weight storage stay within q4 rounding noise of the f32 naive loop", "[expert]") {
+  // Each q4 projection adds noise d^2 / 12 ~ 0.008 of the weights' variance (kernels_int4_gemm_test); a SwiGLU
+  // bank passes it through three projections: NMSE <= 0.05 against the unrounded f32 weights.
+  using moe::kernels::SiLU;
+  using G64 = moe::kernels::Int4Weights<64, moe::kernels::F32Scales>;
+  const moe::MoEConfig cfg{.d_model = 130, .d_ff = 257, .n_experts = 3, .top_k = 1};
+  const std::vector<Index> counts = {30, 0, 13};
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int4Weights<>>>(cfg, counts,
+                                                                                                            0.05);
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::Int4Weights<>>>(cfg, counts,
+                                                                                                      0.05);
+  check_bank<moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, G64>>(cfg, counts, 0.05);
+  check_bank<
+      moe::experts::FFN<float, moe::kernels::ReLU, false, moe::kernels::default_arch, moe::kernels::Int4Weights<>>>(
+      {.d_model = 33, .d_ff = 31, .n_experts = 2, .top_k = 1}, {5, 2}, 0.05);
+}
+
 TEST_CASE("FFN re-packs its panels after a write through a non-const accessor", "[expert]") {
   const moe::MoEConfig cfg{.d_model = 20, .d_ff = 40, .n_experts = 2, .top_k = 1};
   moe::experts::SwiGLU<float> bank(cfg);
@@ -188,6 +205,8 @@ TEST_CASE("FFN banks give the same bits for any thread count, for every storage"
   check(moe::experts::SwiGLU<float>(cfg));
   check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>(cfg));
   check(moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
+  check(
+      moe::experts::FFN<float, moe::kernels::SiLU, true, moe::kernels::default_arch, moe::kernels::Int4Weights<>>(cfg));
 }
 
 TEST_CASE("FFN forward_tokens gives forward()'s bits on the gathered rows, for every storage", "[expert]") {
@@ -227,6 +246,7 @@ TEST_CASE("FFN forward_tokens gives forward()'s bits on the gathered rows, for e
   check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::BF16Weights>(cfg));
   check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int8Weights>(cfg));
   check(moe::experts::FFN<float, SiLU, true, moe::kernels::scalar, moe::kernels::Int8Weights>(cfg));
+  check(moe::experts::FFN<float, SiLU, true, moe::kernels::default_arch, moe::kernels::Int4Weights<>>(cfg));
   check(moe::experts::FFN<float, moe::kernels::ReLU, false, moe::kernels::scalar, moe::kernels::BF16Weights>(cfg));
 }
 
@@ -270,6 +290,8 @@ TEST_CASE("A PackedOnly bank packed expert by expert runs bitwise like the train
   check_packed_only<moe::kernels::BF16Weights, SiLU, true>(odd, {5, 0, 9});
   check_packed_only<moe::kernels::Int8Weights, SiLU, true>(odd, {5, 0, 9});
   check_packed_only<moe::kernels::Int8Weights, moe::kernels::ReLU, false>(odd, {1, 4, 2});
+  check_packed_only<moe::kernels::Int4Weights<>, SiLU, true>(odd, {5, 0, 9});
+  check_packed_only<moe::kernels::Int4Weights<64, moe::kernels::F32Scales>, moe::kernels::ReLU, false>(odd, {1, 4, 2});
   check_packed_only<moe::kernels::BF16Weights, SiLU, true>({.d_model = 130, .d_ff = 257, .n_experts = 2, .top_k = 1},
                                                            {30, 13});
 }

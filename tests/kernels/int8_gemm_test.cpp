@@ -3,7 +3,6 @@
 // f32 inputs, on tile, panel and quad edges, for the default architecture (vpdpbusd with AVX512-VNNI) and the
 // scalar fallback.
 
-#include <moe/kernels/reference/int8_gemm.hpp>
 #include <moe/kernels/simd/int8_gemm.hpp>
 
 #include "panel_support.hpp"
@@ -14,16 +13,11 @@ using moe::Index;
 using moe::RowMatrix;
 namespace kernels = moe::kernels;
 
-RowMatrix<double> int8_image(const RowMatrix<float>& a) {
-  RowMatrix<double> out(a.rows(), a.cols());
-  for (Index i = 0; i < a.rows(); ++i) kernels::reference::int8_image(a.row(i).data(), a.cols(), out.row(i).data());
-  return out;
-}
-
 // The integer sums are exact: the error is the final conversion and scaling, well inside gamma_{k+2}.
 template <class Arch>
 void check_int8(moe::test::Rng& rng, Index m, Index n, Index k, int n_src) {
-  moe::test::check_kernel<kernels::Int8Panels<float, Arch>, float>(rng, m, n, k, n_src, false, int8_image, 5e-4);
+  moe::test::check_kernel<kernels::Int8Panels<float, Arch>, float>(rng, m, n, k, n_src, false, moe::test::int8_image,
+                                                                   5e-4);
 }
 
 }  // namespace

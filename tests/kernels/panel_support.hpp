@@ -10,6 +10,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <moe/kernels/reference/int8_gemm.hpp>
 #include <moe/kernels/reference/matmul.hpp>
 #include <moe/kernels/simd/panel_gemm.hpp>
 
@@ -17,6 +18,14 @@
 #include "support/random.hpp"
 
 namespace moe::test {
+
+/// The dequantised int8 image of each row of a (kernels::reference::int8_image): what the int8 and int4
+/// kernels compute with for activations, and the int8 kernel for weight rows.
+inline RowMatrix<double> int8_image(const RowMatrix<float>& a) {
+  RowMatrix<double> out(a.rows(), a.cols());
+  for (Index i = 0; i < a.rows(); ++i) kernels::reference::int8_image(a.row(i).data(), a.cols(), out.row(i).data());
+  return out;
+}
 
 /// Random (rows, cols): N(0, 1), or integers in [-range, range] when range > 0.
 template <class S>
@@ -80,12 +89,13 @@ RowMatrix<double> run_panels(const std::vector<RowMatrix<S>>& w, const RowMatrix
 /// Checks y against x_seen · w_seenᵀ in double: every element within gamma_{k+2} · Σ|x w| (bitwise equal in
 /// exact mode) and whole-tensor NMSE <= nmse_bound. x_seen, w_seen: the values the kernel computes with
 /// (the inputs themselves, or their bf16 / dequantized int8 images), one row per source row.
+/// x_mag: the magnitude of what each x element contributes to the kernel's rounded sums (default |x_seen|).
 inline void check_panels(const RowMatrix<double>& y, const RowMatrix<double>& x_seen,
-                         const std::vector<RowMatrix<double>>& w_seen, bool exact, double nmse_bound,
-                         double gamma) {
+                         const std::vector<RowMatrix<double>>& w_seen, bool exact, double nmse_bound, double gamma,
+                         const RowMatrix<double>* x_mag = nullptr) {
   const Index m = x_seen.rows(), n = w_seen[0].rows(), k = x_seen.cols();
   RowMatrix<double> ref(m, static_cast<Index>(w_seen.size()) * n), mag(m, ref.cols());
-  const RowMatrix<double> x_abs = x_seen.cwiseAbs();
+  const RowMatrix<double> x_abs = x_mag != nullptr ? *x_mag : RowMatrix<double>(x_seen.cwiseAbs());
   for (std::size_t s = 0; s < w_seen.size(); ++s) {
     RowMatrix<double> part(m, n), part_mag(m, n);
     const RowMatrix<double> w_abs = w_seen[s].cwiseAbs();

@@ -185,6 +185,7 @@ void check_bank_forward(Bank& bank, const std::vector<Index>& counts, Naive&& na
   const RowMatrix<T> ys = bank_forward(bank, xs, offsets);
   const RowMatrix<double> ref = naive(bank, xs, offsets);
   REQUIRE(ref.norm() > 0);
+  INFO("NMSE " << nmse(ref.data(), ys.data(), static_cast<std::size_t>(ref.size())));
   CHECK(nmse(ref.data(), ys.data(), static_cast<std::size_t>(ref.size())) <= bound);
 }
 

@@ -24,6 +24,7 @@
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"
 #include "../kernels/simd/bf16_gemm.hpp"
+#include "../kernels/simd/int4_gemm.hpp"
 #include "../kernels/simd/int8_gemm.hpp"
 #include "../kernels/simd/matmul.hpp"
 #include "../kernels/simd/panel_gemm.hpp"
@@ -48,10 +49,10 @@ struct FFNOptions {
 /// @tparam Gated   true: act(W1 x) * (W3 x) (SwiGLU with SiLU); false: act(W1 x)
 /// @tparam Arch    instruction set of the kernels
 /// @tparam Storage weight storage policy of the forward kernels: kernels::NativeWeights (T),
-///                 kernels::BF16Weights or kernels::Int8Weights (T = float). For a per-expert choice, put
-///                 experts with different storage in different banks of one MoELayer. kernels::PackedOnly<S>:
-///                 inference only, the weights live in S's panels alone (filled by pack_expert; no w1/w3/w2,
-///                 init, parameters or backward), so a bf16 bank takes half the memory of f32 weights.
+///                 kernels::BF16Weights, kernels::Int8Weights or kernels::Int4Weights<> (T = float). For a per-expert
+///                 choice, put experts with different storage in different banks of one MoELayer.
+///                 kernels::PackedOnly<S>: inference only, the weights live in S's panels alone (filled by pack_expert;
+///                 no w1/w3/w2, init, parameters or backward), so a bf16 bank takes half the memory of f32 weights.
 ///
 /// The canonical weights (w1/w3/w2, type T) are what users and gradients read and write; the forward pass
 /// runs on panels packed from them. Every non-const access to the weights (the w1/w3/w2 accessors, init(),

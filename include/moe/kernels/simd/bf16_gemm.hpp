@@ -49,6 +49,7 @@ struct BF16Panels {
   static constexpr Index group = 2;
   static constexpr bool quantized = false;
   static constexpr bool row_scaled = false;
+  static constexpr bool blocked = false;
 
   template <class S>
   static float column_scale(const S*, Index) {

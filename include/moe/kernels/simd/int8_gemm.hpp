@@ -42,6 +42,7 @@ struct Int8Panels {
   static constexpr Index group = 4;
   static constexpr bool quantized = true;
   static constexpr bool row_scaled = true;
+  static constexpr bool blocked = false;
 
   /// Scale of one output channel (a weight row of length k): max |w| / 127 (0 for an all-zero row).
   template <class S>

@@ -102,6 +102,7 @@ struct NativePanels {
   static constexpr Index group = 1;              ///< k elements per step
   static constexpr bool quantized = false;       ///< per-column scales and sums
   static constexpr bool row_scaled = false;      ///< activations carry a per-row scale
+  static constexpr bool blocked = false;         ///< the kernel packs its own panels (pack_panel, panel_bytes)
 
   template <class S>
   static float column_scale(const S*, Index) {
@@ -176,15 +177,28 @@ class PackedWeights {
   /// Elements of the panels of n_mats (n, k) matrices from n_src sources, padded to whole panels and steps:
   /// n_mats * panels * steps * width * group, overflow-checked (moe::Error naming `owner` and `what`).
   static Index elements(const char* owner, const char* what, Index n_mats, Index n, Index k, int n_src) {
-    return moe::detail::checked_size<Weight>(
-        owner, what, {n_mats, ceil_div(n, width / n_src), ceil_div(k, Kernel::group), width, Kernel::group});
+    const Index panels = ceil_div(n, width / n_src), steps = ceil_div(k, Kernel::group);
+    if constexpr (Kernel::blocked) {
+      // A blocked panel's trailer is smaller than a step: steps + 1 bounds it.
+      moe::detail::checked_size<Weight>(owner, what, {n_mats, panels, steps + 1, Kernel::step_bytes});
+      return n_mats * panels * Kernel::panel_bytes(steps);
+    } else {
+      return moe::detail::checked_size<Weight>(owner, what, {n_mats, panels, steps, width, Kernel::group});
+    }
   }
 
   Index panels() const { return panels_; }         ///< panels per matrix
   Index steps() const { return steps_; }           ///< steps per panel
   Index padded_k() const { return steps_ * Kernel::group; }  ///< k rounded up to whole steps (input row length)
   Index columns_per_source() const { return half_; }  ///< columns of each source in one panel
-  Index panel_size() const { return steps_ * width * Kernel::group; }  ///< elements per panel
+  /// Elements per panel.
+  Index panel_size() const {
+    if constexpr (Kernel::blocked) {
+      return Kernel::panel_bytes(steps_);
+    } else {
+      return steps_ * width * Kernel::group;
+    }
+  }
 
   /// Panel j of matrix m: (steps, width, group).
   const Weight* panel(Index m, Index j) const { return data_.data() + (m * panels_ + j) * panel_size(); }
@@ -203,34 +217,38 @@ class PackedWeights {
       for (Index c = 0; c < width; ++c) {
         const Index s = c / half_, col = j * half_ + c % half_;
         rows[c] = col < n_ ? src[s].row(col) : nullptr;
-        scale[c] = rows[c] != nullptr ? Kernel::column_scale(rows[c], k_) : 0.0f;
+        if constexpr (!Kernel::blocked) scale[c] = rows[c] != nullptr ? Kernel::column_scale(rows[c], k_) : 0.0f;
       }
-      // Steps outermost: the panel is written front to back, its `width` source rows read side by side;
-      // a branch-free loop while every column exists and no step is padded.
-      Weight* out = dst;
-      const bool all_columns = std::all_of(rows, rows + width, [](const S* r) { return r != nullptr; });
-      const Index unpadded = all_columns ? k_ / Kernel::group : 0;
-      for (Index q = 0; q < unpadded; ++q) {
-        for (Index c = 0; c < width; ++c) {
-          for (Index g = 0; g < Kernel::group; ++g) *out++ = Kernel::encode(rows[c][q * Kernel::group + g], scale[c]);
-        }
-      }
-      for (Index q = unpadded; q < steps_; ++q) {
-        const bool inside = (q + 1) * Kernel::group <= k_;  // no step padding
-        for (Index c = 0; c < width; ++c) {
-          for (Index g = 0; g < Kernel::group; ++g) {
-            const Index p = q * Kernel::group + g;
-            *out++ = rows[c] != nullptr && (inside || p < k_) ? Kernel::encode(rows[c][p], scale[c]) : Weight(0);
+      if constexpr (Kernel::blocked) {
+        Kernel::pack_panel(rows, k_, steps_, dst);
+      } else {
+        // Steps outermost: the panel is written front to back, its `width` source rows read side by side;
+        // a branch-free loop while every column exists and no step is padded.
+        Weight* out = dst;
+        const bool all_columns = std::all_of(rows, rows + width, [](const S* r) { return r != nullptr; });
+        const Index unpadded = all_columns ? k_ / Kernel::group : 0;
+        for (Index q = 0; q < unpadded; ++q) {
+          for (Index c = 0; c < width; ++c) {
+            for (Index g = 0; g < Kernel::group; ++g) *out++ = Kernel::encode(rows[c][q * Kernel::group + g], scale[c]);
           }
         }
-      }
-      if constexpr (Kernel::quantized) {
-        for (Index c = 0; c < width; ++c) {
-          std::int32_t sum = 0;
-          for (Index q = 0; q < steps_; ++q)
-            for (Index g = 0; g < Kernel::group; ++g) sum += dst[(q * width + c) * Kernel::group + g];
-          scales_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = scale[c];
-          sums_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = sum;
+        for (Index q = unpadded; q < steps_; ++q) {
+          const bool inside = (q + 1) * Kernel::group <= k_;  // no step padding
+          for (Index c = 0; c < width; ++c) {
+            for (Index g = 0; g < Kernel::group; ++g) {
+              const Index p = q * Kernel::group + g;
+              *out++ = rows[c] != nullptr && (inside || p < k_) ? Kernel::encode(rows[c][p], scale[c]) : Weight(0);
+            }
+          }
+        }
+        if constexpr (Kernel::quantized) {
+          for (Index c = 0; c < width; ++c) {
+            std::int32_t sum = 0;
+            for (Index q = 0; q < steps_; ++q)
+              for (Index g = 0; g < Kernel::group; ++g) sum += dst[(q * width + c) * Kernel::group + g];
+            scales_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = scale[c];
+            sums_[static_cast<std::size_t>((m * panels_ + j) * width + c)] = sum;
+          }
         }
       }
     }
@@ -239,19 +257,25 @@ class PackedWeights {
   /// True when matrix m's panels equal what pack() would write from src now (detects stale panels).
   template <class S>
   bool matches(Index m, const ConstMatrixView<S>* src) const {
-    for (Index j = 0; j < panels_; ++j) {
-      const Weight* p = panel(m, j);
-      for (Index c = 0; c < width; ++c) {
-        const Index s = c / half_, col = j * half_ + c % half_;
-        if (col >= n_) continue;
-        const float scale = Kernel::column_scale(src[s].row(col), k_);
-        for (Index i = 0; i < k_; ++i) {
-          const Index q = i / Kernel::group, g = i % Kernel::group;
-          if (p[(q * width + c) * Kernel::group + g] != Kernel::encode(src[s](col, i), scale)) return false;
+    if constexpr (Kernel::blocked) {
+      PackedWeights fresh(1, n_, k_, n_src_);
+      fresh.pack(0, src);
+      return std::equal(fresh.data_.begin(), fresh.data_.end(), panel(m, 0));
+    } else {
+      for (Index j = 0; j < panels_; ++j) {
+        const Weight* p = panel(m, j);
+        for (Index c = 0; c < width; ++c) {
+          const Index s = c / half_, col = j * half_ + c % half_;
+          if (col >= n_) continue;
+          const float scale = Kernel::column_scale(src[s].row(col), k_);
+          for (Index i = 0; i < k_; ++i) {
+            const Index q = i / Kernel::group, g = i % Kernel::group;
+            if (p[(q * width + c) * Kernel::group + g] != Kernel::encode(src[s](col, i), scale)) return false;
+          }
         }
       }
+      return true;
     }
-    return true;
   }
 
  private:
@@ -262,7 +286,7 @@ class PackedWeights {
   Index n_mats_ = 0, n_ = 0, k_ = 0;
   int n_src_ = 1;
   Index half_ = width, panels_ = 0, steps_ = 0;
-  Buffer<Weight> data_;         // (n_mats, panels, steps, width, group)
+  Buffer<Weight> data_;         // (n_mats, panels, steps, width, group), or blocked panels of panel_size()
   Buffer<float> scales_;        // (n_mats, panels, width), quantized kernels only
   Buffer<std::int32_t> sums_;   // (n_mats, panels, width), quantized kernels only
 };
