@@ -16,7 +16,7 @@
 #include <vector>
 
 #include <catch2/catch.hpp>
-#include <moe/detail/linalg.hpp>
+#include <moe/detail/eigen_view.hpp>
 #include <moe/moe.hpp>
 
 #include <moe/reference/naive_moe.hpp>

@@ -23,7 +23,6 @@
 #include <vector>
 
 #include "config.hpp"
-#include "detail/linalg.hpp"
 #include "error.hpp"
 #include "moe_layer.hpp"
 #include "random.hpp"

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "config.hpp"
-#include "detail/linalg.hpp"
+#include "detail/eigen_view.hpp"
 #include "error.hpp"
 #include "moe_layer.hpp"
 #include "random.hpp"

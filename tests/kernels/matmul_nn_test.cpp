@@ -3,6 +3,7 @@
 // the same bits on the SIMD and the scalar path; for the default architecture and the scalar fallback.
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -111,4 +112,31 @@ TEST_CASE("add_matmul_nn and add_matmul_tn give the same bits on the SIMD and th
   const RowMatrix<float> simd_t = check_nn<float, kernels::default_arch>(simd_rng, 77, 45, 129, false, true);
   const RowMatrix<float> plain_t = check_nn<float, kernels::scalar>(scalar_rng, 77, 45, 129, false, true);
   CHECK(simd_t == plain_t);
+}
+
+TEST_CASE("parallel_add_matmul_nn/tn give the serial products' bits across the 64-row chunks", "[kernel][matmul_nn]") {
+  // The row chunks (and the threads running them) must not change a bit: each element is one chain. n = 700
+  // with m >= 65 is above k_parallel_min_work, so a team runs it.
+  moe::test::Rng rng(4);
+  for (const Index m : {1, 63, 64, 65, 130}) {
+    for (const auto& [k, n] : {std::pair<Index, Index>{1, 9}, {17, 9}, {17, 700}}) {
+      INFO("m = " << m << ", k = " << k << ", n = " << n);
+      const RowMatrix<double> a = operand<double>(rng, m, k, 0), at = operand<double>(rng, k, m, 0);
+      const RowMatrix<double> b = operand<double>(rng, k, n, 0), c0 = operand<double>(rng, m, n, 0);
+      RowMatrix<double> c = c0, ct = c0, c_serial = c0, ct_serial = c0;
+      kernels::parallel_add_matmul_nn<double>(kernels::default_arch{}, a, b, c);
+      kernels::parallel_add_matmul_tn<double>(kernels::default_arch{}, at, b, ct);
+      kernels::add_matmul_nn(kernels::default_arch{}, moe::ConstMatrixView<double>(a), moe::ConstMatrixView<double>(b),
+                             moe::MatrixView<double>(c_serial));
+      kernels::add_matmul_tn(kernels::default_arch{}, moe::ConstMatrixView<double>(at), moe::ConstMatrixView<double>(b),
+                             moe::MatrixView<double>(ct_serial));
+      CHECK(c == c_serial);
+      CHECK(ct == ct_serial);
+      RowMatrix<double> ref = c0, ref_t = c0;
+      kernels::reference::add_matmul_nn<double>(a, b, ref);
+      kernels::reference::add_matmul_nn<double>(RowMatrix<double>(at.transpose()), b, ref_t);
+      CHECK((c - ref).cwiseAbs().maxCoeff() <= 1e-12);
+      CHECK((ct - ref_t).cwiseAbs().maxCoeff() <= 1e-12);
+    }
+  }
 }

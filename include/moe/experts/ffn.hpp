@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "../config.hpp"
-#include "../detail/linalg.hpp"
 #include "../detail/parallel.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/activation.hpp"

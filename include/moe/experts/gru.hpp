@@ -173,7 +173,7 @@ class GRU {
         // dL/dh of the previous row: through z directly, and through the three W_hh h terms.
         const MatrixView<T> dprev = dh.middle_rows(p - r0, 1);  // (1, d)
         for (Index j = 0; j < d_; ++j) dprev(0, j) += dh(i, j) * gate[d_ + j];
-        moe::detail::add_matmul_nn<T>(ConstMatrixView<T>(d_h, 1, g3), whh, dprev);
+        kernels::parallel_add_matmul_nn<T>(Arch{}, ConstMatrixView<T>(d_h, 1, g3), whh, dprev);
       }
       const auto dx = dxs.middle_rows(r0, n);  // (n, d)
       detail::set_zero(dx);

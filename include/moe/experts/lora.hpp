@@ -274,10 +274,11 @@ class LoRA {
     if (!opts_.train_base) return;
     const Index r0 = offsets[0], n = offsets[n_experts_] - r0;
     const auto x = xs.middle_rows(r0, n);
-    moe::detail::add_matmul_tn<T>(dys.middle_rows(r0, n), ConstMatrixView<T>(hidden + r0 * d_ff_, n, d_ff_),
-                                  w2_.grad());
-    moe::detail::add_matmul_tn<T>(ConstMatrixView<T>(gate + r0 * d_ff_, n, d_ff_), x, w1_.grad());
-    if constexpr (Gated) moe::detail::add_matmul_tn<T>(ConstMatrixView<T>(up + r0 * d_ff_, n, d_ff_), x, w3_.grad());
+    kernels::parallel_add_matmul_tn<T>(Arch{}, dys.middle_rows(r0, n),
+                                       ConstMatrixView<T>(hidden + r0 * d_ff_, n, d_ff_), w2_.grad());
+    kernels::parallel_add_matmul_tn<T>(Arch{}, ConstMatrixView<T>(gate + r0 * d_ff_, n, d_ff_), x, w1_.grad());
+    if constexpr (Gated)
+      kernels::parallel_add_matmul_tn<T>(Arch{}, ConstMatrixView<T>(up + r0 * d_ff_, n, d_ff_), x, w3_.grad());
   }
 
  private:

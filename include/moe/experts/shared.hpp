@@ -150,7 +150,8 @@ class Shared {
         kernels::axpy(kernels::default_arch{}, T(1), s.ys + (e * n + t) * d, dx.row(t), d);
       if constexpr (gated) kernels::axpy(kernels::default_arch{}, dzs[t], gate_.data(), dx.row(t), d);
     }
-    if constexpr (gated) moe::detail::add_matmul_tn<T>(ConstMatrixView<T>(dzs, n, 1), x, gate_.grad());
+    if constexpr (gated)
+      kernels::parallel_add_matmul_tn<T>(kernels::default_arch{}, ConstMatrixView<T>(dzs, n, 1), x, gate_.grad());
   }
 
  private:

@@ -11,8 +11,8 @@
 
 #include "../concepts.hpp"
 #include "../config.hpp"
-#include "../detail/linalg.hpp"
 #include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/matmul_nn.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
 #include "../workspace.hpp"
@@ -125,9 +125,9 @@ class GatingResidual : public RouterWrapper<R> {
   void balance_logits_backward(const RouteInput<T>& in, ConstMatrixView<T> dz, const RouteGradient<T>& grad,
                                Arena& arena) {
     if (!arena.measuring() && in.n_tokens() > 0 && in.previous_logits.data() != nullptr) {
-      moe::detail::add_matmul_tn(dz, in.previous_logits, map_.grad());
+      kernels::parallel_add_matmul_tn<T>(kernels::default_arch{}, dz, in.previous_logits, map_.grad());
       if (grad.dprevious_logits.data() != nullptr)
-        moe::detail::add_matmul_nn(dz, ConstMatrixView<T>(map_.value()), grad.dprevious_logits);
+        kernels::parallel_add_matmul_nn<T>(kernels::default_arch{}, dz, map_.value(), grad.dprevious_logits);
     }
     inner_.balance_logits_backward(in, dz, grad, arena);
   }

@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "../config.hpp"
-#include "../detail/linalg.hpp"
 #include "../kernels/arch.hpp"
 #include "../kernels/simd/matmul.hpp"
+#include "../kernels/simd/matmul_nn.hpp"
 #include "../kernels/simd/scatter_add.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
@@ -80,10 +80,10 @@ class LinearGate {
     Index col = 0;
     for (auto& w : weights_) {
       const ConstMatrixView<T> dz(dlogits.data() + col, dlogits.rows(), w.rows(), dlogits.stride());
-      moe::detail::add_matmul_tn(dz, x, w.grad());                    // (rows, d_model)
+      kernels::parallel_add_matmul_tn<T>(Arch{}, dz, x, w.grad());  // (rows, d_model)
       // Read through const: a non-const value() advances version(), which would mark every other training
       // forward still in flight as stale (MoELayer::backward checks it).
-      moe::detail::add_matmul_nn(dz, std::as_const(w).value(), dx);  // (n_tokens, d_model)
+      kernels::parallel_add_matmul_nn<T>(Arch{}, dz, std::as_const(w).value(), dx);  // (n_tokens, d_model)
       col += w.rows();
     }
   }

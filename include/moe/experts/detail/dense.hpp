@@ -4,14 +4,13 @@
 /// backward, the (gated) activation forward on rows, and its element-wise backward.
 ///
 /// Helpers run the SIMD kernels and allocate nothing (linear_backward: kernels::add_matmul_nn/tn, one fused
-/// chain per element). They live in moe::detail, beside detail/linalg.hpp's GEMMs, so that `detail::` means
-/// one namespace inside moe::experts. All of them are serial: banks call them inside their own
-/// per-expert work items, which is what makes every element computed by one thread in a fixed order.
+/// chain per element). They live in moe::detail, so that `detail::` means one namespace inside moe::experts. All of
+/// them are serial: banks call them inside their own per-expert work items, which is what makes every element computed
+/// by one thread in a fixed order.
 
 #include <algorithm>
 
 #include "../../config.hpp"
-#include "../../detail/linalg.hpp"
 #include "../../kernels/simd/activation.hpp"
 #include "../../kernels/simd/matmul.hpp"
 #include "../../kernels/simd/matmul_nn.hpp"

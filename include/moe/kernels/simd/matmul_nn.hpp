@@ -19,6 +19,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include "../../config.hpp"
+#include "../../detail/parallel.hpp"
 #include "../arch.hpp"
 #include "panel_gemm.hpp"
 
@@ -88,6 +89,18 @@ void add_matmul_strided(const T* a, Index a_row, Index a_step, Index m, Index k,
   }
 }
 
+/// Rows of c per work item of the parallel products.
+inline constexpr Index k_parallel_rows = 64;
+
+/// Runs f(first_row, n_rows) over `rows` in chunks of k_parallel_rows, in parallel when `work`
+/// (multiply-adds) is worth a team.
+template <class F>
+void for_row_chunks(Index rows, double work, F&& f) {
+  const Index chunks = rows / k_parallel_rows + (rows % k_parallel_rows != 0 ? 1 : 0);
+  MOE_OMP(omp parallel for schedule(static) if(work >= moe::detail::k_parallel_min_work))
+  for (Index i = 0; i < chunks; ++i) f(i * k_parallel_rows, std::min(k_parallel_rows, rows - i * k_parallel_rows));
+}
+
 }  // namespace detail
 
 /// c += a * b, accumulating into c.
@@ -111,6 +124,27 @@ void add_matmul_tn(Arch, ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<
   static_assert(std::is_floating_point_v<T>, "moe::kernels::add_matmul_tn: T must be float or double");
   assert(a.rows() == b.rows() && c.rows() == a.cols() && c.cols() == b.cols());
   detail::add_matmul_strided<Arch>(a.data(), Index{1}, a.stride(), a.cols(), a.rows(), b, c);
+}
+
+/// add_matmul_nn with c's rows cut into fixed chunks of k_parallel_rows, run in parallel when the work is
+/// worth it: for one product per layer (router, LoRA, GRU and shared-gate gradients), not for calls inside an
+/// already parallel per-expert loop. The bits are add_matmul_nn's (one chain per element, whatever the chunk).
+/// T is given explicitly (`parallel_add_matmul_nn<T>(Arch{}, a, b, c)`), so views and matrices convert.
+template <class T, class Arch>
+void parallel_add_matmul_nn(Arch arch, std::type_identity_t<ConstMatrixView<T>> a,
+                            std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<MatrixView<T>> c) {
+  detail::for_row_chunks(c.rows(), double(c.rows()) * double(c.cols()) * double(a.cols()), [&](Index r0, Index n) {
+    add_matmul_nn(arch, a.middle_rows(r0, n), b, c.middle_rows(r0, n));
+  });
+}
+
+/// add_matmul_tn (c += aᵀ b, a (k, m)) in parallel over fixed chunks of c's rows, as parallel_add_matmul_nn.
+template <class T, class Arch>
+void parallel_add_matmul_tn(Arch arch, std::type_identity_t<ConstMatrixView<T>> a,
+                            std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<MatrixView<T>> c) {
+  detail::for_row_chunks(c.rows(), double(c.rows()) * double(c.cols()) * double(a.rows()), [&](Index r0, Index n) {
+    add_matmul_tn(arch, ConstMatrixView<T>(a.data() + r0, a.rows(), n, a.stride()), b, c.middle_rows(r0, n));
+  });
 }
 
 }  // namespace moe::kernels
