@@ -6,16 +6,18 @@
 //   ideal/<S1|S2>/f32/T<n>/threads<k>                 ideal routing: each used expert's rows through Eigen GEMM
 //   naive/<S1|S2>/f32/T<n>/threads1                   reference/naive_moe.hpp: per-token double loop
 //   limits/<fma_f32|dot_bf16|dot_int8|dram_read>/threads<k>   the machine's peaks, measured here
-// Counters: GFLOPS (active-expert FLOPs, 6 T k d ff), tokens_per_s, roofline_fraction = GFLOPS /
-// min(compute peak, DRAM read bandwidth x FLOPs per weight byte touched); the peaks are the limits cells';
-// weights_GBps = expert weight bytes touched per second (next to limits/dram_read: how bandwidth-bound a cell is).
-// Decode cells also read as many bytes as their weights right after a flush (cold_read_GBps) and take the
-// larger of that and limits/dram_read as the bandwidth of their roofline.
-// Decode cells (T <= 8) flush the caches before every timed iteration, so weights come from DRAM as they do in
-// a multi-layer model. Compare ratios within one run: the machine is shared.
+//   forward_backward/<S1|S2>/f32/T<n>/threads<k>     one training step (re-pack, forward, backward)
+// Every cell except the limits times single calls, each right after a cache flush (untimed), so weights come
+// from DRAM as they do in a multi-layer model, and repeats that k_repetitions (7) times: the console shows the
+// median (and mean, stddev, cv) of the single-call figures.
+// Counters, plain numbers per call: GFLOPS (active-expert FLOPs, 6 T k d ff), tokens_per_s, weights_GBps =
+// expert weight bytes touched per second (next to limits/dram_read: how bandwidth-bound a cell is),
+// cold_read_GBps = reading that many bytes right after a flush, and roofline_fraction = GFLOPS /
+// min(compute peak of the kernel that ran, bandwidth x FLOPs per weight byte touched), the bandwidth being the
+// larger of cold_read_GBps and limits/dram_read. Compare ratios within one run: the machine is shared.
 //
 //   moe_bench --benchmark_filter='forward/S1/f32/T512'
-//   OMP_PROC_BIND=close moe_bench --benchmark_repetitions=7 --benchmark_report_aggregates_only=true
+//   OMP_PROC_BIND=close moe_bench --benchmark_filter='^(limits|forward)'
 
 #include <algorithm>
 #include <chrono>
@@ -265,10 +267,18 @@ void flush_caches() {
   benchmark::DoNotOptimize(sink);
 }
 
-void flush_untimed(benchmark::State& state) {
-  state.PauseTiming();
-  flush_caches();
-  state.ResumeTiming();
+/// Runs f once per benchmark iteration right after a cache flush, timing f alone (cells use manual time);
+/// returns the seconds per call over the iterations.
+template <class F>
+double run_cold(benchmark::State& state, F&& f) {
+  double total = 0;
+  for (auto _ : state) {
+    flush_caches();
+    const double s = seconds(f);
+    state.SetIterationTime(s);
+    total += s;
+  }
+  return total / static_cast<double>(state.iterations());
 }
 
 /// GB/s of reading `bytes` right after a cache flush, best of 7: what DRAM gives a decode call of that size at
@@ -307,11 +317,11 @@ Layer<Storage>& layer_for(const moe::bench::Preset& p) {
   return *slot;
 }
 
-void set_counters(benchmark::State& state, const moe::MoEConfig& cfg, Index n_tokens) {
-  state.counters["GFLOPS"] = benchmark::Counter(moe::bench::active_flops(cfg, n_tokens) * 1e-9,
-                                                benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens_per_s"] =
-      benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsIterationInvariantRate);
+/// GFLOPS (flop_factor x the active-expert FLOPs) and tokens_per_s of calls of `per_call` seconds.
+void set_counters(benchmark::State& state, const moe::MoEConfig& cfg, Index n_tokens, double per_call,
+                  double flop_factor = 1.0) {
+  state.counters["GFLOPS"] = flop_factor * moe::bench::active_flops(cfg, n_tokens) * 1e-9 / per_call;
+  state.counters["tokens_per_s"] = static_cast<double>(n_tokens) / per_call;
 }
 
 /// GFLOP/s the machine allows for this cell: min(compute peak, bandwidth x FLOPs per weight byte touched);
@@ -337,19 +347,18 @@ void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, i
   const auto x = tokens(n_tokens, p.cfg.d_model);
   moe::RowMatrix<float> y(n_tokens, p.cfg.d_model);
   moe::Workspace ws(layer.workspace_bytes(n_tokens));
-  const bool cold = n_tokens <= 8;
   Index hit = 0;
+  double per_call = 0;
   with_threads(threads, [&] {
     const auto r = layer.forward(x, y, ws);  // warm-up: packs the weights, starts the thread team
     hit = std::count_if(r.tokens_per_expert.begin(), r.tokens_per_expert.end(), [](Index c) { return c > 0; });
-    for (auto _ : state) {
-      if (cold) flush_untimed(state);
+    per_call = run_cold(state, [&] {
       layer.forward(x, y, ws);
       benchmark::DoNotOptimize(y.data());
       benchmark::ClobberMemory();
-    }
+    });
   });
-  set_counters(state, p.cfg, n_tokens);
+  set_counters(state, p.cfg, n_tokens, per_call);
   const Limits& l = limits(threads);
   const double peak = std::is_same_v<Storage, moe::kernels::BF16Weights> ? l.bf16_gflops
                       : std::is_same_v<Storage, moe::kernels::Int8Weights> || std::is_same_v<Storage, Int4>
@@ -357,16 +366,11 @@ void bm_forward(benchmark::State& state, moe::bench::Preset p, Index n_tokens, i
                           : l.fma_gflops;
   // Expert weight bytes the call streams (each touched expert's three matrices, read once).
   const double bytes = double(hit) * 3.0 * double(p.cfg.d_model) * double(p.cfg.d_ff) * weight_bytes<Storage>();
-  state.counters["weights_GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  double gbs = l.dram_gbs;
-  if (cold) {
-    const double now = cold_read(bytes, threads);
-    state.counters["cold_read_GBps"] = now;
-    gbs = std::max(gbs, now);
-  }
-  const double bound = roofline_gflops(peak, gbs, p.cfg, n_tokens, hit, weight_bytes<Storage>());
-  state.counters["roofline_fraction"] = benchmark::Counter(moe::bench::active_flops(p.cfg, n_tokens) * 1e-9 / bound,
-                                                           benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weights_GBps"] = bytes * 1e-9 / per_call;
+  const double cold = cold_read(bytes, threads);
+  state.counters["cold_read_GBps"] = cold;
+  const double bound = roofline_gflops(peak, std::max(l.dram_gbs, cold), p.cfg, n_tokens, hit, weight_bytes<Storage>());
+  state.counters["roofline_fraction"] = moe::bench::active_flops(p.cfg, n_tokens) * 1e-9 / per_call / bound;
 }
 
 /// Ideal routing: the routed rows of each used expert, already grouped, through Eigen GEMM on the same
@@ -392,10 +396,9 @@ void bm_ideal(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int
     h3.emplace_back(n, ff);
     ys.emplace_back(n, d);
   }
-  const bool cold = n_tokens <= 8;
+  double per_call = 0;
   with_threads(threads, [&] {
-    for (auto _ : state) {
-      if (cold) flush_untimed(state);
+    per_call = run_cold(state, [&] {
       for (std::size_t i = 0; i < used.size(); ++i) {
         const Index e = used[i];
         h1[i].noalias() = xs[i] * CMap(bank.w1(e).data(), ff, d).transpose();
@@ -404,19 +407,19 @@ void bm_ideal(benchmark::State& state, moe::bench::Preset p, Index n_tokens, int
         ys[i].noalias() = h1[i] * CMap(bank.w2(e).data(), d, ff).transpose();
       }
       benchmark::ClobberMemory();
-    }
+    });
   });
-  set_counters(state, p.cfg, n_tokens);
+  set_counters(state, p.cfg, n_tokens, per_call);
 }
 
 void bm_naive(benchmark::State& state, moe::bench::Preset p, Index n_tokens) {
   const auto& layer = layer_for<moe::kernels::NativeWeights>(p);
   const auto x = tokens(n_tokens, p.cfg.d_model);
-  for (auto _ : state) {
+  const double per_call = run_cold(state, [&] {
     auto y = moe::reference::naive_moe_forward(layer, moe::ConstMatrixView<float>(x));
     benchmark::DoNotOptimize(y.data());
-  }
-  set_counters(state, p.cfg, n_tokens);
+  });
+  set_counters(state, p.cfg, n_tokens, per_call);
 }
 
 /// One training step's compute: training forward (re-packing the panels, as after every optimizer step), then
@@ -429,21 +432,27 @@ void bm_forward_backward(benchmark::State& state, moe::bench::Preset p, Index n_
   moe::RowMatrix<float> y(n_tokens, p.cfg.d_model), dx(n_tokens, p.cfg.d_model);
   const moe::RowMatrix<float> dy = tokens(n_tokens, p.cfg.d_model) * 1e-3f;
   moe::TrainingContext<float> ctx;
+  double per_call = 0;
   with_threads(threads, [&] {
     layer.forward(x, y, ctx);  // warm-up: sizes the context, allocates the gradients
     layer.backward(dy, dx, ctx);
-    for (auto _ : state) {
+    per_call = run_cold(state, [&] {
       layer.bank<0>().repack_on_next_forward();  // an optimizer step changed the weights: the forward re-packs
       layer.forward(x, y, ctx);
       layer.backward(dy, dx, ctx);
       benchmark::DoNotOptimize(dx.data());
       benchmark::ClobberMemory();
-    }
+    });
   });
-  state.counters["GFLOPS"] = benchmark::Counter(3 * moe::bench::active_flops(p.cfg, n_tokens) * 1e-9,
-                                                benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens_per_s"] =
-      benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsIterationInvariantRate);
+  set_counters(state, p.cfg, n_tokens, per_call, 3.0);
+}
+
+/// Repetitions of every cell: the reported figure is the median of this many single calls.
+constexpr int k_repetitions = 7;
+
+/// A cell timed as k_repetitions single calls, each after a flush (run_cold), milliseconds.
+void single_calls(benchmark::internal::Benchmark* b) {
+  b->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(1)->Repetitions(k_repetitions)->DisplayAggregatesOnly();
 }
 
 template <class Storage>
@@ -452,10 +461,7 @@ void register_forward(const moe::bench::Preset& p, const char* dtype) {
     for (int threads : {1, 2}) {
       const std::string name = std::string("forward/") + p.name + "/" + dtype + "/T" + std::to_string(t) +
                                "/threads" + std::to_string(threads);
-      benchmark::RegisterBenchmark(name.c_str(), bm_forward<Storage>, p, t, threads)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime()
-          ->MinTime(t <= 8 ? 0.1 : 0.5);
+      single_calls(benchmark::RegisterBenchmark(name.c_str(), bm_forward<Storage>, p, t, threads));
     }
   }
 }
@@ -482,23 +488,15 @@ const bool registered = [] {
     for (Index t : moe::bench::k_token_counts) {
       const std::string cell = std::string(p.name) + "/f32/T" + std::to_string(t);
       for (int threads : {1, 2}) {
-        benchmark::RegisterBenchmark(("ideal/" + cell + "/threads" + std::to_string(threads)).c_str(), bm_ideal, p, t,
-                                     threads)
-            ->Unit(benchmark::kMillisecond)
-            ->UseRealTime()
-            ->MinTime(t <= 8 ? 0.1 : 0.5);
+        single_calls(benchmark::RegisterBenchmark(("ideal/" + cell + "/threads" + std::to_string(threads)).c_str(),
+                                                  bm_ideal, p, t, threads));
       }
       for (int threads : {1, 2}) {
-        benchmark::RegisterBenchmark(("forward_backward/" + cell + "/threads" + std::to_string(threads)).c_str(),
-                                     bm_forward_backward, p, t, threads)
-            ->Unit(benchmark::kMillisecond)
-            ->UseRealTime()
-            ->MinTime(0.5);
+        single_calls(
+            benchmark::RegisterBenchmark(("forward_backward/" + cell + "/threads" + std::to_string(threads)).c_str(),
+                                         bm_forward_backward, p, t, threads));
       }
-      auto* naive = benchmark::RegisterBenchmark(("naive/" + cell + "/threads1").c_str(), bm_naive, p, t)
-                        ->Unit(benchmark::kMillisecond)
-                        ->UseRealTime();
-      if (t >= 128) naive->Iterations(1);  // seconds per call
+      single_calls(benchmark::RegisterBenchmark(("naive/" + cell + "/threads1").c_str(), bm_naive, p, t));
     }
   }
   return true;
