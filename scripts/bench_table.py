@@ -30,9 +30,10 @@ def main(path):
                                 ("dot_int8", "int8 vpdpbusd, GOP/s", "GFLOPS"), ("dram_read", "DRAM read, GB/s", "GBps")]:
         print(f"| {label} | {fmt(c, f'limits/{key}/threads1', counter)} | {fmt(c, f'limits/{key}/threads2', counter)} |")
     print("\nGFLOP/s (roofline_fraction) of the layer forward, and the baselines in f32:\n")
-    print("| shape | T | thr | f32 | bf16 | int8 | ideal f32 (Eigen) | naive f32 | tokens/s f32 / bf16 / int8 | weights GB/s f32 / bf16 / int8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    dtypes = ["f32", "bf16", "int8"]
+    dtypes = ["f32", "bf16", "int8", "int4"]
+    names = " / ".join(dtypes)
+    print(f"| shape | T | thr | {' | '.join(dtypes)} | ideal f32 (Eigen) | naive f32 | tokens/s {names} | weights GB/s {names} |")
+    print("|---" * (len(dtypes) + 7) + "|")
     for s in ["S1", "S2"]:
         for t in [1, 8, 128, 512]:
             for thr in [1, 2]:
@@ -44,7 +45,7 @@ def main(path):
                 gbs = " / ".join(fmt(c, cell(d), "weights_GBps") for d in dtypes)
                 print(f"| {s} | {t} | {thr} | {' | '.join(cols)} | {ideal} | {naive} | {tps} | {gbs} |")
     print("\n2-thread scaling (GFLOP/s on 2 threads / on 1 thread):\n")
-    print("| shape | T | f32 | bf16 | int8 |\n|---|---|---|---|---|")
+    print(f"| shape | T | {' | '.join(dtypes)} |\n" + "|---" * (len(dtypes) + 2) + "|")
     for s in ["S1", "S2"]:
         for t in [128, 512]:
             ratios = []
