@@ -36,7 +36,7 @@
 #include <moe/moe.hpp>
 
 #include "common/cli.hpp"
-#include "common/regimes.hpp"
+#include "common/regime_training.hpp"
 
 namespace {
 
@@ -56,36 +56,6 @@ struct Budget {
   long total() const { return dense_steps + soft_steps + hard_steps; }
 };
 
-// A random batch of training tokens (rows of the training set).
-void draw_batch(const moe::examples::Regimes& train, moe::Rng& rng, moe::RowMatrix<T>& x, moe::RowMatrix<T>& target) {
-  for (moe::Index t = 0; t < x.rows(); ++t) {
-    const moe::Index i = rng.below(train.x.rows());
-    x.row(t) = train.x.row(i);
-    target.row(t) = train.target.row(i);
-  }
-}
-
-struct StepResult {
-  double loss;    // batch MSE
-  double active;  // mean experts per token the forward used
-};
-
-// One AdamW step of `layer` on a batch.
-template <class Layer>
-StepResult train_step(Layer& layer, moe::optim::AdamW<T>& adam, moe::TrainingContext<T>& ctx,
-                                     const moe::RowMatrix<T>& x, const moe::RowMatrix<T>& target) {
-  moe::RowMatrix<T> y(x.rows(), x.cols()), dx(x.rows(), x.cols()), dy;
-  layer.zero_grad();
-  const auto routed = layer.forward(x, y, ctx);
-  const double loss = moe::examples::mse(y, target, dy);
-  const double active = std::accumulate(routed.experts_per_token.begin(), routed.experts_per_token.end(), 0.0) /
-                        double(x.rows());
-  layer.backward(dy, dx, ctx);
-  moe::optim::clip_grad_norm(layer, 10.0);
-  adam.step(layer);
-  return {loss, active};
-}
-
 // The router that owns the training noise and step: the layer's, or the one inside its WithLosses.
 template <class Layer>
 auto& noisy_router(Layer& layer) {
@@ -100,9 +70,7 @@ auto& noisy_router(Layer& layer) {
 template <class Layer>
 double eval_mse(Layer& layer, const moe::examples::Regimes& test) {
   noisy_router(layer).set_training(false);
-  moe::RowMatrix<T> y(test.x.rows(), test.x.cols()), dy;
-  layer.forward(test.x, y);
-  return moe::examples::mse(y, test.target, dy);
+  return moe::examples::held_out_mse(layer, test);
 }
 
 // Ranks with ties averaged (for Spearman's ρ).
@@ -179,8 +147,8 @@ int main(int argc, char** argv) {
   moe::TrainingContext<T> ctx;
   moe::train_loop({.steps = budget.dense_steps, .seed = cli.seed + 2, .label = "evomoe dense"},
                   [&](long step, moe::Rng& rng) {
-                    draw_batch(train, rng, x, target);
-                    const double loss = train_step(dense, dense_adam, ctx, x, target).loss;
+                    moe::examples::draw_batch(train, rng, x, target);
+                    const double loss = moe::examples::train_step(dense, dense, dense_adam, ctx, x, target).loss;
                     loss_csv << "evomoe," << step + 1 << ',' << loss << '\n';
                     return moe::StepReport{.loss = loss, .tokens = k_batch};
                   });
@@ -204,8 +172,8 @@ int main(int argc, char** argv) {
   moe::train_loop({.steps = budget.soft_steps + budget.hard_steps, .seed = cli.seed + 6, .label = "evomoe DTS gate"},
                   [&](long step, moe::Rng& rng) {
                     evo.router().set_step(static_cast<std::uint64_t>(step));
-                    draw_batch(train, rng, x, target);
-                    const auto [loss, active] = train_step(evo, evo_adam, ctx, x, target);
+                    moe::examples::draw_batch(train, rng, x, target);
+                    const auto [loss, active] = moe::examples::train_step(evo, evo, evo_adam, ctx, x, target);
                     loss_csv << "evomoe," << budget.dense_steps + step + 1 << ',' << loss << '\n';
                     active_csv << budget.dense_steps + step + 1 << ',' << active << ',' << evo.router().temperature()
                                << '\n';
@@ -228,8 +196,8 @@ int main(int argc, char** argv) {
       const std::string label = std::string(name) + " lr " + std::to_string(lr).substr(0, 5);
       moe::train_loop({.steps = budget.total(), .seed = cli.seed + 6, .label = label}, [&](long step, moe::Rng& rng) {
         noisy_router(layer).set_step(static_cast<std::uint64_t>(step));
-        draw_batch(train, rng, x, target);
-        const double loss = train_step(layer, adam, ctx, x, target).loss;
+        moe::examples::draw_batch(train, rng, x, target);
+        const double loss = moe::examples::train_step(layer, layer, adam, ctx, x, target).loss;
         if (lr == k_lr) loss_csv << name << ',' << step + 1 << ',' << loss << '\n';
         return moe::StepReport{.loss = loss, .tokens = k_batch};
       });

@@ -8,4 +8,5 @@
 #include "experts/init.hpp"
 #include "experts/lora.hpp"
 #include "experts/shared.hpp"
+#include "experts/upcycle.hpp"
 #include "experts/zero_computation.hpp"

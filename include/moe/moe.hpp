@@ -16,6 +16,7 @@
 #include "moe_layer.hpp"
 #include "optim/adamw.hpp"
 #include "optim/grad_clip.hpp"
+#include "optim/group.hpp"
 #include "optim/sgd.hpp"
 #include "parameter.hpp"
 #include "presets.hpp"

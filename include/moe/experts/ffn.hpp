@@ -114,6 +114,8 @@ class FFN {
 
   /// True when the bank has biases (FFNOptions::bias).
   bool has_bias() const { return opts_.bias; }
+  /// The options the bank was built with.
+  const FFNOptions& options() const { return opts_; }
   /// Bias of w1 (gate_proj) of expert e, (1, d_ff); banks with biases only (throws moe::Error otherwise).
   MatrixView<T> b1(Index e) { return bias_row(b1_, e); }
   /// Bias of w3 (up_proj) of expert e, (1, d_ff); gated banks with biases only.
@@ -138,13 +140,12 @@ class FFN {
   /// "b1" (n_experts, d_ff), "b3" (gated only) and "b2" (n_experts, d_model).
   template <class F>
   void visit_parameters(F&& f) requires trainable {
-    f(std::string_view("w1"), w1_);
-    if constexpr (Gated) f(std::string_view("w3"), w3_);
-    f(std::string_view("w2"), w2_);
-    if (!opts_.bias) return;
-    f(std::string_view("b1"), b1_);
-    if constexpr (Gated) f(std::string_view("b3"), b3_);
-    f(std::string_view("b2"), b2_);
+    visit(*this, f);
+  }
+  /// The same visit read-only: f(name, const Parameter&); does not count as a write.
+  template <class F>
+  void visit_parameters(F&& f) const requires trainable {
+    visit(*this, f);
   }
   /// No state besides the parameters.
   template <class F>
@@ -425,6 +426,18 @@ class FFN {
     moe::detail::require(e >= 0 && e < n_experts_, "moe::experts::FFN::pack_expert: expert ", e, " of ", n_experts_);
     moe::detail::require(w.rows() == rows && w.cols() == cols, "moe::experts::FFN::pack_expert: ", what, " is (",
                          w.rows(), ", ", w.cols(), "), expected (", rows, ", ", cols, ")");
+  }
+
+  // visit_parameters for FFN and const FFN.
+  template <class Self, class F>
+  static void visit(Self& self, F& f) {
+    f(std::string_view("w1"), self.w1_);
+    if constexpr (Gated) f(std::string_view("w3"), self.w3_);
+    f(std::string_view("w2"), self.w2_);
+    if (!self.opts_.bias) return;
+    f(std::string_view("b1"), self.b1_);
+    if constexpr (Gated) f(std::string_view("b3"), self.b3_);
+    f(std::string_view("b2"), self.b2_);
   }
 
   MatrixView<T> bias_row(Parameter<T>& b, Index e) {
