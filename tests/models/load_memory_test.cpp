@@ -1,7 +1,8 @@
 // Loading straight into the storage a bank runs on (docs/models.md, "Memory"): a bf16 checkpoint into
-// PackedOnly<BF16Weights>, an f32 one into PackedOnly<Int8Weights>, with the heap's peak during the load at most
-// 1.25 × the bank's stored size; the same weights loaded into trainable banks give bitwise the same outputs.
-// The heap is counted by replacing malloc (tests/support/counting_malloc.hpp), so this is its own executable.
+// PackedOnly<BF16Weights> or PackedOnly<Int4Weights<>>, an f32 one into PackedOnly<Int8Weights>, with the heap's peak
+// during the load at most 1.25 × the bank's stored size; the same weights loaded into trainable banks give bitwise the
+// same outputs. The heap is counted by replacing malloc (tests/support/counting_malloc.hpp), so this is its own
+// executable.
 
 #include <cstdint>
 #include <cstring>
@@ -98,23 +99,29 @@ TEST_CASE("A bank loads straight into its packed storage: heap peak <= 1.25 x it
   const Load trainable_bf16 = load<kernels::BF16Weights>(bf16_dir, BF16::BF16);
   const Load packed_int8 = load<kernels::PackedOnly<kernels::Int8Weights>>(f32_dir, BF16::F32);
   const Load trainable_int8 = load<kernels::Int8Weights>(f32_dir, BF16::F32);
+  const Load packed_int4 = load<kernels::PackedOnly<kernels::Int4Weights<>>>(bf16_dir, BF16::BF16);
+  const Load trainable_int4 = load<kernels::Int4Weights<>>(bf16_dir, BF16::BF16);
   const Load packed_f32 = load<kernels::PackedOnly<kernels::NativeWeights>>(f32_dir, BF16::F32);
   const Load native_f32 = load<kernels::NativeWeights>(f32_dir, BF16::F32);
 
   // The same panels, whether packed from a canonical copy or straight from the file: the same outputs, bit for bit.
   CHECK(packed_bf16.y == trainable_bf16.y);
   CHECK(packed_int8.y == trainable_int8.y);
+  CHECK(packed_int4.y == trainable_int4.y);
   CHECK(packed_f32.y == native_f32.y);
   CHECK(packed_bf16.y != packed_int8.y);  // the storages differ, so equal outputs above are not vacuous
+  CHECK(packed_int4.y != packed_int8.y);
 
   if (!MOE_TEST_COUNTS_MALLOC) return;  // sanitizers replace malloc: only the outputs are checked there
   WARN("heap peak / stored bank bytes: bf16 packed-only "
        << packed_bf16.peak_ratio << " (resident " << packed_bf16.resident_ratio << "), bf16 trainable "
        << trainable_bf16.peak_ratio << "; int8 from f32 packed-only " << packed_int8.peak_ratio << ", trainable "
-       << trainable_int8.peak_ratio << "; f32 packed-only " << packed_f32.peak_ratio << ", f32 trainable "
+       << trainable_int8.peak_ratio << "; int4 from bf16 packed-only " << packed_int4.peak_ratio << " (resident "
+       << packed_int4.resident_ratio << "); f32 packed-only " << packed_f32.peak_ratio << ", f32 trainable "
        << native_f32.peak_ratio);
   CHECK(packed_bf16.peak_ratio <= 1.25);
   CHECK(packed_int8.peak_ratio <= 1.25);
+  CHECK(packed_int4.peak_ratio <= 1.25);
   CHECK(packed_f32.peak_ratio <= 1.25);
   CHECK(packed_bf16.resident_ratio >= 0.95);  // the counter sees the panels (a counter that missed them passes nothing)
   // The trainable banks keep an f32 copy beside their panels: the bound is what PackedOnly buys.
