@@ -58,9 +58,11 @@ template <class Storage>
 constexpr double weight_bytes() {
   if constexpr (std::is_same_v<Storage, moe::kernels::BF16Weights>) return 2.0;
   else if constexpr (std::is_same_v<Storage, moe::kernels::Int8Weights>) return 1.0;
-  else if constexpr (std::is_same_v<Storage, Int4>)
-    return 0.5 + 2.0 / 32.0;
-  else return 4.0;
+  else if constexpr (std::is_same_v<Storage, Int4>) {
+    using K = Int4::kernel<float, moe::kernels::default_arch>;  // a step: group x width weights and their scales
+    return double(K::step_bytes) / double(K::group * K::width);
+  } else
+    return 4.0;
 }
 
 /// Runs f with `threads` OpenMP threads, restoring the previous setting.

@@ -60,10 +60,10 @@ Bank upcycle(const Bank& source, const MoEConfig& cfg, const UpcycleOptions& opt
     const ConstMatrixView<T> src = from[i++].second;
     const Index rows = src.rows() / source.n_experts();  // one expert's rows
     const ConstMatrixView<T> expert(src.row(options.source_expert * rows), rows, src.cols(), src.stride());
-    double rms = 0;
-    for (Index r = 0; r < rows; ++r)
-      for (Index c = 0; c < expert.cols(); ++c) rms += double(expert(r, c)) * double(expert(r, c));
     const bool perturb = options.noise > 0 && rows > 1;  // matrices, not the one-row-per-expert biases
+    double rms = 0;
+    for (Index r = 0; perturb && r < rows; ++r)
+      for (Index c = 0; c < expert.cols(); ++c) rms += double(expert(r, c)) * double(expert(r, c));
     const double std = perturb ? options.noise * std::sqrt(rms / double(rows * expert.cols())) : 0.0;
     MatrixView<T> to = p.value();
     for (Index e = 0; e < cfg.n_experts; ++e) {

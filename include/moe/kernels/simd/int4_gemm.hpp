@@ -323,7 +323,7 @@ struct Int4Panels {
   }
 };
 
-/// Weight storage policy: group-wise symmetric 4-bit weights (q4_0's quantisation) with Scales (F16Scales or
+/// Weight storage policy: group-wise symmetric 4-bit weights (q4_0's scale rule) with Scales (F16Scales or
 /// F32Scales) per Group (32 or 64) k elements; int8 activations with per-row scales. Inference and
 /// PackedOnly banks; a trainable bank keeps f32 weights and re-packs after each update.
 template <Index Group = 32, class Scales = F16Scales>
